@@ -1,0 +1,64 @@
+"""``cowfs mount`` and ``cowfs umount``."""
+
+from __future__ import annotations
+
+import click
+
+from cowfs.mount import MountOptions, mount, unmount
+
+
+@click.command("mount")
+@click.argument("backing", type=click.Path(file_okay=True, dir_okay=True))
+@click.argument("mountpoint", type=click.Path(file_okay=True, dir_okay=True))
+@click.option("--xid", type=click.IntRange(min=1), help="Context id of the guest (for accounting).")
+@click.option("-f", "--foreground", is_flag=True, help="Serve in this process until unmounted.")
+@click.option("--log", "log_file", type=click.Path(dir_okay=False), help="Log file of the daemon.")
+@click.option(
+    "--cache-timeout",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds the kernel may cache names and attributes.",
+)
+@click.option("--dev", "allow_devices", is_flag=True, help="Allow device nodes to be opened.")
+@click.option("--debug", is_flag=True, help="Log every link break and more.")
+def mount_command(
+    backing: str,
+    mountpoint: str,
+    xid: int | None,
+    foreground: bool,
+    log_file: str | None,
+    cache_timeout: float,
+    allow_devices: bool,
+    debug: bool,
+) -> None:
+    """Serve the guest tree BACKING at MOUNTPOINT.
+
+    Every operation passes through to BACKING, except that a file carrying the
+    COW mark (a hard link shared with a template, other guests or the content
+    store) is never modified in place: the first write, truncate, chmod,
+    chown, utime or xattr change gives the guest a private copy.
+
+    Returns once the mount is ready; the FUSE process keeps running in the
+    background and logs to --log (default /var/log/cowfs/mount-*.log).
+    Mounted with allow_other and default_permissions: the kernel checks
+    permissions for every uid of the guest. Must run as root.
+    """
+    options = MountOptions(
+        xid=xid, cache_timeout=cache_timeout, allow_devices=allow_devices, debug=debug
+    )
+    pid = mount(backing, mountpoint, options, foreground=foreground, log_file=log_file)
+    if pid is not None:
+        click.echo(f"mounted {backing} at {mountpoint} (pid {pid})")
+
+
+@click.command("umount")
+@click.argument("mountpoint", type=click.Path())
+@click.option("-l", "--lazy", is_flag=True, help="Detach now even if busy; finish when unused.")
+@click.option(
+    "--timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+    help="Seconds to wait for the FUSE process to finish.",
+)
+def umount_command(mountpoint: str, lazy: bool, timeout: float) -> None:
+    """Unmount the cowfs mount at MOUNTPOINT and wait for its process to finish."""
+    unmount(mountpoint, lazy=lazy, timeout=timeout)

@@ -1,0 +1,135 @@
+"""Breaking COW links: a guest's first modification of a shared inode gets it a private copy.
+
+The break of a node whose backing inode carries the COW mark:
+
+1. make an unnamed private copy (O_TMPFILE) in the directory of the guest's
+   name: content (reflink where possible, else in-kernel copy keeping holes),
+   owner, mode, xattrs but the mark, timestamps; synced to disk;
+2. link it under a hidden temporary name and rename that over the guest's
+   name, so the name always reaches a complete file, old or new;
+3. re-point the node (and the guest's open read-only handles) to the copy.
+
+Where the guest's name is the inode's last link, the mark is just cleared.
+Where the guest has no name left for the inode (unlinked while open), the
+node is re-pointed to the unnamed copy: the guest's writes stay private.
+
+A kill -9 at any point leaves the guest's name on the old or the new inode;
+a temporary left behind is hidden from the guest and swept at the next
+mount (recovery.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import stat
+from collections.abc import Callable
+
+import trio
+
+from cowfs.inodes import InodeTable, Node
+from cowfs.marks import TEMP_PREFIX, clear_mark, fd_path, is_marked
+from cowfs.metadata import copy_data, copy_metadata
+from native import syscalls
+
+log = logging.getLogger(__name__)
+
+ReopenHandles = Callable[[Node, int], None]
+
+
+def temp_name() -> bytes:
+    """A fresh hidden name for a file cowfs is putting in place."""
+    return TEMP_PREFIX + secrets.token_hex(8).encode()
+
+
+def make_private_copy(dir_fd: int, src_fd: int, st: os.stat_result, with_data: bool) -> int:
+    """An unnamed copy of src (O_PATH fd) in directory dir_fd, without the mark; an O_RDWR fd.
+
+    Blocking: run it in a worker thread.
+    """
+    # O_TMPFILE (ext4, xfs, btrfs, tmpfs): a crash mid-copy leaves nothing behind.
+    copy_fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        if with_data and st.st_size:
+            src = os.open(fd_path(src_fd), os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
+            try:
+                copy_data(src, copy_fd, st.st_size)
+            finally:
+                os.close(src)
+        copy_metadata(src_fd, copy_fd, st)
+        os.fdatasync(copy_fd)
+    except BaseException:
+        os.close(copy_fd)
+        raise
+    return copy_fd
+
+
+def put_in_place(copy_fd: int, parent_fd: int, name: bytes) -> None:
+    """Atomically make parent_fd/name reach the (unnamed) inode behind copy_fd."""
+    tmp = temp_name()
+    os.link(fd_path(copy_fd), tmp, dst_dir_fd=parent_fd, follow_symlinks=True)
+    try:
+        syscalls.renameat2(parent_fd, tmp, parent_fd, name)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=parent_fd)
+        except OSError:
+            pass
+        raise
+
+
+def names_inode(parent: Node | None, name: bytes | None, st: os.stat_result) -> bool:
+    """True if parent/name still reaches the backing inode st describes."""
+    if parent is None or name is None:
+        return False
+    try:
+        now = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+class LinkBreaker:
+    """Gives nodes private copies of shared inodes, one break per node at a time."""
+
+    def __init__(self, table: InodeTable, reopen_handles: ReopenHandles):
+        self.table = table
+        self.reopen_handles = reopen_handles
+        self.breaks = 0
+
+    async def ensure_private(self, node: Node, with_data: bool = True) -> None:
+        """Make node's backing inode private to this guest before it is modified.
+
+        with_data=False when the caller is about to truncate to zero anyway.
+        """
+        if not stat.S_ISREG(os.fstat(node.fd).st_mode) or not is_marked(node.fd):
+            return
+        if node.break_lock is None:
+            node.break_lock = trio.Lock()
+        async with node.break_lock:
+            if not is_marked(node.fd):  # another request broke it while we waited
+                return
+            await self._break(node, with_data)
+
+    async def _break(self, node: Node, with_data: bool) -> None:
+        st = os.fstat(node.fd)
+        if st.st_nlink == 1 and names_inode(node.parent, node.name, st):
+            clear_mark(node.fd)  # the guest's name is the last link: nothing else shares it
+            return
+        home = node.parent if node.parent is not None else self.table.root
+        copy_fd = await trio.to_thread.run_sync(make_private_copy, home.fd, node.fd, st, with_data)
+        try:
+            # Back on the event loop: no other request runs until we are done,
+            # so the check and the rename below see the same guest tree.
+            if names_inode(node.parent, node.name, st):
+                assert node.parent is not None and node.name is not None
+                put_in_place(copy_fd, node.parent.fd, node.name)
+            new_st = os.fstat(copy_fd)
+            path_fd = os.open(fd_path(copy_fd), os.O_PATH | os.O_CLOEXEC)
+            self.table.repoint(node, path_fd, new_st)
+            self.reopen_handles(node, copy_fd)
+            self.breaks += 1
+            log.debug("broke link of %r", node)
+        finally:
+            os.close(copy_fd)

@@ -1,0 +1,584 @@
+"""The FUSE operations: each a thin translation of a request into ``*at`` calls on backing fds.
+
+Policy lives elsewhere: the inode table (inodes.py), link breaking (cow.py),
+the reserved names and attributes (marks.py). Handlers that cannot block
+for long (metadata on a local filesystem) run on the event loop; data I/O
+that may wait on the disk runs in worker threads, so no slow request stalls
+the mount. Every OSError becomes the errno the caller sees; anything else is
+logged and returned as EIO, never allowed to end the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar, cast
+
+import pyfuse3
+import trio
+from pyfuse3 import FUSEError
+
+from cowfs.cow import LinkBreaker
+from cowfs.inodes import InodeTable, Node
+from cowfs.marks import fd_path, is_marked, is_reserved_name, is_reserved_xattr
+from native import syscalls
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+# Reported as st_blksize: stdio and cp size their buffers by it, and every
+# buffer is a round trip to this process, so ask for the largest FUSE write.
+IO_BLOCK_SIZE = 128 * 1024
+# Flags the kernel has already acted on, or that must not reach the backing open.
+_STRIP_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECT
+_AT_FD = syscalls.AT_EMPTY_PATH | syscalls.AT_SYMLINK_NOFOLLOW
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _errors_to_errno(handler: F) -> F:
+    """Turn OSError into the errno the caller sees; log and map anything else to EIO."""
+
+    @functools.wraps(handler)
+    async def wrapper(*args: Any) -> Any:
+        try:
+            return await handler(*args)
+        except FUSEError:
+            raise
+        except OSError as e:
+            raise FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s%r failed", handler.__name__, args[1:])
+            raise FUSEError(errno.EIO) from None
+
+    return cast(F, wrapper)
+
+
+def _check_new_name(name: bytes) -> None:
+    """Refuse names a guest may not create: too long, or reserved by cowfs."""
+    if len(name) > NAME_MAX:
+        raise FUSEError(errno.ENAMETOOLONG)
+    if is_reserved_name(name):
+        raise FUSEError(errno.EPERM)
+
+
+class OpenFile:
+    """A file handle: the backing fd the guest's open file reads and writes."""
+
+    __slots__ = ("fd", "flags", "node", "writable")
+
+    def __init__(self, fd: int, node: Node, flags: int):
+        self.fd = fd
+        self.node = node
+        self.flags = flags
+        self.writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+
+
+class OpenDir:
+    """A directory handle: a readable fd and the listing snapshot readdir pages through."""
+
+    __slots__ = ("entries", "fd", "node")
+
+    def __init__(self, fd: int, node: Node):
+        self.fd = fd
+        self.node = node
+        self.entries: list[tuple[bytes, int]] = []
+
+
+class CowFS(pyfuse3.Operations):
+    """A guest root served from a backing tree, with copy-on-write for shared inodes."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False  # limits and quota must fail the write(2) itself
+    enable_acl = True  # the kernel then checks POSIX ACLs too
+
+    def __init__(self, root_fd: int, cache_timeout: float = 60.0):
+        super().__init__()
+        self.table = InodeTable(root_fd)
+        self.files: dict[int, OpenFile] = {}
+        self.handles_of: dict[Node, set[OpenFile]] = {}
+        self.dirs: dict[int, OpenDir] = {}
+        self._next_dir_fh = 0
+        self.timeout = cache_timeout
+        self.breaker = LinkBreaker(self.table, self._reopen_read_handles)
+        self._nowait_writes = True
+
+    # -- helpers ----------------------------------------------------------
+
+    def _entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = node.nodeid
+        e.generation = 0
+        e.entry_timeout = self.timeout
+        e.attr_timeout = self.timeout
+        e.st_mode = st.st_mode
+        e.st_nlink = st.st_nlink
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = st.st_size
+        e.st_blksize = IO_BLOCK_SIZE
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def _negative_entry(self) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = 0  # cached "no such name" for entry_timeout
+        e.entry_timeout = self.timeout
+        return e
+
+    def _new_owner(self, parent: Node, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
+        """Owner of a new inode: the caller, with the group of a set-gid parent directory."""
+        gid = ctx.gid
+        parent_st = os.fstat(parent.fd)
+        if parent_st.st_mode & stat.S_ISGID:
+            gid = parent_st.st_gid
+        return ctx.uid, gid
+
+    def _adopt_new(
+        self, parent: Node, name: bytes, kind: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        """Open, check and chown an inode just made as root under parent/name; count a lookup.
+
+        The check guards against a guest swapping another file in under the
+        name between the creation and the open: we only chown what we made.
+        """
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        try:
+            st = os.fstat(fd)
+            if stat.S_IFMT(st.st_mode) != kind or st.st_uid != 0 or self.table.find(st):
+                raise FUSEError(errno.EAGAIN)
+            uid, gid = self._new_owner(parent, ctx)
+            if (uid, gid) != (st.st_uid, st.st_gid):
+                syscalls.fchownat(fd, b"", uid, gid, _AT_FD)
+                st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        node = self.table.remember(fd, st, parent, name)
+        return self._entry(node, st)
+
+    def _reopen_read_handles(self, node: Node, copy_fd: int) -> None:
+        """After a link break, make the guest's open handles read the private copy.
+
+        The kernel's page cache for the node now holds the copy's pages, so
+        every open file of the node must agree with it.
+        """
+        for handle in self.handles_of.get(node, ()):
+            flags = handle.flags & ~(os.O_TRUNC | os.O_NOATIME)
+            new_fd = os.open(fd_path(copy_fd), flags | os.O_CLOEXEC)
+            try:
+                os.dup2(new_fd, handle.fd)
+            finally:
+                os.close(new_fd)
+
+    def _child(self, parent: Node, name: bytes) -> Node | None:
+        """The live node parent/name reaches now, if the kernel knows it."""
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return self.table.find(st)
+
+    # -- inodes -------------------------------------------------------------
+
+    @_errors_to_errno
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self.table.get(parent_inode)
+        if name == b"." or name == b"..":
+            # Never resolve ".." on the host: above the guest root is the host.
+            node = parent if name == b"." or parent.parent is None else parent.parent
+            if self.table.by_nodeid.get(node.nodeid) is not node:
+                node = self.table.root
+            node.nlookup += 1
+            return self._entry(node, os.fstat(node.fd))
+        if len(name) > NAME_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
+        if is_reserved_name(name):
+            return self._negative_entry()
+        try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        except FileNotFoundError:
+            return self._negative_entry()
+        st = os.fstat(fd)
+        node = self.table.remember(fd, st, parent, name)
+        return self._entry(node, st)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for nodeid, count in inode_list:
+            self.table.forget(nodeid, count)
+
+    @_errors_to_errno
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.table.get(inode)
+        return self._entry(node, os.fstat(node.fd))
+
+    @_errors_to_errno
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self.table.get(inode)
+        truncating_to_zero = fields.update_size and attr.st_size == 0
+        if (
+            fields.update_size
+            or fields.update_mode
+            or fields.update_uid
+            or fields.update_gid
+            or fields.update_atime
+            or fields.update_mtime
+        ):
+            await self.breaker.ensure_private(node, with_data=not truncating_to_zero)
+        if fields.update_size:
+            handle = self.files.get(fh) if fh is not None else None
+            if handle is not None and handle.writable:
+                os.ftruncate(handle.fd, attr.st_size)
+            else:
+                fd = os.open(fd_path(node.fd), os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.ftruncate(fd, attr.st_size)
+                finally:
+                    os.close(fd)
+        if fields.update_mode:
+            os.chmod(fd_path(node.fd), stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            uid = attr.st_uid if fields.update_uid else -1
+            gid = attr.st_gid if fields.update_gid else -1
+            syscalls.fchownat(node.fd, b"", uid, gid, _AT_FD)
+        if fields.update_atime or fields.update_mtime:
+            syscalls.utimensat(
+                node.fd,
+                b"",
+                attr.st_atime_ns if fields.update_atime else None,
+                attr.st_mtime_ns if fields.update_mtime else None,
+                syscalls.AT_EMPTY_PATH,
+            )
+        return self._entry(node, os.fstat(node.fd))
+
+    @_errors_to_errno
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.readlink(b"", dir_fd=self.table.get(inode).fd)
+
+    # -- directory entries ------------------------------------------------
+
+    @_errors_to_errno
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        _check_new_name(name)
+        parent = self.table.get(parent_inode)
+        os.mknod(name, mode, rdev, dir_fd=parent.fd)
+        return self._adopt_new(parent, name, stat.S_IFMT(mode), ctx)
+
+    @_errors_to_errno
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        _check_new_name(name)
+        parent = self.table.get(parent_inode)
+        os.mkdir(name, mode, dir_fd=parent.fd)
+        return self._adopt_new(parent, name, stat.S_IFDIR, ctx)
+
+    @_errors_to_errno
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        _check_new_name(name)
+        parent = self.table.get(parent_inode)
+        os.symlink(target, name, dir_fd=parent.fd)
+        return self._adopt_new(parent, name, stat.S_IFLNK, ctx)
+
+    @_errors_to_errno
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._remove(parent_inode, name, os.unlink)
+
+    @_errors_to_errno
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._remove(parent_inode, name, os.rmdir)
+
+    async def _remove(self, parent_inode: int, name: bytes, remove: Callable[..., None]) -> None:
+        if len(name) > NAME_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
+        if is_reserved_name(name):
+            raise FUSEError(errno.ENOENT)
+        parent = self.table.get(parent_inode)
+        node = self._child(parent, name)
+        remove(name, dir_fd=parent.fd)
+        if node is not None:
+            self.table.unlinked(node, parent, name)
+
+    @_errors_to_errno
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        if flags & ~(syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE):
+            raise FUSEError(errno.EINVAL)
+        if is_reserved_name(name_old):
+            raise FUSEError(errno.ENOENT)
+        _check_new_name(name_new)
+        old_parent = self.table.get(parent_inode_old)
+        new_parent = self.table.get(parent_inode_new)
+        moving = self._child(old_parent, name_old)
+        replaced = self._child(new_parent, name_new)
+        syscalls.renameat2(old_parent.fd, name_old, new_parent.fd, name_new, flags)
+        if replaced is not None:
+            if flags & syscalls.RENAME_EXCHANGE:
+                self.table.renamed(replaced, old_parent, name_old)
+            else:
+                self.table.unlinked(replaced, new_parent, name_new)
+        if moving is not None:
+            self.table.renamed(moving, new_parent, name_new)
+
+    @_errors_to_errno
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        _check_new_name(new_name)
+        node = self.table.get(inode)
+        new_parent = self.table.get(new_parent_inode)
+        os.link(fd_path(node.fd), new_name, dst_dir_fd=new_parent.fd, follow_symlinks=True)
+        node.nlookup += 1
+        if node.name is None:
+            self.table.renamed(node, new_parent, new_name)
+        return self._entry(node, os.fstat(node.fd))
+
+    # -- files ------------------------------------------------------------
+
+    def _register(self, fd: int, node: Node, flags: int) -> OpenFile:
+        handle = OpenFile(fd, node, flags)
+        self.files[fd] = handle
+        self.handles_of.setdefault(node, set()).add(handle)
+        return handle
+
+    @_errors_to_errno
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.table.get(inode)
+        backing_flags = (flags & ~_STRIP_OPEN_FLAGS) | os.O_CLOEXEC
+        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+            await self.breaker.ensure_private(node, with_data=not flags & os.O_TRUNC)
+        elif is_marked(node.fd):
+            backing_flags |= os.O_NOATIME  # reading must not touch the shared inode
+        fd = os.open(fd_path(node.fd), backing_flags)
+        self._register(fd, node, backing_flags)
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
+
+    @_errors_to_errno
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        _check_new_name(name)
+        parent = self.table.get(parent_inode)
+        backing_flags = (flags & ~_STRIP_OPEN_FLAGS) | os.O_CLOEXEC
+        try:
+            fd = os.open(
+                name,
+                backing_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                stat.S_IMODE(mode),
+                dir_fd=parent.fd,
+            )
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            entry = await self.lookup(parent_inode, name, ctx)
+            return await self.open(entry.st_ino, flags & ~os.O_CREAT, ctx), entry
+        try:
+            uid, gid = self._new_owner(parent, ctx)
+            if (uid, gid) != (0, 0):
+                os.fchown(fd, uid, gid)
+            st = os.fstat(fd)
+            path_fd = os.open(fd_path(fd), os.O_PATH | os.O_CLOEXEC)
+        except BaseException:
+            os.close(fd)
+            raise
+        node = self.table.remember(path_fd, st, parent, name)
+        self._register(fd, node, backing_flags)
+        info = pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
+        return info, self._entry(node, st)
+
+    @_errors_to_errno
+    async def read(self, fh: int, off: int, size: int) -> memoryview:
+        fd = self.files[fh].fd
+        buf = bytearray(size)
+        view = memoryview(buf)
+        try:
+            # Served from the page cache on the event loop; only a read that
+            # would wait for the disk goes to a worker thread.
+            got = os.preadv(fd, [view], off, os.RWF_NOWAIT)
+        except (BlockingIOError, InterruptedError):
+            got = 0
+        if got < size and (got == 0 or off + got < os.fstat(fd).st_size):
+            while got < size:
+                more = await trio.to_thread.run_sync(os.preadv, fd, [view[got:]], off + got)
+                if more == 0:
+                    break
+                got += more
+        return view[:got]
+
+    @_errors_to_errno
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        fd = self.files[fh].fd
+        if self._nowait_writes:
+            try:
+                written = os.pwritev(fd, [buf], off, os.RWF_NOWAIT)
+                if written == len(buf):
+                    return written
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
+                self._nowait_writes = False
+        return await trio.to_thread.run_sync(os.pwrite, fd, buf, off)
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @_errors_to_errno
+    async def release(self, fh: int) -> None:
+        handle = self.files.pop(fh)
+        handles = self.handles_of.get(handle.node)
+        if handles is not None:
+            handles.discard(handle)
+            if not handles:
+                del self.handles_of[handle.node]
+        os.close(handle.fd)
+
+    @_errors_to_errno
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        sync = os.fdatasync if datasync else os.fsync
+        await trio.to_thread.run_sync(sync, self.files[fh].fd)
+
+    # -- directories ------------------------------------------------------
+
+    @_errors_to_errno
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self.table.get(inode)
+        fd = os.open(fd_path(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._next_dir_fh += 1
+        self.dirs[self._next_dir_fh] = OpenDir(fd, node)
+        return self._next_dir_fh
+
+    @_errors_to_errno
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self.dirs[fh]
+        directory = handle.node
+        if start_id == 0 or not handle.entries:
+            with os.scandir(handle.fd) as listing:
+                handle.entries = [
+                    (os.fsencode(e.name), e.inode())
+                    for e in listing
+                    if not is_reserved_name(os.fsencode(e.name))
+                ]
+        dir_st = os.fstat(directory.fd)
+        if start_id == 0:
+            if not pyfuse3.readdir_reply(token, b".", self._entry(directory, dir_st), 1):
+                return
+            start_id = 1
+        if start_id == 1:
+            parent = directory.parent or directory
+            up = self._entry(parent, os.fstat(parent.fd))
+            if not pyfuse3.readdir_reply(token, b"..", up, 2):
+                return
+            start_id = 2
+        entries = handle.entries
+        table = self.table
+        for index in range(start_id - 2, len(entries)):
+            name, ino = entries[index]
+            known = table.by_key.get((dir_st.st_dev, ino))
+            try:
+                if known is not None:
+                    st = os.stat(name, dir_fd=directory.fd, follow_symlinks=False)
+                    if (st.st_dev, st.st_ino) != known.key:
+                        known = None
+                if known is None:
+                    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
+                    st = os.fstat(fd)
+                    node = table.find(st)
+                    if node is None:
+                        node = table.add(fd, st, directory, name)
+                        new = True
+                    else:
+                        os.close(fd)
+                        new = False
+                else:
+                    node, new = known, False
+            except FileNotFoundError:
+                continue  # removed since the listing was taken
+            if not pyfuse3.readdir_reply(token, name, self._entry(node, st), index + 3):
+                if new:
+                    table.drop(node)
+                return
+            node.nlookup += 1
+
+    @_errors_to_errno
+    async def releasedir(self, fh: int) -> None:
+        os.close(self.dirs.pop(fh).fd)
+
+    @_errors_to_errno
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await trio.to_thread.run_sync(os.fsync, self.dirs[fh].fd)
+
+    @_errors_to_errno
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = os.statvfs(self.table.root.fd)
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = sv.f_bsize
+        data.f_frsize = sv.f_frsize
+        data.f_blocks = sv.f_blocks
+        data.f_bfree = sv.f_bfree
+        data.f_bavail = sv.f_bavail
+        data.f_files = sv.f_files
+        data.f_ffree = sv.f_ffree
+        data.f_favail = sv.f_favail
+        data.f_namemax = NAME_MAX
+        return data
+
+    # -- extended attributes ----------------------------------------------
+
+    @_errors_to_errno
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if is_reserved_xattr(name):
+            raise FUSEError(errno.ENODATA)
+        return os.getxattr(fd_path(self.table.get(inode).fd), name)
+
+    @_errors_to_errno
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        names = os.listxattr(fd_path(self.table.get(inode).fd))
+        return [n for n in map(os.fsencode, names) if not is_reserved_xattr(n)]
+
+    @_errors_to_errno
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        if is_reserved_xattr(name):
+            raise FUSEError(errno.EPERM)
+        node = self.table.get(inode)
+        await self.breaker.ensure_private(node)
+        os.setxattr(fd_path(node.fd), name, value)
+
+    @_errors_to_errno
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if is_reserved_xattr(name):
+            raise FUSEError(errno.EPERM)
+        node = self.table.get(inode)
+        await self.breaker.ensure_private(node)
+        os.removexattr(fd_path(node.fd), name)

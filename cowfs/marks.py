@@ -1,0 +1,76 @@
+"""The COW mark and the names cowfs reserves for itself.
+
+A backing inode that carries ``trusted.cowfs.cow`` is shared (with a template,
+other guests or the content store): it is never modified in place through a
+mount. Every hard link shares the inode and hence the mark. ``trusted.*``
+attributes need CAP_SYS_ADMIN, and the FUSE layer hides and refuses every
+``trusted.cowfs.*`` name, so a guest can neither see nor forge the mark.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+XATTR_PREFIX = b"trusted.cowfs."
+COW_MARK = b"trusted.cowfs.cow"
+# Set on the backing root while a mount is live; found at the next mount it
+# means the last one did not end cleanly and leftovers must be swept.
+DIRTY_MARK = b"trusted.cowfs.dirty"
+
+# Temporary names cowfs creates inside guest trees (a link break in progress).
+# They are invisible through the mount and cannot be created by a guest.
+TEMP_PREFIX = b".cowfs~"
+
+_MARK_VALUE = b"1"
+
+
+def is_reserved_xattr(name: bytes) -> bool:
+    """True for the extended attribute names cowfs keeps to itself."""
+    return name.startswith(XATTR_PREFIX)
+
+
+def is_reserved_name(name: bytes) -> bool:
+    """True for directory entry names cowfs keeps to itself (temporaries)."""
+    return name.startswith(TEMP_PREFIX)
+
+
+def fd_path(fd: int) -> str:
+    """The /proc magic link that reaches exactly the inode behind fd (O_PATH fds included)."""
+    return f"/proc/self/fd/{fd}"
+
+
+def is_marked(fd: int) -> bool:
+    """True if the inode behind fd carries the COW mark."""
+    try:
+        os.getxattr(fd_path(fd), COW_MARK)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP):
+            return False
+        raise
+    return True
+
+
+def set_mark(fd: int) -> None:
+    """Put the COW mark on the inode behind fd (idempotent)."""
+    os.setxattr(fd_path(fd), COW_MARK, _MARK_VALUE)
+
+
+def clear_mark(fd: int) -> None:
+    """Remove the COW mark from the inode behind fd, if it has one."""
+    try:
+        os.removexattr(fd_path(fd), COW_MARK)
+    except OSError as e:
+        if e.errno != errno.ENODATA:
+            raise
+
+
+def is_marked_path(path: str | bytes) -> bool:
+    """True if the file at a host path (not following symlinks) carries the COW mark."""
+    try:
+        os.getxattr(path, COW_MARK, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+            return False
+        raise
+    return True

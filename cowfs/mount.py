@@ -1,0 +1,274 @@
+"""Starting and stopping the FUSE process that serves one guest root.
+
+``mount`` checks its arguments, forks a daemon and returns once the mount is
+ready (or with the daemon's one-line error); ``serve`` is the daemon's life:
+recover the backing tree if the last mount crashed, mount, serve until
+unmounted or signalled, then mark the tree clean. ``unmount`` detaches a
+mount and waits for its process to finish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cowfs import recovery, registry
+from cowfs.errors import CowfsError
+from cowfs.paths import log_dir
+from native import syscalls
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MountOptions:
+    """How a guest root is served."""
+
+    xid: int | None = None
+    cache_timeout: float = 60.0
+    allow_devices: bool = False
+    debug: bool = False
+
+
+def default_log_file(mountpoint: str) -> Path:
+    """The log file of the daemon serving mountpoint."""
+    slug = mountpoint.strip("/").replace("/", "_") or "root"
+    return log_dir() / f"mount-{slug}.log"
+
+
+def check_mount_args(backing: str, mountpoint: str) -> tuple[str, str]:
+    """Validate BACKING and MOUNTPOINT; their real paths, or a CowfsError saying what is wrong."""
+    if not os.path.lexists(backing):
+        raise CowfsError(f"backing tree {backing}: no such directory")
+    if not os.path.isdir(backing):
+        raise CowfsError(f"backing tree {backing}: not a directory")
+    if not os.path.lexists(mountpoint):
+        raise CowfsError(f"mountpoint {mountpoint}: no such directory")
+    if not os.path.isdir(mountpoint):
+        raise CowfsError(f"mountpoint {mountpoint}: not a directory")
+    backing_real = os.path.realpath(backing)
+    mp_real = os.path.realpath(mountpoint)
+    mounted = registry.mounted_points()
+    if mp_real in mounted:
+        raise CowfsError(f"mountpoint {mountpoint}: already in use ({mounted[mp_real]} mounted)")
+    if mounted.get(backing_real) == registry.FSTYPE:
+        raise CowfsError(f"backing tree {backing}: is itself a cowfs mount")
+    if registry.mounts_serving(backing_real):
+        raise CowfsError(f"backing tree {backing}: already served by another cowfs mount")
+    if mp_real == backing_real or mp_real.startswith(backing_real.rstrip("/") + "/"):
+        raise CowfsError(f"mountpoint {mountpoint}: lies inside the backing tree")
+    if os.geteuid() != 0:
+        raise CowfsError("cowfs mount must run as root (it serves every uid of the guest)")
+    return backing_real, mp_real
+
+
+def _raise_fd_limit() -> None:
+    # One O_PATH fd per inode the kernel caches: a find over a large tree needs many.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            ceiling = int(f.read())
+        resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, ceiling))
+    except (OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    del soft
+
+
+def _raise_read_ahead(mountpoint: str) -> None:
+    # The FUSE connection's bdi defaults to 128 KiB; 1 MiB doubles cached sequential reads.
+    # Not os.stat(mountpoint): that would wait for this very process to answer.
+    try:
+        path = f"/sys/class/bdi/{registry.device_of(mountpoint)}/read_ahead_kb"
+        with open(path, "w") as f:
+            f.write("1024")
+    except OSError as e:
+        log.info("could not raise read_ahead_kb: %s", e)
+
+
+def serve(
+    backing: str,
+    mountpoint: str,
+    options: MountOptions,
+    log_file: str,
+    ready: Callable[[str | None], None],
+) -> None:
+    """Serve backing at mountpoint until unmounted; ready(None) once mounted, ready(error) if not."""
+    import pyfuse3
+    import trio
+
+    from cowfs.fs import CowFS
+
+    try:
+        root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        if recovery.is_dirty(root_fd):
+            swept = recovery.sweep_leftovers(root_fd)
+            log.warning("last mount of %s did not end cleanly; removed %d leftovers", backing, swept)
+        recovery.mark_dirty(root_fd)
+    except OSError as e:
+        ready(f"backing tree {backing}: {e.strerror}")
+        return
+    os.umask(0)  # the kernel applied the caller's umask already
+    _raise_fd_limit()
+    fs = CowFS(root_fd, cache_timeout=options.cache_timeout)
+    fuse_options = set(pyfuse3.default_options)
+    fuse_options |= {"allow_other", "suid", f"fsname={backing}", "subtype=cowfs"}
+    fuse_options.add("dev" if options.allow_devices else "nodev")
+    try:
+        pyfuse3.init(fs, mountpoint, fuse_options)
+    except RuntimeError as e:
+        ready(f"mount of {mountpoint} failed: {e}")
+        recovery.mark_clean(root_fd)
+        return
+    _raise_read_ahead(mountpoint)
+    registry.write_record(
+        registry.MountRecord(mountpoint, backing, os.getpid(), log_file, options.xid)
+    )
+    log.info("serving %s at %s (pid %d)", backing, mountpoint, os.getpid())
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("signal %d: unmounting", signum)
+                        pyfuse3.terminate()
+                        return
+
+            nursery.start_soon(stop_on_signal)
+            ready(None)
+            await pyfuse3.main(min_tasks=2, max_tasks=64)
+            nursery.cancel_scope.cancel()
+
+    clean = False
+    try:
+        trio.run(run)
+        clean = True
+    finally:
+        with contextlib.suppress(Exception):
+            pyfuse3.close(unmount=True)
+        registry.remove_record(mountpoint)
+        if clean:
+            recovery.mark_clean(root_fd)
+        log.info("stopped serving %s (%d link breaks)", mountpoint, fs.breaker.breaks)
+
+
+def _setup_logging(log_file: str | None, debug: bool) -> None:
+    handlers: list[logging.Handler]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers = [logging.FileHandler(log_file)]
+    else:
+        handlers = [logging.StreamHandler(sys.stderr)]
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+
+
+def mount(
+    backing: str,
+    mountpoint: str,
+    options: MountOptions,
+    foreground: bool = False,
+    log_file: str | None = None,
+) -> int | None:
+    """Mount backing at mountpoint; returns the daemon's pid once the mount is ready.
+
+    With foreground=True, serves in this process until unmounted and returns None.
+    """
+    backing, mountpoint = check_mount_args(backing, mountpoint)
+    log_path = log_file or str(default_log_file(mountpoint))
+    if foreground:
+        _setup_logging(log_file, options.debug)
+        failure: list[str] = []
+
+        def note(error: str | None) -> None:
+            if error:
+                failure.append(error)
+
+        serve(backing, mountpoint, options, log_path, note)
+        if failure:
+            raise CowfsError(failure[0])
+        return None
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_end)
+        status = 1
+        try:
+            os.setsid()
+            _detach_stdio()
+            _setup_logging(log_path, options.debug)
+
+            def tell_parent(error: str | None) -> None:
+                os.write(write_end, (error or "ok").encode() + b"\n")
+                os.close(write_end)
+
+            serve(backing, mountpoint, options, log_path, tell_parent)
+            status = 0
+        except BaseException:
+            log.exception("cowfs daemon failed")
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read().decode().strip()
+    if answer != "ok":
+        os.waitpid(pid, 0)
+        raise CowfsError(answer or f"cowfs daemon exited before mounting; see {log_path}")
+    return pid
+
+
+def _detach_stdio() -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
+    """Detach the cowfs mount at mountpoint and wait until its process has finished."""
+    if not os.path.lexists(mountpoint):
+        raise CowfsError(f"{mountpoint}: no such directory")
+    point = os.path.realpath(mountpoint)
+    fstype = registry.mounted_points().get(point)
+    if fstype is None:
+        raise CowfsError(f"{mountpoint}: not mounted")
+    if fstype != registry.FSTYPE:
+        raise CowfsError(f"{mountpoint}: not a cowfs mount ({fstype})")
+    record = registry.read_record(point)
+    try:
+        syscalls.umount2(point, syscalls.MNT_DETACH if lazy else 0)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise CowfsError(f"{mountpoint}: busy (in use by a process); --lazy detaches it") from None
+        raise CowfsError(f"{mountpoint}: {e.strerror}") from None
+    if record is None or record.pid <= 0:
+        return
+    deadline = time.monotonic() + timeout
+    while _alive(record.pid):
+        if time.monotonic() > deadline:
+            raise CowfsError(f"{mountpoint}: unmounted, but pid {record.pid} still runs")
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"

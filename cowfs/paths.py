@@ -1,0 +1,21 @@
+"""Where cowfs keeps things on the host (DESIGN.md's host layout), all overridable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def state_root() -> Path:
+    """The host layout's root: store/, guests/, state.db (COWFS_ROOT overrides /var/lib/cowfs)."""
+    return Path(os.environ.get("COWFS_ROOT", "/var/lib/cowfs"))
+
+
+def run_dir() -> Path:
+    """Runtime records of live mounts (COWFS_RUN_DIR overrides /run/cowfs)."""
+    return Path(os.environ.get("COWFS_RUN_DIR", "/run/cowfs"))
+
+
+def log_dir() -> Path:
+    """Where mount daemons write their logs (COWFS_LOG_DIR overrides /var/log/cowfs)."""
+    return Path(os.environ.get("COWFS_LOG_DIR", "/var/log/cowfs"))

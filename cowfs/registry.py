@@ -1,0 +1,114 @@
+"""Records of live cowfs mounts: which process serves which backing tree where.
+
+One JSON file per mount under the run directory, written by the FUSE process
+once it serves and removed when it exits. ``/proc/self/mountinfo`` stays the
+authority on what is mounted; the record adds the pid and the backing tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cowfs.paths import run_dir
+
+FSTYPE = "fuse.cowfs"
+
+
+@dataclass
+class MountRecord:
+    """A live mount: mountpoint, backing tree, serving pid, log file, context id."""
+
+    mountpoint: str
+    backing: str
+    pid: int
+    log: str
+    xid: int | None = None
+
+
+def _record_path(mountpoint: str) -> Path:
+    digest = hashlib.sha256(mountpoint.encode()).hexdigest()[:16]
+    return run_dir() / "mounts" / f"{digest}.json"
+
+
+def write_record(record: MountRecord) -> None:
+    """Publish a mount's record (atomically)."""
+    path = _record_path(record.mountpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(asdict(record)))
+    tmp.replace(path)
+
+
+def remove_record(mountpoint: str) -> None:
+    """Withdraw a mount's record."""
+    _record_path(mountpoint).unlink(missing_ok=True)
+
+
+def read_record(mountpoint: str) -> MountRecord | None:
+    """The record of the mount at mountpoint, if any."""
+    try:
+        return MountRecord(**json.loads(_record_path(mountpoint).read_text()))
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal.
+    return (
+        field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+        .replace("\\134", "\\")
+    )
+
+
+def mounted_points() -> dict[str, str]:
+    """Every mountpoint of this mount namespace, mapped to its filesystem type."""
+    result: dict[str, str] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            result[_unescape(left.split()[4])] = right.split()[0]
+    return result
+
+
+def device_of(mountpoint: str) -> str:
+    """The "major:minor" of the filesystem mounted at mountpoint (from mountinfo, no stat)."""
+    device = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if _unescape(fields[4]) == mountpoint:
+                device = fields[2]  # the last one listed is on top
+    if device is None:
+        raise FileNotFoundError(f"nothing mounted at {mountpoint}")
+    return device
+
+
+def cowfs_mounts() -> list[MountRecord]:
+    """Live cowfs mounts of this namespace, with their records where they have one."""
+    records = []
+    for point, fstype in mounted_points().items():
+        if fstype == FSTYPE:
+            record = read_record(point) or MountRecord(point, "", 0, "")
+            records.append(record)
+    return records
+
+
+def mounts_serving(backing: str) -> list[MountRecord]:
+    """Live cowfs mounts whose backing tree is backing or contains it or lies inside it."""
+    target = os.path.realpath(backing)
+    found = []
+    for record in cowfs_mounts():
+        if not record.backing:
+            continue
+        served = os.path.realpath(record.backing)
+        if (
+            target == served
+            or target.startswith(served.rstrip("/") + "/")
+            or served.startswith(target.rstrip("/") + "/")
+        ):
+            found.append(record)
+    return found

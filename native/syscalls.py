@@ -1,0 +1,159 @@
+"""Thin Python wrappers over ``native._syscalls``: each raises OSError on failure."""
+
+from __future__ import annotations
+
+import os
+
+from native._syscalls import ffi, lib  # type: ignore[import-not-found]
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+
+RENAME_NOREPLACE = 1 << 0
+RENAME_EXCHANGE = 1 << 1
+
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_STRICTATIME = 1 << 24
+MNT_DETACH = 2
+
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_CAPBSET_READ = 23
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+_NULL = ffi.NULL
+
+
+def _fsencode(path: str | bytes) -> bytes:
+    return path if isinstance(path, bytes) else os.fsencode(path)
+
+
+def _check(result: int, *filenames: str | bytes) -> int:
+    if result == -1:
+        err = ffi.errno
+        raise OSError(err, os.strerror(err), *filenames[:1])
+    return result
+
+
+def renameat2(
+    olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int = 0
+) -> None:
+    """rename(2) between two directory fds, with RENAME_NOREPLACE / RENAME_EXCHANGE."""
+    _check(lib.renameat2(olddirfd, oldname, newdirfd, newname, flags), oldname)
+
+
+def fchownat(dirfd: int, name: bytes, uid: int, gid: int, flags: int = 0) -> None:
+    """chown relative to a directory fd; name b"" with AT_EMPTY_PATH chowns the fd itself."""
+    _check(lib.fchownat(dirfd, name, uid & 0xFFFFFFFF, gid & 0xFFFFFFFF, flags), name)
+
+
+def utimensat(
+    dirfd: int, name: bytes, atime_ns: int | None, mtime_ns: int | None, flags: int = 0
+) -> None:
+    """Set timestamps in nanoseconds; None leaves that timestamp as it is (UTIME_OMIT)."""
+    times = ffi.new("struct timespec[2]")
+    for slot, value in ((0, atime_ns), (1, mtime_ns)):
+        if value is None:
+            times[slot].tv_sec = 0
+            times[slot].tv_nsec = UTIME_OMIT
+        else:
+            sec, nsec = divmod(value, 1_000_000_000)
+            times[slot].tv_sec = sec
+            times[slot].tv_nsec = nsec
+    _check(lib.utimensat(dirfd, name, times, flags), name)
+
+
+def unshare(flags: int) -> None:
+    """unshare(2)."""
+    _check(lib.unshare(flags))
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    """setns(2): join the namespace that fd refers to."""
+    _check(lib.setns(fd, nstype))
+
+
+def mount(
+    source: str | bytes | None,
+    target: str | bytes,
+    fstype: str | bytes | None = None,
+    flags: int = 0,
+    data: str | bytes | None = None,
+) -> None:
+    """mount(2)."""
+    _check(
+        lib.mount(
+            _fsencode(source) if source is not None else _NULL,
+            _fsencode(target),
+            _fsencode(fstype) if fstype is not None else _NULL,
+            flags,
+            _fsencode(data) if data is not None else _NULL,
+        ),
+        target,
+    )
+
+
+def umount2(target: str | bytes, flags: int = 0) -> None:
+    """umount2(2)."""
+    _check(lib.umount2(_fsencode(target), flags), target)
+
+
+def pivot_root(new_root: str | bytes, put_old: str | bytes) -> None:
+    """pivot_root(2)."""
+    _check(lib.native_pivot_root(_fsencode(new_root), _fsencode(put_old)), new_root)
+
+
+def sethostname(name: str) -> None:
+    """sethostname(2) in the current UTS namespace."""
+    raw = name.encode()
+    _check(lib.sethostname(raw, len(raw)))
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    """prctl(2)."""
+    return _check(lib.prctl(option, arg2, arg3, arg4, arg5))
+
+
+def capget(pid: int = 0) -> tuple[int, int, int]:
+    """(effective, permitted, inheritable) capability masks of a process (0 = self)."""
+    data = ffi.new("struct native_cap_data[2]")
+    _check(lib.native_capget(pid, data))
+    return tuple(  # type: ignore[return-value]
+        data[0].__getattribute__(f) | (data[1].__getattribute__(f) << 32)
+        for f in ("effective", "permitted", "inheritable")
+    )
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    """Set this thread's effective, permitted and inheritable capability masks."""
+    data = ffi.new("struct native_cap_data[2]")
+    for index in (0, 1):
+        shift = 32 * index
+        data[index].effective = (effective >> shift) & 0xFFFFFFFF
+        data[index].permitted = (permitted >> shift) & 0xFFFFFFFF
+        data[index].inheritable = (inheritable >> shift) & 0xFFFFFFFF
+    _check(lib.native_capset(data))
