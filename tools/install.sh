@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Install everything cowfs needs on a Debian machine, as root: system packages
+# (FUSE 3, busybox-static for test guests, the benchmark peers) and the Python
+# environment in .venv with cowfs installed in it. Safe to run twice: it only
+# installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "tools/install.sh: must run as root (it installs packages and mounts FUSE)" >&2
+    exit 1
+fi
+
+packages=(
+    fuse3 libfuse3-dev pkg-config gcc make    # FUSE and the build of pyfuse3 / native/
+    busybox-static attr acl libcap2-bin        # test guests; getfattr, setfacl, setcap
+    debootstrap                                # real Debian guests (tools/mkguest-debian.sh)
+    fuse-overlayfs jdupes rdfind hyperfine     # benchmark peers
+    xfsprogs btrfs-progs e2fsprogs             # loop filesystems for reflink tests and benches
+    python3-venv
+)
+missing=()
+for pkg in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+[ -e /dev/fuse ] || modprobe fuse
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+# Reinstall only when what the install builds from has changed.
+stamp=.venv/.cowfs-installed
+want=$(cat pyproject.toml setup.py native/_build.py | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c "import native._syscalls" 2>/dev/null; then
+    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip install -q -e '.[test]'
+    echo "$want" > "$stamp"
+fi

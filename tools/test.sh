@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install what is missing, then run the whole test suite (as root: real FUSE
+# mounts, namespaces and cgroups) and the linters. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools/install.sh
+.venv/bin/ruff check cowfs native tests tools bench
+.venv/bin/mypy cowfs native
+.venv/bin/pytest -q "$@"
