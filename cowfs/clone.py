@@ -97,7 +97,9 @@ def _link_file(src_dir: int, dst_dir: int, name: bytes, stats: CloneStats) -> No
 def _copy_file(src_path_fd: int, dst_dir: int, name: bytes, st: os.stat_result) -> None:
     src = os.open(fd_path(src_path_fd), os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
     try:
-        dst = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dst_dir)
+        dst = os.open(
+            name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dst_dir
+        )
         try:
             copy_data(src, dst, st.st_size)
             copy_metadata(src_path_fd, dst, st)
@@ -163,10 +165,21 @@ def _clone_tree(src_root: int, dst_root: int, stats: CloneStats, progress: Progr
                 os.close(dst_dir)
 
 
+def _remove_stale_work_dirs(parent: str, base: str) -> None:
+    """Remove what clones of the same NEW killed before the end left behind."""
+    prefix = f".{base}.cowfs-clone-"
+    for name in os.listdir(parent):
+        if name.startswith(prefix) and name[len(prefix) :].isdigit():
+            pid = int(name[len(prefix) :])
+            if not os.path.exists(f"/proc/{pid}"):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
 def clone(template: str, new: str, progress: Progress | None = None) -> CloneStats:
     """Make NEW a guest tree of COW-marked hard links to TEMPLATE's files; its statistics."""
     template, new = check_clone_args(template, new)
     parent, base = os.path.split(new)
+    _remove_stale_work_dirs(parent, base)
     work = os.path.join(parent, f".{base}.cowfs-clone-{os.getpid()}")
     stats = CloneStats()
     src_root = os.open(template, _OPEN_DIR)

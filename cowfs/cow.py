@@ -20,6 +20,7 @@ mount (recovery.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -72,10 +73,8 @@ def put_in_place(copy_fd: int, parent_fd: int, name: bytes) -> None:
     try:
         syscalls.renameat2(parent_fd, tmp, parent_fd, name)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=parent_fd)
-        except OSError:
-            pass
         raise
 
 

@@ -415,7 +415,8 @@ class CowFS(pyfuse3.Operations):
         return info, self._entry(node, st)
 
     @_errors_to_errno
-    async def read(self, fh: int, off: int, size: int) -> memoryview:
+    async def read(self, fh: int, off: int, size: int) -> memoryview:  # type: ignore[override]
+        # pyfuse3 takes any buffer here, and a view saves copying the data once more.
         fd = self.files[fh].fd
         buf = bytearray(size)
         view = memoryview(buf)
@@ -510,7 +511,9 @@ class CowFS(pyfuse3.Operations):
                     if (st.st_dev, st.st_ino) != known.key:
                         known = None
                 if known is None:
-                    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
+                    fd = os.open(
+                        name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd
+                    )
                     st = os.fstat(fd)
                     node = table.find(st)
                     if node is None:

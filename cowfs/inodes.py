@@ -16,6 +16,7 @@ put the private copy in place under the guest's name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING
 
@@ -48,10 +49,8 @@ class Node:
         # A node outlives its table entry while children or open files refer to it.
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
     def __repr__(self) -> str:
         return f"Node({self.nodeid}, key={self.key}, name={self.name!r})"

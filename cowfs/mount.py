@@ -101,7 +101,7 @@ def serve(
     log_file: str,
     ready: Callable[[str | None], None],
 ) -> None:
-    """Serve backing at mountpoint until unmounted; ready(None) once mounted, ready(error) if not."""
+    """Serve backing at mountpoint until unmounted; ready(None) once mounted, else ready(error)."""
     import pyfuse3
     import trio
 
@@ -111,7 +111,9 @@ def serve(
         root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         if recovery.is_dirty(root_fd):
             swept = recovery.sweep_leftovers(root_fd)
-            log.warning("last mount of %s did not end cleanly; removed %d leftovers", backing, swept)
+            log.warning(
+                "last mount of %s did not end cleanly; removed %d leftovers", backing, swept
+            )
         recovery.mark_dirty(root_fd)
     except OSError as e:
         ready(f"backing tree {backing}: {e.strerror}")
@@ -254,7 +256,9 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
         syscalls.umount2(point, syscalls.MNT_DETACH if lazy else 0)
     except OSError as e:
         if e.errno == errno.EBUSY:
-            raise CowfsError(f"{mountpoint}: busy (in use by a process); --lazy detaches it") from None
+            raise CowfsError(
+                f"{mountpoint}: busy (in use by a process); --lazy detaches it"
+            ) from None
         raise CowfsError(f"{mountpoint}: {e.strerror}") from None
     if record is None or record.pid <= 0:
         return

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import stat
 
 from cowfs.marks import DIRTY_MARK, fd_path, is_reserved_name
 
@@ -51,17 +50,23 @@ def sweep_leftovers(root_fd: int) -> int:
     access to a guest tree.
     """
     removed = 0
-    for _dirpath, dirnames, filenames, dir_fd in os.fwalk(
-        fd_path(root_fd), follow_symlinks=False
-    ):
-        for name in [*filenames, *dirnames]:
-            raw = os.fsencode(name)
-            if not is_reserved_name(raw):
-                continue
-            st = os.stat(raw, dir_fd=dir_fd, follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                continue  # cowfs never makes hidden directories: not ours to remove
-            os.unlink(raw, dir_fd=dir_fd)
-            removed += 1
-            log.info("removed leftover %s", raw)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    pending = [os.open(fd_path(root_fd), flags & ~os.O_NOFOLLOW)]  # follow the magic link only
+    while pending:
+        dir_fd = pending.pop()
+        try:
+            with os.scandir(dir_fd) as listing:
+                entries = [(os.fsencode(e.name), e.is_dir(follow_symlinks=False)) for e in listing]
+            for name, is_dir in entries:
+                if is_dir:
+                    try:
+                        pending.append(os.open(name, flags, dir_fd=dir_fd))
+                    except OSError as e:
+                        log.warning("sweep: cannot enter %r: %s", name, e.strerror)
+                elif is_reserved_name(name):
+                    os.unlink(name, dir_fd=dir_fd)
+                    removed += 1
+                    log.info("removed leftover %r", name)
+        finally:
+            os.close(dir_fd)
     return removed

@@ -59,7 +59,9 @@ def read_record(mountpoint: str) -> MountRecord | None:
 def _unescape(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as octal.
     return (
-        field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+        field.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
         .replace("\\134", "\\")
     )
 

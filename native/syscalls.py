@@ -59,9 +59,7 @@ def _check(result: int, *filenames: str | bytes) -> int:
     return result
 
 
-def renameat2(
-    olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int = 0
-) -> None:
+def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int = 0) -> None:
     """rename(2) between two directory fds, with RENAME_NOREPLACE / RENAME_EXCHANGE."""
     _check(lib.renameat2(olddirfd, oldname, newdirfd, newname, flags), oldname)
 

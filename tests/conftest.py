@@ -23,7 +23,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def run(*args: str | os.PathLike[str], check: bool = True, **kw: object) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str | os.PathLike[str], check: bool = True, **kw: object
+) -> subprocess.CompletedProcess[str]:
     """Run a command, capturing text output; with check, a failure shows its output."""
     argv = [str(a) for a in args]
     result = subprocess.run(argv, capture_output=True, text=True, check=False, **kw)  # type: ignore[call-overload]

@@ -76,8 +76,10 @@ def test_modification_stays_private(name: str, guests: tuple[Path, Path, Path, P
     assert after_a == snapshot(a), "the mount and its backing tree disagree"
 
 
-def test_tar_extract_over_shared_files(guests: tuple[Path, Path, Path, Path], tmp_path: Path) -> None:
-    template, a, b, mnt = guests
+def test_tar_extract_over_shared_files(
+    guests: tuple[Path, Path, Path, Path], tmp_path: Path
+) -> None:
+    template, _a, b, mnt = guests
     before_template, before_b = snapshot(template), snapshot(b)
     src = tmp_path / "src" / "etc"
     src.mkdir(parents=True)
@@ -102,7 +104,11 @@ def test_copy_keeps_content_metadata_and_xattrs(guests: tuple[Path, Path, Path, 
     src, dst = (template / lib).stat(), (a / lib).stat()
     assert (a / lib).read_bytes() == (template / lib).read_bytes()
     assert (dst.st_mode, dst.st_uid, dst.st_gid, dst.st_mtime_ns, dst.st_atime_ns) == (
-        src.st_mode, src.st_uid, src.st_gid, src.st_mtime_ns, src.st_atime_ns
+        src.st_mode,
+        src.st_uid,
+        src.st_gid,
+        src.st_mtime_ns,
+        src.st_atime_ns,
     )
     assert os.getxattr(a / lib, "security.capability") == _cap_net_raw()
     assert os.getxattr(a / lib, "user.keep") == b"me"
@@ -191,14 +197,11 @@ def test_last_link_just_clears_mark(tmp_path: Path, mounts: Mounts) -> None:
 def test_reader_open_before_break_sees_the_write(guests: tuple[Path, Path, Path, Path]) -> None:
     """Documented behaviour: a handle open before the break follows the guest's file."""
     template, _a, b, mnt = guests
-    reader = open(mnt / "etc" / "config", "rb", buffering=0)
-    try:
+    with open(mnt / "etc" / "config", "rb", buffering=0) as reader:
         assert reader.read(7) == b"setting"
         _pwrite(mnt / "etc" / "config", b"CHANGED", 0)
         reader.seek(0)
         assert reader.read(7) == b"CHANGED"
-    finally:
-        reader.close()
     assert (template / "etc" / "config").read_bytes().startswith(b"setting")
     assert (b / "etc" / "config").read_bytes().startswith(b"setting")
 

@@ -40,7 +40,11 @@ fi
 stamp=.venv/.cowfs-installed
 want=$(cat pyproject.toml setup.py native/_build.py | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c "import native._syscalls" 2>/dev/null; then
-    .venv/bin/pip install -q --upgrade pip >/dev/null
-    .venv/bin/pip install -q -e '.[test]'
+    log=.venv/install.log
+    if ! { .venv/bin/pip install --upgrade pip && .venv/bin/pip install -e '.[test]'; } >"$log" 2>&1; then
+        tail -30 "$log" >&2
+        echo "tools/install.sh: pip install failed; full log in $log" >&2
+        exit 1
+    fi
     echo "$want" > "$stamp"
 fi

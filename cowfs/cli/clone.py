@@ -7,8 +7,8 @@ import time
 
 import click
 
-from cowfs.clone import CloneStats, clone
 from cowfs.cli.progress import ProgressLine
+from cowfs.clone import CloneStats, clone
 
 
 @click.command("clone")

@@ -56,7 +56,10 @@ def mount_command(
 @click.argument("mountpoint", type=click.Path())
 @click.option("-l", "--lazy", is_flag=True, help="Detach now even if busy; finish when unused.")
 @click.option(
-    "--timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
     help="Seconds to wait for the FUSE process to finish.",
 )
 def umount_command(mountpoint: str, lazy: bool, timeout: float) -> None:
