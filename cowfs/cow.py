@@ -117,7 +117,10 @@ class LinkBreaker:
             clear_mark(node.fd)  # the guest's name is the last link: nothing else shares it
             return
         home = node.parent if node.parent is not None else self.table.root
-        copy_fd = await trio.to_thread.run_sync(make_private_copy, home.fd, node.fd, st, with_data)
+        with self.table.pinned(home, node):
+            copy_fd = await trio.to_thread.run_sync(
+                make_private_copy, home.fd, node.fd, st, with_data
+            )
         try:
             # Back on the event loop: no other request runs until we are done,
             # so the check and the rename below see the same guest tree.

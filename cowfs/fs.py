@@ -96,9 +96,9 @@ class CowFS(pyfuse3.Operations):
     enable_writeback_cache = False  # limits and quota must fail the write(2) itself
     enable_acl = True  # the kernel then checks POSIX ACLs too
 
-    def __init__(self, root_fd: int, cache_timeout: float = 60.0):
+    def __init__(self, root_fd: int, cache_timeout: float = 60.0, max_fds: int = 4096):
         super().__init__()
-        self.table = InodeTable(root_fd)
+        self.table = InodeTable(root_fd, max_fds)
         self.files: dict[int, OpenFile] = {}
         self.handles_of: dict[Node, set[OpenFile]] = {}
         self.dirs: dict[int, OpenDir] = {}
@@ -173,7 +173,7 @@ class CowFS(pyfuse3.Operations):
         """
         for handle in self.handles_of.get(node, ()):
             flags = handle.flags & ~(os.O_TRUNC | os.O_NOATIME)
-            new_fd = os.open(fd_path(copy_fd), flags | os.O_CLOEXEC)
+            new_fd = self.table.open_with_room(fd_path(copy_fd), flags | os.O_CLOEXEC)
             try:
                 os.dup2(new_fd, handle.fd)
             finally:
@@ -377,7 +377,7 @@ class CowFS(pyfuse3.Operations):
             await self.breaker.ensure_private(node, with_data=not flags & os.O_TRUNC)
         elif is_marked(node.fd):
             backing_flags |= os.O_NOATIME  # reading must not touch the shared inode
-        fd = os.open(fd_path(node.fd), backing_flags)
+        fd = self.table.open_with_room(fd_path(node.fd), backing_flags)
         self._register(fd, node, backing_flags)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
 
@@ -389,7 +389,7 @@ class CowFS(pyfuse3.Operations):
         parent = self.table.get(parent_inode)
         backing_flags = (flags & ~_STRIP_OPEN_FLAGS) | os.O_CLOEXEC
         try:
-            fd = os.open(
+            fd = self.table.open_with_room(
                 name,
                 backing_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                 stat.S_IMODE(mode),
@@ -473,7 +473,9 @@ class CowFS(pyfuse3.Operations):
     @_errors_to_errno
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self.table.get(inode)
-        fd = os.open(fd_path(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = self.table.open_with_room(
+            fd_path(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        )
         self._next_dir_fh += 1
         self.dirs[self._next_dir_fh] = OpenDir(fd, node)
         return self._next_dir_fh

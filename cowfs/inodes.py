@@ -1,8 +1,16 @@
 """The inode table: FUSE node ids mapped to O_PATH handles on backing inodes.
 
-Following libfuse's passthrough_hp, every inode the kernel knows is held open
-as an O_PATH fd, and every operation uses ``*at`` calls relative to such fds,
-so no guest path is ever resolved on the host.
+Following libfuse's passthrough_hp, every inode the kernel knows is reached
+through an O_PATH fd, and every operation uses ``*at`` calls relative to such
+fds, so no guest path is ever resolved on the host.
+
+The kernel may know more inodes than the process may hold fds (RLIMIT_NOFILE
+cannot always be raised), so node fds live in an LRU of bounded size: an
+evicted node keeps a file handle (name_to_handle_at) and is reopened by it
+(open_by_handle_at) on its next use, whatever its name is by then. Nodes a
+file handle cannot reopen (unlinked inodes, other filesystems) are never
+evicted, nor are nodes pinned by a request that is using their fd in a
+worker thread.
 
 A node id is the backing inode number where that is free, so ``ls -i`` agrees
 with the host. It stays with the *file* the kernel knows: when a link break
@@ -17,13 +25,21 @@ put the private copy in place under the guest's name.
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
+import stat
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import pyfuse3
 
+from native import syscalls
+
 if TYPE_CHECKING:
     import trio
+
+log = logging.getLogger(__name__)
 
 ROOT_NODEID: int = pyfuse3.ROOT_INODE
 _SYNTHETIC_BASE = 1 << 62
@@ -32,22 +48,54 @@ Key = tuple[int, int]  # (st_dev, st_ino) of a backing inode
 
 
 class Node:
-    """One inode known to the kernel: its O_PATH fd, identity, lookup count and last name."""
+    """One inode known to the kernel: its fd (or file handle), identity, lookup count, name."""
 
-    __slots__ = ("__weakref__", "break_lock", "fd", "key", "name", "nlookup", "nodeid", "parent")
+    __slots__ = (
+        "_fd",
+        "break_lock",
+        "handle",
+        "is_dir",
+        "key",
+        "name",
+        "nlookup",
+        "nodeid",
+        "parent",
+        "pins",
+        "table",
+    )
 
-    def __init__(self, nodeid: int, fd: int, key: Key, parent: Node | None, name: bytes | None):
+    def __init__(
+        self,
+        table: InodeTable,
+        nodeid: int,
+        fd: int,
+        st: os.stat_result,
+        parent: Node | None,
+        name: bytes | None,
+    ):
+        self.table = table
         self.nodeid = nodeid
-        self.fd = fd
-        self.key = key
+        self._fd = fd
+        self.key: Key = (st.st_dev, st.st_ino)
+        self.is_dir = stat.S_ISDIR(st.st_mode)
+        self.handle: bytes | None = None
         self.nlookup = 0
+        self.pins = 0
         self.parent = parent
         self.name = name
         self.break_lock: trio.Lock | None = None
 
+    @property
+    def fd(self) -> int:
+        """An O_PATH fd on the backing inode, reopened from the file handle if it was evicted."""
+        if self._fd >= 0:
+            self.table.touch(self)
+            return self._fd
+        return self.table.reopen(self)
+
     def __del__(self) -> None:
-        # A node outlives its table entry while children or open files refer to it.
-        fd, self.fd = self.fd, -1
+        # A node outside the table and the fd cache (a dropped parent) closes its own fd.
+        fd, self._fd = self._fd, -1
         if fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -57,19 +105,106 @@ class Node:
 
 
 class InodeTable:
-    """Node ids <-> backing inodes, with the kernel's lookup counts."""
+    """Node ids <-> backing inodes, with the kernel's lookup counts and a bounded fd cache."""
 
-    def __init__(self, root_fd: int):
+    def __init__(self, root_fd: int, max_fds: int):
         st = os.fstat(root_fd)
         self.root_dev = st.st_dev
-        self.root = Node(ROOT_NODEID, root_fd, (st.st_dev, st.st_ino), None, None)
+        # open_by_handle_at wants a real (not O_PATH) fd on the filesystem.
+        self._mount_fd = os.open(
+            f"/proc/self/fd/{root_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        )
+        self.max_fds = max(16, max_fds)
+        self.evict_batch = max(1, self.max_fds // 8)
+        self._open: OrderedDict[Node, None] = OrderedDict()
+        self.root = Node(self, ROOT_NODEID, root_fd, st, None, None)
         self.root.nlookup = 1
+        self.root.pins = 1  # never evicted
         self.by_nodeid: dict[int, Node] = {ROOT_NODEID: self.root}
         self.by_key: dict[Key, Node] = {self.root.key: self.root}
         self._next_synthetic = _SYNTHETIC_BASE
+        self.handles_work = True
+        self.reopens = 0
 
     def __len__(self) -> int:
         return len(self.by_nodeid)
+
+    # -- the fd cache ---------------------------------------------------
+
+    def touch(self, node: Node) -> None:
+        """Mark node's fd as just used."""
+        if node in self._open:
+            self._open.move_to_end(node)
+
+    def _admit(self, node: Node) -> None:
+        self._open[node] = None
+        if len(self._open) > self.max_fds:
+            # From the cold end only, and never so many that the nodes the
+            # current request just used (the warm end) could be reached.
+            self.evict(self.evict_batch)
+
+    def evict(self, count: int) -> int:
+        """Close up to count least recently used node fds that a file handle can reopen."""
+        evicted = 0
+        for node in list(self._open):
+            if evicted >= count:
+                break
+            if node.pins or not self._can_reopen(node):
+                continue
+            del self._open[node]
+            fd, node._fd = node._fd, -1
+            os.close(fd)
+            evicted += 1
+        return evicted
+
+    def _can_reopen(self, node: Node) -> bool:
+        if not self.handles_work or node.key[0] != self.root_dev:
+            return False
+        try:
+            if os.fstat(node._fd).st_nlink == 0:
+                return False  # a handle to an unlinked inode goes stale
+            if node.handle is None:
+                node.handle = syscalls.name_to_handle(node._fd)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EPERM, errno.ENOSYS):
+                self.handles_work = False
+                log.warning("file handles unsupported (%s): node fds are never evicted", e)
+            return False
+        return True
+
+    def reopen(self, node: Node) -> int:
+        """Give an evicted node its fd back, from its file handle."""
+        assert node.handle is not None, f"{node!r} has neither fd nor handle"
+        fd = syscalls.open_by_handle(self._mount_fd, node.handle, os.O_PATH | os.O_CLOEXEC)
+        node._fd = fd
+        self.reopens += 1
+        self._admit(node)
+        return fd
+
+    @contextlib.contextmanager
+    def pinned(self, *nodes: Node):  # type: ignore[no-untyped-def]
+        """Keep nodes' fds open while a worker thread uses them."""
+        for node in nodes:
+            node.fd  # noqa: B018  (reopen now if evicted)
+            node.pins += 1
+        try:
+            yield
+        finally:
+            for node in nodes:
+                node.pins -= 1
+
+    def open_with_room(
+        self, path: str | bytes, flags: int, mode: int = 0o777, dir_fd: int | None = None
+    ) -> int:
+        """os.open, evicting node fds and retrying once if the process is out of fds."""
+        try:
+            return os.open(path, flags, mode, dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno != errno.EMFILE or not self.evict(self.evict_batch):
+                raise
+        return os.open(path, flags, mode, dir_fd=dir_fd)
+
+    # -- the table ------------------------------------------------------
 
     def get(self, nodeid: int) -> Node:
         """The node for a node id the kernel sent (it always names a live one)."""
@@ -90,10 +225,10 @@ class InodeTable:
 
     def add(self, fd: int, st: os.stat_result, parent: Node, name: bytes) -> Node:
         """Register a backing inode not known yet (lookup count 0: the caller counts it)."""
-        key = (st.st_dev, st.st_ino)
-        node = Node(self._new_nodeid(st), fd, key, parent, name)
+        node = Node(self, self._new_nodeid(st), fd, st, parent, name)
         self.by_nodeid[node.nodeid] = node
-        self.by_key[key] = node
+        self.by_key[node.key] = node
+        self._admit(node)
         return node
 
     def remember(self, fd: int, st: os.stat_result, parent: Node, name: bytes) -> Node:
@@ -120,21 +255,37 @@ class InodeTable:
             self.drop(node)
 
     def drop(self, node: Node) -> None:
-        """Remove a node from the table (its fd closes once nothing refers to it)."""
+        """Remove a node from the table and close its fd.
+
+        A directory may live on as the parent of a node still known (the link
+        break needs it), so it keeps a file handle to come back by.
+        """
         if self.by_nodeid.get(node.nodeid) is node:
             del self.by_nodeid[node.nodeid]
         if self.by_key.get(node.key) is node:
             del self.by_key[node.key]
+        if node._fd < 0 or node.pins:
+            return
+        if node.is_dir and node.handle is None and not self._can_reopen(node):
+            return  # keep the fd: nothing else could bring the directory back
+        self._open.pop(node, None)
+        fd, node._fd = node._fd, -1
+        os.close(fd)
 
     def repoint(self, node: Node, fd: int, st: os.stat_result) -> None:
         """Make node stand for another backing inode (after a link break); takes fd."""
         if self.by_key.get(node.key) is node:
             del self.by_key[node.key]
-        old_fd = node.fd
-        node.fd = fd
+        old_fd = node._fd
+        node._fd = fd
+        node.handle = None
         node.key = (st.st_dev, st.st_ino)
         self.by_key[node.key] = node
-        os.close(old_fd)
+        if old_fd >= 0:
+            os.close(old_fd)
+        else:
+            self._admit(node)
+        self.touch(node)
 
     def renamed(self, node: Node, parent: Node, name: bytes) -> None:
         """Record that node is now reached by (parent, name)."""

@@ -37,6 +37,7 @@ class MountOptions:
     cache_timeout: float = 60.0
     allow_devices: bool = False
     debug: bool = False
+    max_node_fds: int | None = None
 
 
 def default_log_file(mountpoint: str) -> Path:
@@ -71,16 +72,23 @@ def check_mount_args(backing: str, mountpoint: str) -> tuple[str, str]:
     return backing_real, mp_real
 
 
-def _raise_fd_limit() -> None:
-    # One O_PATH fd per inode the kernel caches: a find over a large tree needs many.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+def _node_fd_budget(requested: int | None) -> int:
+    """Raise RLIMIT_NOFILE as far as allowed; how many node fds to keep open.
+
+    An O_PATH fd per inode the kernel caches makes most requests one syscall;
+    beyond the budget, fds are closed and reopened from file handles. A
+    quarter of the limit stays free for guests' open files and directories.
+    """
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         with open("/proc/sys/fs/nr_open") as f:
             ceiling = int(f.read())
         resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, ceiling))
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # no CAP_SYS_RESOURCE: the hard limit is the ceiling
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    del soft
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    budget = max(64, (limit - 256) * 3 // 4)
+    return min(budget, requested) if requested else budget
 
 
 def _raise_read_ahead(mountpoint: str) -> None:
@@ -119,8 +127,8 @@ def serve(
         ready(f"backing tree {backing}: {e.strerror}")
         return
     os.umask(0)  # the kernel applied the caller's umask already
-    _raise_fd_limit()
-    fs = CowFS(root_fd, cache_timeout=options.cache_timeout)
+    max_fds = _node_fd_budget(options.max_node_fds)
+    fs = CowFS(root_fd, cache_timeout=options.cache_timeout, max_fds=max_fds)
     fuse_options = set(pyfuse3.default_options)
     fuse_options |= {"allow_other", "suid", f"fsname={backing}", "subtype=cowfs"}
     fuse_options.add("dev" if options.allow_devices else "nodev")
@@ -161,7 +169,12 @@ def serve(
         registry.remove_record(mountpoint)
         if clean:
             recovery.mark_clean(root_fd)
-        log.info("stopped serving %s (%d link breaks)", mountpoint, fs.breaker.breaks)
+        log.info(
+            "stopped serving %s (%d link breaks, %d node reopens)",
+            mountpoint,
+            fs.breaker.breaks,
+            fs.table.reopens,
+        )
 
 
 def _setup_logging(log_file: str | None, debug: bool) -> None:

@@ -28,6 +28,11 @@ ffibuilder.cdef(
               unsigned long arg4, unsigned long arg5);
     int native_pivot_root(const char *new_root, const char *put_old);
 
+    int native_name_to_handle(int fd, unsigned char *buf, int buflen, int *handle_type,
+                              int *mount_id);
+    int native_open_by_handle(int mount_fd, const unsigned char *buf, int len, int handle_type,
+                              int flags);
+
     struct native_cap_data { uint32_t effective; uint32_t permitted; uint32_t inheritable; };
     int native_capget(int pid, struct native_cap_data data[2]);
     int native_capset(struct native_cap_data data[2]);
@@ -46,8 +51,36 @@ ffibuilder.set_source(
     #include <sys/mount.h>
     #include <sys/prctl.h>
     #include <sys/stat.h>
+    #include <string.h>
+    #include <errno.h>
     #include <sys/syscall.h>
     #include <linux/capability.h>
+
+    /* File handles of the inode behind fd (AT_EMPTY_PATH): kept so that an
+       fd can be closed and the same inode reopened later, whatever its name. */
+    static int native_name_to_handle(int fd, unsigned char *buf, int buflen, int *handle_type,
+                                     int *mount_id)
+    {
+        union { struct file_handle fh; char space[sizeof(struct file_handle) + MAX_HANDLE_SZ]; } u;
+        u.fh.handle_bytes = MAX_HANDLE_SZ;
+        if (name_to_handle_at(fd, "", &u.fh, mount_id, AT_EMPTY_PATH) < 0)
+            return -1;
+        if ((int)u.fh.handle_bytes > buflen) { errno = EOVERFLOW; return -1; }
+        memcpy(buf, u.fh.f_handle, u.fh.handle_bytes);
+        *handle_type = u.fh.handle_type;
+        return u.fh.handle_bytes;
+    }
+
+    static int native_open_by_handle(int mount_fd, const unsigned char *buf, int len,
+                                     int handle_type, int flags)
+    {
+        union { struct file_handle fh; char space[sizeof(struct file_handle) + MAX_HANDLE_SZ]; } u;
+        if (len > MAX_HANDLE_SZ) { errno = EINVAL; return -1; }
+        u.fh.handle_bytes = len;
+        u.fh.handle_type = handle_type;
+        memcpy(u.fh.f_handle, buf, len);
+        return open_by_handle_at(mount_fd, &u.fh, flags);
+    }
 
     static int native_pivot_root(const char *new_root, const char *put_old)
     {

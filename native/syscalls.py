@@ -85,6 +85,25 @@ def utimensat(
     _check(lib.utimensat(dirfd, name, times, flags), name)
 
 
+_MAX_HANDLE = 128
+
+
+def name_to_handle(fd: int) -> bytes:
+    """A file handle for the inode behind fd (any fd, O_PATH included): type + opaque bytes."""
+    buf = ffi.new("unsigned char[]", _MAX_HANDLE)
+    handle_type = ffi.new("int *")
+    mount_id = ffi.new("int *")
+    length = _check(lib.native_name_to_handle(fd, buf, _MAX_HANDLE, handle_type, mount_id))
+    return handle_type[0].to_bytes(4, "little", signed=True) + ffi.buffer(buf, length)[:]
+
+
+def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
+    """Open the inode a name_to_handle() handle names (needs CAP_DAC_READ_SEARCH)."""
+    handle_type = int.from_bytes(handle[:4], "little", signed=True)
+    body = handle[4:]
+    return _check(lib.native_open_by_handle(mount_fd, body, len(body), handle_type, flags))
+
+
 def unshare(flags: int) -> None:
     """unshare(2)."""
     _check(lib.unshare(flags))

@@ -21,6 +21,11 @@ from cowfs.mount import MountOptions, mount, unmount
     help="Seconds the kernel may cache names and attributes.",
 )
 @click.option("--dev", "allow_devices", is_flag=True, help="Allow device nodes to be opened.")
+@click.option(
+    "--max-node-fds",
+    type=click.IntRange(min=16),
+    help="Inodes to keep open (default: 3/4 of the fd limit); others reopen by file handle.",
+)
 @click.option("--debug", is_flag=True, help="Log every link break and more.")
 def mount_command(
     backing: str,
@@ -30,6 +35,7 @@ def mount_command(
     log_file: str | None,
     cache_timeout: float,
     allow_devices: bool,
+    max_node_fds: int | None,
     debug: bool,
 ) -> None:
     """Serve the guest tree BACKING at MOUNTPOINT.
@@ -45,7 +51,11 @@ def mount_command(
     permissions for every uid of the guest. Must run as root.
     """
     options = MountOptions(
-        xid=xid, cache_timeout=cache_timeout, allow_devices=allow_devices, debug=debug
+        xid=xid,
+        cache_timeout=cache_timeout,
+        allow_devices=allow_devices,
+        debug=debug,
+        max_node_fds=max_node_fds,
     )
     pid = mount(backing, mountpoint, options, foreground=foreground, log_file=log_file)
     if pid is not None:

@@ -1,0 +1,47 @@
+"""A mount holding few fds: nodes are evicted and come back by file handle, invisibly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from conftest import Mounts, cowfs, is_marked, run
+
+
+def test_small_fd_budget_serves_large_tree(tmp_path: Path, mounts: Mounts) -> None:
+    template = tmp_path / "tpl"
+    for d in range(40):
+        sub = template / f"d{d:02d}" / "inner"
+        sub.mkdir(parents=True)
+        for f in range(50):
+            (sub / f"f{f:02d}").write_text(f"{d}/{f}")
+    guest = tmp_path / "guest"
+    cowfs("clone", template, guest)
+    mnt = mounts.mount(guest, tmp_path / "m", "--max-node-fds", "16", "--cache-timeout", "0")
+    assert len(run("find", mnt).stdout.split()) == 1 + 40 * 2 + 40 * 50
+    # every file read back through nodes that were evicted and reopened
+    for d in range(40):
+        for f in range(0, 50, 7):
+            assert (mnt / f"d{d:02d}" / "inner" / f"f{f:02d}").read_text() == f"{d}/{f}"
+    # renames move nodes; a later link break must find them under their new names
+    os.rename(mnt / "d00" / "inner", mnt / "moved")
+    run("find", mnt, "-name", "nothing")  # churn the fd cache
+    with open(mnt / "moved" / "f03", "a") as out:
+        out.write(" changed")
+    assert (guest / "moved" / "f03").read_text() == "0/3 changed"
+    assert not is_marked(guest / "moved" / "f03")
+    assert (template / "d00" / "inner" / "f03").read_text() == "0/3"
+    # an open unlinked file keeps working while the cache churns
+    fd = os.open(mnt / "d01" / "inner" / "f01", os.O_RDONLY)
+    try:
+        os.unlink(mnt / "d01" / "inner" / "f01")
+        run("find", mnt, "-name", "nothing")
+        assert os.fstat(fd).st_nlink == 1  # still linked by the template and the store
+        assert os.pread(fd, 10, 0) == b"1/1"
+    finally:
+        os.close(fd)
+    log = (Path("/var/log/cowfs") / f"mount-{str(mnt).strip('/').replace('/', '_')}.log")
+    mounts.umount(mnt)
+    assert "node reopens" in log.read_text()
+    reopens = int(log.read_text().rsplit("link breaks, ", 1)[1].split()[0])
+    assert reopens > 100, "the small budget never made nodes come back by handle"
