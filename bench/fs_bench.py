@@ -133,8 +133,15 @@ def nothing() -> None:
 
 
 def seq_write(root: Path, mib: int) -> None:
-    sh("dd", "if=/dev/zero", f"of={root}/big", "bs=1M", f"count={mib}", "conv=fsync",
-       stderr=subprocess.DEVNULL)
+    sh(
+        "dd",
+        "if=/dev/zero",
+        f"of={root}/big",
+        "bs=1M",
+        f"count={mib}",
+        "conv=fsync",
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def seq_read(root: Path) -> None:
@@ -169,8 +176,9 @@ def create_delete(root: Path, count: int) -> None:
 
 
 def tar_wc(root: Path) -> None:
-    subprocess.run(f"tar cf - -C {root} usr | wc -c", shell=True, check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        f"tar cf - -C {root} usr | wc -c", shell=True, check=True, stdout=subprocess.DEVNULL
+    )
 
 
 def first_writes(root: Path, count: int) -> None:
@@ -180,34 +188,40 @@ def first_writes(root: Path, count: int) -> None:
         os.close(fd)
 
 
-def run_benchmarks(contenders: list[Contender], args: argparse.Namespace) -> dict[str, dict[str, float]]:
+def measure(root: Path, big_mib: int) -> dict[str, float]:
+    """Every test on one filesystem, in an order where each leaves what the next needs."""
+    r: dict[str, float] = {}
+    drop_caches()
+    r["find, cold"] = timed(lambda: find(root, False))
+    r["find, warm"] = best_of(3, nothing, lambda: find(root, False))
+    drop_caches()
+    r["find -printf %s, cold"] = timed(lambda: find(root, True))
+    r["find -printf %s, warm"] = best_of(3, nothing, lambda: find(root, True))
+    r["tar c | wc -c, warm"] = best_of(3, nothing, lambda: tar_wc(root))
+    r["create+delete 10k files"] = best_of(3, nothing, lambda: create_delete(root, 10000))
+    drop_caches()
+    r["first write to 1,000 shared files"] = timed(lambda: first_writes(root, 1000))
+    r[f"seq write {big_mib} MiB + fsync"] = timed(lambda: seq_write(root, big_mib))
+    drop_caches()
+    r[f"seq read {big_mib} MiB, cold"] = timed(lambda: seq_read(root))
+    r[f"seq read {big_mib} MiB, warm"] = best_of(2, nothing, lambda: seq_read(root))
+    span = big_mib * 2**20
+    drop_caches()
+    r["4 KiB random reads x5000, cold"] = timed(lambda: random_reads(root, 5000, span))
+    r["4 KiB random reads x50000, warm"] = best_of(
+        3, nothing, lambda: random_reads(root, 50000, min(span, 256 * 2**20))
+    )
+    return r
+
+
+def run_benchmarks(contenders: list[Contender], big_mib: int) -> dict[str, dict[str, float]]:
+    """measure() on each contender, set up and torn down in turn."""
     results: dict[str, dict[str, float]] = {}
     for c in contenders:
         print(f"--- {c.name}", file=sys.stderr, flush=True)
         c.setup()
-        r = results[c.name] = {}
         try:
-            root = c.root
-            drop_caches()
-            r["find, cold"] = timed(lambda: find(root, False))
-            r["find, warm"] = best_of(3, nothing, lambda: find(root, False))
-            drop_caches()
-            r["find -printf %s, cold"] = timed(lambda: find(root, True))
-            r["find -printf %s, warm"] = best_of(3, nothing, lambda: find(root, True))
-            r["tar c | wc -c, warm"] = best_of(3, nothing, lambda: tar_wc(root))
-            r["create+delete 10k files"] = best_of(3, nothing, lambda: create_delete(root, 10000))
-            drop_caches()
-            r["first write to 1,000 shared files"] = timed(lambda: first_writes(root, 1000))
-            r[f"seq write {args.big_mib} MiB + fsync"] = timed(lambda: seq_write(root, args.big_mib))
-            drop_caches()
-            r[f"seq read {args.big_mib} MiB, cold"] = timed(lambda: seq_read(root))
-            r[f"seq read {args.big_mib} MiB, warm"] = best_of(2, nothing, lambda: seq_read(root))
-            span = args.big_mib * 2**20
-            drop_caches()
-            r["4 KiB random reads x5000, cold"] = timed(lambda: random_reads(root, 5000, span))
-            r["4 KiB random reads x50000, warm"] = best_of(
-                3, nothing, lambda: random_reads(root, 50000, min(span, 256 * 2**20))
-            )
+            results[c.name] = measure(c.root, big_mib)
         finally:
             c.teardown()
     return results
@@ -257,9 +271,12 @@ def main() -> None:
     make_tree(base, args.files)
     make_shared(base, 1000)
     classes = [Native, Overlay, FuseOverlay, Cowfs]
-    contenders = [cls(work, base) for cls in classes
-                  if cls is Native or not args.only or cls.name in args.only]
-    results = run_benchmarks(contenders, args)
+    contenders = [
+        cls(work, base)
+        for cls in classes
+        if cls is Native or not args.only or cls.name in args.only
+    ]
+    results = run_benchmarks(contenders, args.big_mib)
     print(report(results, args.markdown))
     shutil.rmtree(work, ignore_errors=True)
 

@@ -40,7 +40,7 @@ def test_small_fd_budget_serves_large_tree(tmp_path: Path, mounts: Mounts) -> No
         assert os.pread(fd, 10, 0) == b"1/1"
     finally:
         os.close(fd)
-    log = (Path("/var/log/cowfs") / f"mount-{str(mnt).strip('/').replace('/', '_')}.log")
+    log = Path("/var/log/cowfs") / f"mount-{str(mnt).strip('/').replace('/', '_')}.log"
     mounts.umount(mnt)
     assert "node reopens" in log.read_text()
     reopens = int(log.read_text().rsplit("link breaks, ", 1)[1].split()[0])
