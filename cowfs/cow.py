@@ -32,6 +32,7 @@ import trio
 from cowfs.inodes import InodeTable, Node
 from cowfs.marks import TEMP_PREFIX, clear_mark, fd_path, is_marked
 from cowfs.metadata import copy_data, copy_metadata
+from cowfs.workers import WorkerPool
 from native import syscalls
 
 log = logging.getLogger(__name__)
@@ -44,22 +45,31 @@ def temp_name() -> bytes:
     return TEMP_PREFIX + secrets.token_hex(8).encode()
 
 
-def make_private_copy(dir_fd: int, src_fd: int, st: os.stat_result, with_data: bool) -> int:
+def make_private_copy(
+    dir_fd: int, src_fd: int, st: os.stat_result, with_data: bool, sync: bool = True
+) -> int:
     """An unnamed copy of src (O_PATH fd) in directory dir_fd, without the mark; an O_RDWR fd.
+
+    Copied data is synced before the copy can replace the original (sync=True),
+    so that not even a power cut can leave the guest's name on a file whose
+    data never reached the disk. A reflink or an empty copy needs no sync: the
+    filesystem's journal orders it before the rename.
 
     Blocking: run it in a worker thread.
     """
     # O_TMPFILE (ext4, xfs, btrfs, tmpfs): a crash mid-copy leaves nothing behind.
     copy_fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
+        copied = False
         if with_data and st.st_size:
             src = os.open(fd_path(src_fd), os.O_RDONLY | os.O_NOATIME | os.O_CLOEXEC)
             try:
-                copy_data(src, copy_fd, st.st_size)
+                copied = copy_data(src, copy_fd, st.st_size)
             finally:
                 os.close(src)
         copy_metadata(src_fd, copy_fd, st)
-        os.fdatasync(copy_fd)
+        if copied and sync:
+            os.fdatasync(copy_fd)
     except BaseException:
         os.close(copy_fd)
         raise
@@ -92,8 +102,16 @@ def names_inode(parent: Node | None, name: bytes | None, st: os.stat_result) -> 
 class LinkBreaker:
     """Gives nodes private copies of shared inodes, one break per node at a time."""
 
-    def __init__(self, table: InodeTable, reopen_handles: ReopenHandles):
+    def __init__(
+        self,
+        table: InodeTable,
+        workers: WorkerPool,
+        reopen_handles: ReopenHandles,
+        sync: bool = True,
+    ):
         self.table = table
+        self.workers = workers
+        self.sync = sync
         self.reopen_handles = reopen_handles
         self.breaks = 0
 
@@ -118,8 +136,8 @@ class LinkBreaker:
             return
         home = node.parent if node.parent is not None else self.table.root
         with self.table.pinned(home, node):
-            copy_fd = await trio.to_thread.run_sync(
-                make_private_copy, home.fd, node.fd, st, with_data
+            copy_fd = await self.workers.run(
+                make_private_copy, home.fd, node.fd, st, with_data, self.sync
             )
         try:
             # Back on the event loop: no other request runs until we are done,

@@ -19,15 +19,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import pyfuse3
-import trio
 from pyfuse3 import FUSEError
 
 from cowfs.cow import LinkBreaker
 from cowfs.inodes import InodeTable, Node
 from cowfs.marks import fd_path, is_marked, is_reserved_name, is_reserved_xattr
+from cowfs.workers import WorkerPool
 from native import syscalls
 
 log = logging.getLogger(__name__)
+
+# What cowfs's patch to pyfuse3 adds (native/pyfuse3/README.md); without it the
+# kernel cannot cache directory listings and fallocate(2) is not supported.
+PYFUSE3_PATCHED = hasattr(pyfuse3.FileInfo(), "cache_readdir")
 
 NAME_MAX = 255
 # Reported as st_blksize: stdio and cp size their buffers by it, and every
@@ -96,7 +100,13 @@ class CowFS(pyfuse3.Operations):
     enable_writeback_cache = False  # limits and quota must fail the write(2) itself
     enable_acl = True  # the kernel then checks POSIX ACLs too
 
-    def __init__(self, root_fd: int, cache_timeout: float = 60.0, max_fds: int = 4096):
+    def __init__(
+        self,
+        root_fd: int,
+        cache_timeout: float = 60.0,
+        max_fds: int = 4096,
+        sync_breaks: bool = True,
+    ):
         super().__init__()
         self.table = InodeTable(root_fd, max_fds)
         self.files: dict[int, OpenFile] = {}
@@ -104,7 +114,10 @@ class CowFS(pyfuse3.Operations):
         self.dirs: dict[int, OpenDir] = {}
         self._next_dir_fh = 0
         self.timeout = cache_timeout
-        self.breaker = LinkBreaker(self.table, self._reopen_read_handles)
+        self.workers = WorkerPool()
+        self.breaker = LinkBreaker(
+            self.table, self.workers, self._reopen_read_handles, sync=sync_breaks
+        )
         self._nowait_writes = True
 
     # -- helpers ----------------------------------------------------------
@@ -428,7 +441,7 @@ class CowFS(pyfuse3.Operations):
             got = 0
         if got < size and (got == 0 or off + got < os.fstat(fd).st_size):
             while got < size:
-                more = await trio.to_thread.run_sync(os.preadv, fd, [view[got:]], off + got)
+                more = await self.workers.run(os.preadv, fd, [view[got:]], off + got)
                 if more == 0:
                     break
                 got += more
@@ -448,10 +461,17 @@ class CowFS(pyfuse3.Operations):
                 if e.errno != errno.EOPNOTSUPP:
                     raise
                 self._nowait_writes = False
-        return await trio.to_thread.run_sync(os.pwrite, fd, buf, off)
+        return await self.workers.run(os.pwrite, fd, buf, off)
+
+    @_errors_to_errno
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        await self.workers.run(syscalls.fallocate, self.files[fh].fd, mode, offset, length)
 
     async def flush(self, fh: int) -> None:
-        return None
+        # Writes reach the backing file synchronously, so close(2) has nothing
+        # to report: ENOSYS tells the kernel to stop sending FLUSH (a round
+        # trip per close saved).
+        raise FUSEError(errno.ENOSYS)
 
     @_errors_to_errno
     async def release(self, fh: int) -> None:
@@ -466,18 +486,22 @@ class CowFS(pyfuse3.Operations):
     @_errors_to_errno
     async def fsync(self, fh: int, datasync: bool) -> None:
         sync = os.fdatasync if datasync else os.fsync
-        await trio.to_thread.run_sync(sync, self.files[fh].fd)
+        await self.workers.run(sync, self.files[fh].fd)
 
     # -- directories ------------------------------------------------------
 
     @_errors_to_errno
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> Any:
         node = self.table.get(inode)
         fd = self.table.open_with_room(
             fd_path(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
         )
         self._next_dir_fh += 1
         self.dirs[self._next_dir_fh] = OpenDir(fd, node)
+        if PYFUSE3_PATCHED:
+            # Every change to the tree goes through this mount, and the kernel
+            # drops a directory's cached listing when it changes it: never stale.
+            return pyfuse3.FileInfo(fh=self._next_dir_fh, keep_cache=True, cache_readdir=True)
         return self._next_dir_fh
 
     @_errors_to_errno
@@ -540,7 +564,7 @@ class CowFS(pyfuse3.Operations):
 
     @_errors_to_errno
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await trio.to_thread.run_sync(os.fsync, self.dirs[fh].fd)
+        await self.workers.run(os.fsync, self.dirs[fh].fd)
 
     @_errors_to_errno
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

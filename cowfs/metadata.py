@@ -68,11 +68,14 @@ def copy_metadata(src_fd: int, dst_fd: int, st: os.stat_result) -> None:
     syscalls.utimensat(dst_fd, b"", st.st_atime_ns, st.st_mtime_ns, syscalls.AT_EMPTY_PATH)
 
 
-def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
-    """Copy size bytes of file content: reflink where possible, else in-kernel, keeping holes."""
+def copy_data(src_fd: int, dst_fd: int, size: int) -> bool:
+    """Copy size bytes of file content: reflink where possible, else in-kernel, keeping holes.
+
+    True if the data was copied (and must be synced to be durable), False if reflinked.
+    """
     try:
         fcntl.ioctl(dst_fd, FICLONE, src_fd)
-        return
+        return False
     except OSError as e:
         if e.errno not in _NO_REFLINK:
             raise
@@ -95,3 +98,4 @@ def copy_data(src_fd: int, dst_fd: int, size: int) -> None:
             position += copied
         offset = data_end
     os.ftruncate(dst_fd, size)
+    return True

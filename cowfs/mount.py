@@ -38,6 +38,7 @@ class MountOptions:
     allow_devices: bool = False
     debug: bool = False
     max_node_fds: int | None = None
+    sync_breaks: bool = True
 
 
 def default_log_file(mountpoint: str) -> Path:
@@ -128,7 +129,12 @@ def serve(
         return
     os.umask(0)  # the kernel applied the caller's umask already
     max_fds = _node_fd_budget(options.max_node_fds)
-    fs = CowFS(root_fd, cache_timeout=options.cache_timeout, max_fds=max_fds)
+    fs = CowFS(
+        root_fd,
+        cache_timeout=options.cache_timeout,
+        max_fds=max_fds,
+        sync_breaks=options.sync_breaks,
+    )
     fuse_options = set(pyfuse3.default_options)
     fuse_options |= {"allow_other", "suid", f"fsname={backing}", "subtype=cowfs"}
     fuse_options.add("dev" if options.allow_devices else "nodev")
@@ -155,6 +161,7 @@ def serve(
                         return
 
             nursery.start_soon(stop_on_signal)
+            nursery.start_soon(fs.workers.serve)
             ready(None)
             await pyfuse3.main(min_tasks=2, max_tasks=64)
             nursery.cancel_scope.cancel()

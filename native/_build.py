@@ -18,6 +18,7 @@ ffibuilder.cdef(
                  unsigned int group, int flags);
     int utimensat(int dirfd, const char *pathname,
                   const struct timespec times[2], int flags);
+    int fallocate(int fd, int mode, long offset, long len);
     int unshare(int flags);
     int setns(int fd, int nstype);
     int mount(const char *source, const char *target, const char *filesystemtype,

@@ -104,6 +104,11 @@ def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
     return _check(lib.native_open_by_handle(mount_fd, body, len(body), handle_type, flags))
 
 
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2), with its mode (FALLOC_FL_KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE, ...)."""
+    _check(lib.fallocate(fd, mode, offset, length))
+
+
 def unshare(flags: int) -> None:
     """unshare(2)."""
     _check(lib.unshare(flags))

@@ -353,3 +353,20 @@ def test_non_root_user_works_in_own_home(mnt: Path, backing: Path) -> None:
     assert sorted(os.listdir(backing / "home")) == ["c", "e"]
     assert (backing / "home" / "c").read_text() == "data\nx"
     assert (backing / "home" / "c").stat().st_uid == 1000
+
+
+def test_fallocate_modes(mnt: Path, backing: Path) -> None:
+    path = mnt / "f"
+    path.write_bytes(b"a" * 65536)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, 1 << 20)  # plain allocation grows the file
+        assert os.fstat(fd).st_size == 1 << 20
+        syscalls.fallocate(fd, 0x01, 0, 4 << 20)  # FALLOC_FL_KEEP_SIZE
+        assert os.fstat(fd).st_size == 1 << 20
+        assert (backing / "f").stat().st_blocks * 512 >= 4 << 20
+        syscalls.fallocate(fd, 0x01 | 0x02, 4096, 8192)  # PUNCH_HOLE | KEEP_SIZE
+        assert os.pread(fd, 8192, 4096) == b"\0" * 8192
+        assert os.pread(fd, 4096, 0) == b"a" * 4096
+    finally:
+        os.close(fd)

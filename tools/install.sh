@@ -12,7 +12,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 packages=(
-    fuse3 libfuse3-dev pkg-config gcc make    # FUSE and the build of pyfuse3 / native/
+    fuse3 libfuse3-dev pkg-config gcc make patch  # FUSE; building pyfuse3 and native/
     busybox-static attr acl libcap2-bin        # test guests; getfattr, setfacl, setcap
     debootstrap                                # real Debian guests (tools/mkguest-debian.sh)
     fuse-overlayfs jdupes rdfind hyperfine     # benchmark peers
@@ -38,10 +38,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # Reinstall only when what the install builds from has changed.
 stamp=.venv/.cowfs-installed
-want=$(cat pyproject.toml setup.py native/_build.py | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml setup.py native/_build.py native/pyfuse3/cowfs.patch tools/build-pyfuse3.sh | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c "import native._syscalls" 2>/dev/null; then
     log=.venv/install.log
-    if ! { .venv/bin/pip install --upgrade pip && .venv/bin/pip install -e '.[test]'; } >"$log" 2>&1; then
+    # pyfuse3 with cowfs's patch first (native/pyfuse3/README.md), then cowfs itself.
+    if ! { .venv/bin/pip install --upgrade pip && tools/build-pyfuse3.sh .venv \
+            && .venv/bin/pip install -e '.[test]'; } >"$log" 2>&1; then
         tail -30 "$log" >&2
         echo "tools/install.sh: pip install failed; full log in $log" >&2
         exit 1

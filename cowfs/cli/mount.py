@@ -26,6 +26,12 @@ from cowfs.mount import MountOptions, mount, unmount
     type=click.IntRange(min=16),
     help="Inodes to keep open (default: 3/4 of the fd limit); others reopen by file handle.",
 )
+@click.option(
+    "--sync-breaks/--no-sync-breaks",
+    default=True,
+    show_default=True,
+    help="fdatasync each private copy before it replaces a shared file (power-cut safety).",
+)
 @click.option("--debug", is_flag=True, help="Log every link break and more.")
 def mount_command(
     backing: str,
@@ -36,6 +42,7 @@ def mount_command(
     cache_timeout: float,
     allow_devices: bool,
     max_node_fds: int | None,
+    sync_breaks: bool,
     debug: bool,
 ) -> None:
     """Serve the guest tree BACKING at MOUNTPOINT.
@@ -56,6 +63,7 @@ def mount_command(
         allow_devices=allow_devices,
         debug=debug,
         max_node_fds=max_node_fds,
+        sync_breaks=sync_breaks,
     )
     pid = mount(backing, mountpoint, options, foreground=foreground, log_file=log_file)
     if pid is not None:

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Build and install pyfuse3 with cowfs's patch (native/pyfuse3/cowfs.patch) into
+# the given virtualenv's pip. Skips the work when the patched version is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${1:-.venv}
+version=3.5.0
+local_version=$version+cowfs4
+if "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('pyfuse3') != '$local_version')" 2>/dev/null; then
+    exit 0
+fi
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$venv/bin/pip" download --quiet --no-binary :all: --no-deps "pyfuse3==$version" -d "$work"
+tar -xzf "$work/pyfuse3-$version.tar.gz" -C "$work"
+patch -d "$work/pyfuse3-$version" -p1 --quiet < native/pyfuse3/cowfs.patch
+rm -f "$work/pyfuse3-$version/src/pyfuse3/__init__.c"  # generated from the patched .pyx
+SETUPTOOLS_SCM_PRETEND_VERSION=$local_version "$venv/bin/pip" install --quiet "$work/pyfuse3-$version"
