@@ -29,9 +29,10 @@ from native import syscalls
 
 log = logging.getLogger(__name__)
 
-# What cowfs's patch to pyfuse3 adds (native/pyfuse3/README.md); without it the
-# kernel cannot cache directory listings and fallocate(2) is not supported.
-PYFUSE3_PATCHED = hasattr(pyfuse3.FileInfo(), "cache_readdir")
+# What cowfs's patch to pyfuse3 adds (native/pyfuse3/README.md): readdir can
+# tell the directory without opendir, so opendir can decline (the kernel then
+# caches listings and sends no OPENDIR/RELEASEDIR), and fallocate(2) works.
+PYFUSE3_PATCHED = hasattr(pyfuse3.ReaddirToken, "ino")
 
 NAME_MAX = 255
 # Reported as st_blksize: stdio and cp size their buffers by it, and every
@@ -82,17 +83,6 @@ class OpenFile:
         self.writable = (flags & os.O_ACCMODE) != os.O_RDONLY
 
 
-class OpenDir:
-    """A directory handle: a readable fd and the listing snapshot readdir pages through."""
-
-    __slots__ = ("entries", "fd", "node")
-
-    def __init__(self, fd: int, node: Node):
-        self.fd = fd
-        self.node = node
-        self.entries: list[tuple[bytes, int]] = []
-
-
 class CowFS(pyfuse3.Operations):
     """A guest root served from a backing tree, with copy-on-write for shared inodes."""
 
@@ -111,8 +101,10 @@ class CowFS(pyfuse3.Operations):
         self.table = InodeTable(root_fd, max_fds)
         self.files: dict[int, OpenFile] = {}
         self.handles_of: dict[Node, set[OpenFile]] = {}
-        self.dirs: dict[int, OpenDir] = {}
+        self.dir_handles: dict[int, int] = {}  # fh -> node id, unpatched pyfuse3 only
         self._next_dir_fh = 0
+        # Listing snapshots that readdir pages through, by directory node id.
+        self.listings: dict[int, list[tuple[bytes, int]]] = {}
         self.timeout = cache_timeout
         self.workers = WorkerPool()
         self.breaker = LinkBreaker(
@@ -491,30 +483,36 @@ class CowFS(pyfuse3.Operations):
     # -- directories ------------------------------------------------------
 
     @_errors_to_errno
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> Any:
-        node = self.table.get(inode)
-        fd = self.table.open_with_room(
-            fd_path(node.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-        )
-        self._next_dir_fh += 1
-        self.dirs[self._next_dir_fh] = OpenDir(fd, node)
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if PYFUSE3_PATCHED:
-            # Every change to the tree goes through this mount, and the kernel
-            # drops a directory's cached listing when it changes it: never stale.
-            return pyfuse3.FileInfo(fh=self._next_dir_fh, keep_cache=True, cache_readdir=True)
+            # The kernel then opens directories without asking, keeps their
+            # listings cached (FOPEN_CACHE_DIR) and drops a listing when it
+            # changes the directory. Every change goes through this mount, so
+            # the cache is never stale.
+            raise FUSEError(errno.ENOSYS)
+        self._next_dir_fh += 1
+        self.dir_handles[self._next_dir_fh] = inode
         return self._next_dir_fh
+
+    def _list(self, directory: Node) -> list[tuple[bytes, int]]:
+        """(name, inode number) of the directory's entries, without cowfs's own."""
+        fd = self.table.open_with_room(
+            fd_path(directory.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        )
+        try:
+            with os.scandir(fd) as listing:
+                named = [(os.fsencode(e.name), e.inode()) for e in listing]
+        finally:
+            os.close(fd)
+        return [(name, ino) for name, ino in named if not is_reserved_name(name)]
 
     @_errors_to_errno
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        handle = self.dirs[fh]
-        directory = handle.node
-        if start_id == 0 or not handle.entries:
-            with os.scandir(handle.fd) as listing:
-                handle.entries = [
-                    (os.fsencode(e.name), e.inode())
-                    for e in listing
-                    if not is_reserved_name(os.fsencode(e.name))
-                ]
+        nodeid = token.ino if fh == 0 else self.dir_handles[fh]
+        directory = self.table.get(nodeid)
+        entries = self.listings.get(nodeid)
+        if start_id == 0 or entries is None:
+            entries = self.listings[nodeid] = self._list(directory)
         dir_st = os.fstat(directory.fd)
         if start_id == 0:
             if not pyfuse3.readdir_reply(token, b".", self._entry(directory, dir_st), 1):
@@ -526,7 +524,6 @@ class CowFS(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, b"..", up, 2):
                 return
             start_id = 2
-        entries = handle.entries
         table = self.table
         for index in range(start_id - 2, len(entries)):
             name, ino = entries[index]
@@ -557,14 +554,24 @@ class CowFS(pyfuse3.Operations):
                     table.drop(node)
                 return
             node.nlookup += 1
+        del self.listings[nodeid]  # all delivered; the kernel caches it from here
 
     @_errors_to_errno
     async def releasedir(self, fh: int) -> None:
-        os.close(self.dirs.pop(fh).fd)
+        self.dir_handles.pop(fh, None)
 
     @_errors_to_errno
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await self.workers.run(os.fsync, self.dirs[fh].fd)
+        if fh == 0:
+            # No handle says which directory: make the whole filesystem durable.
+            await self.workers.run(syscalls.syncfs, self.table.mount_fd)
+            return
+        directory = self.table.get(self.dir_handles[fh])
+        fd = self.table.open_with_room(fd_path(directory.fd), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            await self.workers.run(os.fsync, fd)
+        finally:
+            os.close(fd)
 
     @_errors_to_errno
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

@@ -110,8 +110,8 @@ class InodeTable:
     def __init__(self, root_fd: int, max_fds: int):
         st = os.fstat(root_fd)
         self.root_dev = st.st_dev
-        # open_by_handle_at wants a real (not O_PATH) fd on the filesystem.
-        self._mount_fd = os.open(
+        # open_by_handle_at (and syncfs) want a real (not O_PATH) fd on the filesystem.
+        self.mount_fd = os.open(
             f"/proc/self/fd/{root_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
         )
         self.max_fds = max(16, max_fds)
@@ -175,7 +175,7 @@ class InodeTable:
     def reopen(self, node: Node) -> int:
         """Give an evicted node its fd back, from its file handle."""
         assert node.handle is not None, f"{node!r} has neither fd nor handle"
-        fd = syscalls.open_by_handle(self._mount_fd, node.handle, os.O_PATH | os.O_CLOEXEC)
+        fd = syscalls.open_by_handle(self.mount_fd, node.handle, os.O_PATH | os.O_CLOEXEC)
         node._fd = fd
         self.reopens += 1
         self._admit(node)

@@ -19,6 +19,9 @@ ffibuilder.cdef(
     int utimensat(int dirfd, const char *pathname,
                   const struct timespec times[2], int flags);
     int fallocate(int fd, int mode, long offset, long len);
+    int syncfs(int fd);
+    int native_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode,
+                       uint64_t resolve);
     int unshare(int flags);
     int setns(int fd, int nstype);
     int mount(const char *source, const char *target, const char *filesystemtype,
@@ -81,6 +84,15 @@ ffibuilder.set_source(
         u.fh.handle_type = handle_type;
         memcpy(u.fh.f_handle, buf, len);
         return open_by_handle_at(mount_fd, &u.fh, flags);
+    }
+
+    struct native_open_how { uint64_t flags; uint64_t mode; uint64_t resolve; };
+
+    static int native_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode,
+                              uint64_t resolve)
+    {
+        struct native_open_how how = { flags, mode, resolve };
+        return syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
     }
 
     static int native_pivot_root(const char *new_root, const char *put_old)

@@ -104,6 +104,23 @@ def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
     return _check(lib.native_open_by_handle(mount_fd, body, len(body), handle_type, flags))
 
 
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+
+
+def open_beneath(dirfd: int, path: bytes, flags: int, mode: int = 0) -> int:
+    """openat2(2) confined to dirfd's tree: no "..", no symlinks, no magic links, no escape."""
+    resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+    return _check(lib.native_openat2(dirfd, path, flags | os.O_CLOEXEC, mode, resolve), path)
+
+
+def syncfs(fd: int) -> None:
+    """syncfs(2): write out the whole filesystem fd is on."""
+    _check(lib.syncfs(fd))
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2), with its mode (FALLOC_FL_KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE, ...)."""
     _check(lib.fallocate(fd, mode, offset, length))

@@ -33,11 +33,13 @@ def main() -> None:
 
 
 def _register() -> None:
-    from cowfs.cli import clone, mount
+    from cowfs.cli import clone, hashify, mount
 
     main.add_command(mount.mount_command)
     main.add_command(mount.umount_command)
     main.add_command(clone.clone_command)
+    main.add_command(hashify.hashify_command)
+    main.add_command(hashify.store_group)
 
 
 _register()

@@ -1,0 +1,494 @@
+"""``cowfs hashify``: deduplicate existing guest trees into the content store.
+
+Linux-VServer's vhashify. Three phases:
+
+1. scan every guest (fd-relative, never following symlinks) for regular files
+   that the include/exclude rules allow, and the store for what it holds;
+2. group files whose inodes could be shared: equal size, mode, owner, mtime
+   (unless ignored) and extended attributes, then equal content (sha256,
+   hashed in worker threads only where a group has a partner);
+3. for each group, take the store's entry (or make one of the group's inodes
+   the entry: mark it, link it into the store) and replace every other name by
+   a link to it: re-checked right before (inode, size, mtime, ctime unchanged
+   since hashing), linked under a temporary name, renamed over.
+
+Every step is atomic, so a kill at any moment leaves each guest name on a
+complete file with its old content and metadata; temporaries a killed run
+left behind are removed by the next run. Names already linked to the store
+cost one stat on a re-run.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import errno
+import os
+import stat
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cowfs import registry
+from cowfs.cow import temp_name
+from cowfs.errors import CowfsError
+from cowfs.excludes import Rules
+from cowfs.marks import is_marked, is_reserved_name
+from cowfs.metadata import read_xattrs
+from cowfs.store import MetaKey, Store, StoreEntry, hash_fd, meta_key
+from native import syscalls
+
+Key = tuple[int, int]  # (st_dev, st_ino)
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+_HASH_THREADS = 4
+
+
+@dataclass(slots=True)
+class FileRef:
+    """One name of a candidate file: which guest, which directory, which name."""
+
+    guest: int
+    directory: bytes  # guest-absolute, b"" for the root
+    name: bytes
+
+    @property
+    def path(self) -> bytes:
+        """Guest-absolute path."""
+        return self.directory + b"/" + self.name
+
+
+@dataclass(slots=True)
+class Inode:
+    """A candidate inode, with every name of it the scan found."""
+
+    st: os.stat_result
+    refs: list[FileRef] = field(default_factory=list)
+    marked: bool = False
+    xattrs: dict[bytes, bytes] | None = None
+    content_hash: str | None = None
+
+
+@dataclass
+class HashifyOptions:
+    """What hashify unifies and how."""
+
+    store: Path
+    dry_run: bool = False
+    ignore_mtime: bool = False
+    min_size: int = 16
+    rules: Rules = field(default_factory=lambda: Rules.build([], []))
+
+
+@dataclass
+class HashifyReport:
+    """What a run found and did (or, dry, would do)."""
+
+    guests: int = 0
+    files_scanned: int = 0
+    bytes_scanned: int = 0
+    already_unified: int = 0
+    candidates: int = 0
+    files_hashed: int = 0
+    bytes_hashed: int = 0
+    unified_files: int = 0
+    new_store_entries: int = 0
+    bytes_saved: int = 0
+    skipped_changed: int = 0
+    errors: list[str] = field(default_factory=list)
+    store_entries: int = 0
+    store_bytes: int = 0
+    seconds: float = 0.0
+    dry_run: bool = False
+    actions: list[tuple[str, str]] = field(default_factory=list)  # (guest path, store entry)
+
+    def as_dict(self) -> dict[str, object]:
+        """The figures, for --json."""
+        data = dict(self.__dict__)
+        data["actions"] = [{"path": p, "entry": e} for p, e in self.actions]
+        return data
+
+
+Progress = Callable[[str, HashifyReport], None]
+
+
+def check_hashify_args(guests: list[str], store_root: Path) -> list[str]:
+    """Validate guest directories and the store location; real paths of the guests."""
+    if not guests:
+        raise CowfsError("no guest directory given")
+    real = []
+    for guest in guests:
+        if not os.path.lexists(guest):
+            raise CowfsError(f"guest {guest}: no such directory")
+        if not os.path.isdir(guest):
+            raise CowfsError(f"guest {guest}: not a directory")
+        path = os.path.realpath(guest)
+        if path in real:
+            raise CowfsError(f"guest {guest}: given twice")
+        served = registry.mounts_serving(path)
+        if served:
+            raise CowfsError(
+                f"guest {guest}: mounted by cowfs at {served[0].mountpoint}; unmount it first"
+            )
+        real.append(path)
+    store_parent = store_root if store_root.exists() else store_root.parent
+    if not store_parent.exists():
+        raise CowfsError(f"store {store_root}: parent directory does not exist")
+    store_dev = os.stat(store_parent).st_dev
+    for guest, path in zip(guests, real, strict=True):
+        if os.stat(path).st_dev != store_dev:
+            raise CowfsError(
+                f"guest {guest}: on another filesystem than the store {store_root}"
+                " (hard links cannot cross filesystems)"
+            )
+        store_real = os.path.realpath(store_root)
+        if store_real == path or store_real.startswith(path.rstrip("/") + "/"):
+            raise CowfsError(f"store {store_root}: lies inside guest {guest}")
+    return real
+
+
+class _Scan:
+    """Phase 1: every candidate inode of the guests, by (dev, ino)."""
+
+    def __init__(self, roots: list[str], options: HashifyOptions, report: HashifyReport):
+        self.roots = roots
+        self.options = options
+        self.report = report
+        self.inodes: dict[Key, Inode] = {}
+        self.leftovers: list[tuple[int, bytes, bytes]] = []
+
+    def run(self, store_inodes: set[Key], progress: Progress | None) -> None:
+        for index, root in enumerate(self.roots):
+            root_fd = os.open(root, _DIR | os.O_CLOEXEC)
+            try:
+                self._walk(index, root_fd, store_inodes, progress)
+            finally:
+                os.close(root_fd)
+
+    def _walk(
+        self, guest: int, root_fd: int, store_inodes: set[Key], progress: Progress | None
+    ) -> None:
+        rules = self.options.rules
+        min_size = self.options.min_size
+        report = self.report
+        pending: list[bytes] = [b""]
+        while pending:
+            directory = pending.pop()
+            try:
+                dir_fd = (
+                    os.dup(root_fd)
+                    if not directory
+                    else syscalls.open_beneath(root_fd, directory.lstrip(b"/"), _DIR)
+                )
+            except OSError as e:
+                report.errors.append(f"{self.roots[guest]}{os.fsdecode(directory)}: {e.strerror}")
+                continue
+            try:
+                with os.scandir(dir_fd) as listing:
+                    for entry in listing:
+                        name = os.fsencode(entry.name)
+                        path = directory + b"/" + name
+                        if is_reserved_name(name):
+                            self.leftovers.append((guest, directory, name))
+                        elif entry.is_dir(follow_symlinks=False):
+                            if rules.may_descend(path):
+                                pending.append(path)
+                        elif entry.is_file(follow_symlinks=False) and rules.included(path):
+                            st = entry.stat(follow_symlinks=False)
+                            report.files_scanned += 1
+                            report.bytes_scanned += st.st_size
+                            if st.st_size < min_size:
+                                continue
+                            key = (st.st_dev, st.st_ino)
+                            if key in store_inodes:
+                                report.already_unified += 1
+                                continue
+                            inode = self.inodes.get(key)
+                            if inode is None:
+                                inode = self.inodes[key] = Inode(st)
+                            inode.refs.append(FileRef(guest, directory, name))
+            finally:
+                os.close(dir_fd)
+            if progress is not None:
+                progress("scanning", report)
+
+
+def _cheap_key(st: os.stat_result, with_mtime: bool) -> tuple[int, int, int, int, int | None]:
+    return (st.st_size, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns if with_mtime else None)
+
+
+class Hashify:
+    """One run of hashify over some guests and a store."""
+
+    def __init__(self, guests: list[str], options: HashifyOptions):
+        self.roots = check_hashify_args(guests, options.store)
+        self.options = options
+        self.report = HashifyReport(guests=len(guests), dry_run=options.dry_run)
+        if options.dry_run and not options.store.exists():
+            self.store = Store(options.store)  # nothing to read, and a dry run creates nothing
+        else:
+            self.store = Store.open(options.store, create=not options.dry_run)
+        self._root_fds: dict[int, int] = {}
+
+    def run(self, progress: Progress | None = None) -> HashifyReport:
+        """All three phases; the report."""
+        started = time.monotonic()
+        report = self.report
+        try:
+            for i, root in enumerate(self.roots):
+                self._root_fds[i] = os.open(root, _DIR | os.O_CLOEXEC)
+            entries = list(self.store.entries()) if self.options.store.exists() else []
+            store_inodes = {(e.st.st_dev, e.st.st_ino): e for e in entries}
+            scan = _Scan(self.roots, self.options, report)
+            scan.run(set(store_inodes), progress)
+            if not self.options.dry_run:
+                self._remove_leftovers(scan.leftovers)
+                self.store.sweep_temporaries()
+            groups = self._group(scan.inodes, entries, progress)
+            self._unify(groups, progress)
+        finally:
+            for fd in self._root_fds.values():
+                os.close(fd)
+        if self.options.store.exists():
+            report.store_entries, report.store_bytes = self.store.size()
+        report.seconds = round(time.monotonic() - started, 3)
+        return report
+
+    # -- phase 2 ----------------------------------------------------------
+
+    def _open_ref(self, ref: FileRef, flags: int) -> int:
+        return syscalls.open_beneath(
+            self._root_fds[ref.guest], ref.path.lstrip(b"/"), flags | os.O_NOFOLLOW
+        )
+
+    def _eligible(self, inode: Inode) -> bool:
+        """Unify an inode only if no name of it lies outside what hashify replaces.
+
+        A private inode with a name hashify does not see (an excluded path, a
+        guest not given) would be split from that name; a marked inode is
+        shared already, each name independent.
+        """
+        return len(inode.refs) == inode.st.st_nlink or inode.marked
+
+    def _hash_inode(self, inode: Inode) -> None:
+        fd = self._open_ref(inode.refs[0], os.O_RDONLY | os.O_NOATIME)
+        try:
+            st = os.fstat(fd)
+            if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
+                inode.st.st_ino,
+                inode.st.st_size,
+                inode.st.st_mtime_ns,
+                inode.st.st_ctime_ns,
+            ):
+                return  # changed since the scan: leave it alone
+            inode.marked = is_marked(fd)
+            inode.xattrs = read_xattrs(fd)
+            inode.content_hash = hash_fd(fd)
+        finally:
+            os.close(fd)
+
+    def _group(
+        self, inodes: dict[Key, Inode], entries: list[StoreEntry], progress: Progress | None
+    ) -> list[tuple[StoreEntry | None, list[Inode]]]:
+        """Phase 2: sets of inodes with equal content and metadata, with their store entry."""
+        with_mtime = not self.options.ignore_mtime
+        by_cheap: dict[tuple[int, int, int, int, int | None], list[Inode]] = defaultdict(list)
+        for inode in inodes.values():
+            by_cheap[_cheap_key(inode.st, with_mtime)].append(inode)
+        store_by_cheap: dict[tuple[int, int, int, int, int | None], list[StoreEntry]] = defaultdict(
+            list
+        )
+        for entry in entries:
+            store_by_cheap[_cheap_key(entry.st, with_mtime)].append(entry)
+        to_hash = [
+            inode
+            for cheap, members in by_cheap.items()
+            if len(members) > 1 or cheap in store_by_cheap
+            for inode in members
+        ]
+        self.report.candidates = sum(len(i.refs) for i in to_hash)
+        with concurrent.futures.ThreadPoolExecutor(_HASH_THREADS) as pool:
+            futures = {pool.submit(self._hash_inode, inode): inode for inode in to_hash}
+            for future in concurrent.futures.as_completed(futures):
+                inode = futures[future]
+                try:
+                    future.result()
+                except OSError as e:
+                    self.report.errors.append(f"{os.fsdecode(inode.refs[0].path)}: {e.strerror}")
+                    continue
+                if inode.content_hash is not None:
+                    self.report.files_hashed += 1
+                    self.report.bytes_hashed += inode.st.st_size
+                if progress is not None:
+                    progress("hashing", self.report)
+        store_index: dict[tuple[MetaKey, str], StoreEntry] = {}
+        for cheap in {_cheap_key(i.st, with_mtime) for i in to_hash}:
+            for entry in store_by_cheap.get(cheap, ()):
+                xattrs = self._store_xattrs(entry)
+                if xattrs is not None:
+                    key = meta_key(entry.st, xattrs, with_mtime)
+                    store_index.setdefault((key, entry.content_hash), entry)
+        groups: dict[tuple[MetaKey, str], list[Inode]] = defaultdict(list)
+        for inode in to_hash:
+            if inode.content_hash is None or inode.xattrs is None or not self._eligible(inode):
+                continue
+            key = meta_key(inode.st, inode.xattrs, with_mtime)
+            groups[(key, inode.content_hash)].append(inode)
+        result: list[tuple[StoreEntry | None, list[Inode]]] = []
+        for group_key, members in groups.items():
+            match = store_index.get(group_key)
+            if match is not None or len(members) > 1:
+                result.append((match, members))
+        return result
+
+    def _store_xattrs(self, entry: StoreEntry) -> dict[bytes, bytes] | None:
+        try:
+            fd = os.open(self.store.path_of(entry.name), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            return read_xattrs(fd)
+        finally:
+            os.close(fd)
+
+    # -- phase 3 ----------------------------------------------------------
+
+    def _unify(
+        self, groups: list[tuple[StoreEntry | None, list[Inode]]], progress: Progress | None
+    ) -> None:
+        report = self.report
+        for entry, members in groups:
+            if entry is None:
+                # The inode with most names becomes the store's: fewest renames.
+                members.sort(key=lambda i: len(i.refs), reverse=True)
+                canonical, rest = members[0], members[1:]
+                assert canonical.content_hash is not None
+                if self.options.dry_run:
+                    entry_name = f"(new) {canonical.content_hash[:16]}"
+                else:
+                    try:
+                        entry = self._add_to_store(canonical)
+                    except OSError as e:
+                        report.errors.append(
+                            f"{os.fsdecode(canonical.refs[0].path)}: into the store: {e.strerror}"
+                        )
+                        continue
+                    entry_name = entry.name
+                report.new_store_entries += 1
+                report.unified_files += len(canonical.refs)
+                report.actions += [(self._display(r), entry_name) for r in canonical.refs]
+            else:
+                rest = members
+                entry_name = entry.name
+            for inode in rest:
+                replaced = self._replace_names(inode, entry, entry_name)
+                report.unified_files += replaced
+                if replaced == inode.st.st_nlink:
+                    report.bytes_saved += inode.st.st_blocks * 512
+            if progress is not None:
+                progress("linking", report)
+
+    def _add_to_store(self, inode: Inode) -> StoreEntry:
+        assert inode.content_hash is not None
+        fd = self._open_ref(inode.refs[0], os.O_PATH)
+        try:
+            st = os.fstat(fd)
+            if (st.st_ino, st.st_mtime_ns, st.st_size) != (
+                inode.st.st_ino,
+                inode.st.st_mtime_ns,
+                inode.st.st_size,
+            ):
+                raise OSError(errno.ESTALE, "changed since it was hashed")
+            return self.store.add(fd, inode.content_hash)
+        finally:
+            os.close(fd)
+
+    def _replace_names(self, inode: Inode, entry: StoreEntry | None, entry_name: str) -> int:
+        """Point every name of inode at the store entry; how many were replaced."""
+        report = self.report
+        expected_ctime = inode.st.st_ctime_ns
+        replaced = 0
+        watch_fd = -1
+        try:
+            for ref in inode.refs:
+                report.actions.append((self._display(ref), entry_name))
+                if self.options.dry_run or entry is None:
+                    replaced += 1
+                    continue
+                try:
+                    dir_fd = (
+                        os.dup(self._root_fds[ref.guest])
+                        if not ref.directory
+                        else syscalls.open_beneath(
+                            self._root_fds[ref.guest], ref.directory.lstrip(b"/"), _DIR
+                        )
+                    )
+                except OSError as e:
+                    report.errors.append(f"{self._display(ref)}: {e.strerror}")
+                    continue
+                try:
+                    now = os.stat(ref.name, dir_fd=dir_fd, follow_symlinks=False)
+                    if (now.st_ino, now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
+                        inode.st.st_ino,
+                        inode.st.st_size,
+                        inode.st.st_mtime_ns,
+                        expected_ctime,
+                    ):
+                        report.skipped_changed += 1
+                        continue
+                    if watch_fd < 0:
+                        # Our own renames change the inode's ctime: follow it.
+                        watch_fd = os.open(
+                            ref.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+                        )
+                    self._link_over(dir_fd, ref.name, entry)
+                    replaced += 1
+                    expected_ctime = os.fstat(watch_fd).st_ctime_ns
+                except OSError as e:
+                    report.errors.append(f"{self._display(ref)}: {e.strerror}")
+                finally:
+                    os.close(dir_fd)
+        finally:
+            if watch_fd >= 0:
+                os.close(watch_fd)
+        return replaced
+
+    def _link_over(self, dir_fd: int, name: bytes, entry: StoreEntry) -> None:
+        tmp = temp_name()
+        os.link(self.store.path_of(entry.name), tmp, dst_dir_fd=dir_fd, follow_symlinks=False)
+        try:
+            syscalls.renameat2(dir_fd, tmp, dir_fd, name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+
+    def _remove_leftovers(self, leftovers: Iterable[tuple[int, bytes, bytes]]) -> None:
+        for guest, directory, name in leftovers:
+            try:
+                dir_fd = (
+                    os.dup(self._root_fds[guest])
+                    if not directory
+                    else syscalls.open_beneath(self._root_fds[guest], directory.lstrip(b"/"), _DIR)
+                )
+            except OSError:
+                continue
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode):
+                    os.unlink(name, dir_fd=dir_fd)
+            except OSError:
+                pass
+            finally:
+                os.close(dir_fd)
+
+    def _display(self, ref: FileRef) -> str:
+        return self.roots[ref.guest] + os.fsdecode(ref.path)
+
+
+def hashify(
+    guests: list[str], options: HashifyOptions, progress: Progress | None = None
+) -> HashifyReport:
+    """Deduplicate the guests' files into the store (see the module docstring)."""
+    return Hashify(guests, options).run(progress)

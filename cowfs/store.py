@@ -1,0 +1,226 @@
+"""The content store: one COW-marked inode per unique content + metadata, hard-linked by guests.
+
+Layout (DESIGN.md's host layout)::
+
+    store/.cowfs-store.json        {"format": 1, "hash": "sha256"}
+    store/ab/abcdef…-0123456789abcdef
+          ^^ content hash (hex)   ^^ hash of the metadata that must match
+
+An entry's name says what its content hashes to (``verify`` re-hashes and
+compares) and which metadata it carries: two files share an inode only if
+size, mode, owner, extended attributes and (unless hashify is told to
+ignore it) mtime are all equal, so a guest's view never changes.
+
+Entries appear atomically (linked under a temporary name, renamed into
+place) and are marked before they are linked: a store inode is never
+unmarked, so no mount ever writes to one in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cowfs.cow import temp_name
+from cowfs.errors import CowfsError
+from cowfs.marks import fd_path, is_marked, is_reserved_name, set_mark
+from cowfs.metadata import read_xattrs
+from cowfs.paths import state_root
+
+FORMAT = 1
+HASH = "sha256"
+META_FILE = ".cowfs-store.json"
+_READ_CHUNK = 1 << 20
+
+MetaKey = tuple[int, int, int, int, int | None, tuple[tuple[bytes, bytes], ...]]
+
+
+def default_store() -> Path:
+    """The host layout's content store."""
+    return state_root() / "store"
+
+
+def meta_key(st: os.stat_result, xattrs: dict[bytes, bytes], with_mtime: bool) -> MetaKey:
+    """What two files must agree on, besides content, to share one inode."""
+    return (
+        st.st_size,
+        st.st_mode,
+        st.st_uid,
+        st.st_gid,
+        st.st_mtime_ns if with_mtime else None,
+        tuple(sorted(xattrs.items())),
+    )
+
+
+def meta_digest(key: MetaKey) -> str:
+    """The metadata part of an entry's name."""
+    return hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+
+
+def hash_fd(fd: int) -> str:
+    """The store's content hash of an open file (read from its start)."""
+    digest = hashlib.new(HASH)
+    buf = bytearray(_READ_CHUNK)
+    view = memoryview(buf)
+    offset = 0
+    while True:
+        got = os.preadv(fd, [view], offset)
+        if not got:
+            return digest.hexdigest()
+        digest.update(view[:got])
+        offset += got
+
+
+@dataclass
+class StoreEntry:
+    """An inode in the store."""
+
+    name: str
+    st: os.stat_result
+    content_hash: str
+
+    @property
+    def rel(self) -> str:
+        """Path relative to the store root."""
+        return f"{self.name[:2]}/{self.name}"
+
+
+class Store:
+    """A content store directory."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    @classmethod
+    def open(cls, root: Path, create: bool) -> Store:
+        """Open (or, with create, make) the store at root; a CowfsError if it is not one."""
+        meta = root / META_FILE
+        if not root.exists():
+            if not create:
+                raise CowfsError(f"store {root}: does not exist")
+            root.mkdir(mode=0o700, parents=True)
+        if not root.is_dir():
+            raise CowfsError(f"store {root}: not a directory")
+        if meta.exists():
+            try:
+                info = json.loads(meta.read_text())
+            except (OSError, ValueError) as e:
+                raise CowfsError(f"store {root}: unreadable {META_FILE}: {e}") from None
+            if info.get("format") != FORMAT or info.get("hash") != HASH:
+                raise CowfsError(f"store {root}: format {info} is not {FORMAT}/{HASH}")
+        elif create:
+            if any(not n.startswith(".") for n in os.listdir(root)):
+                raise CowfsError(f"store {root}: not empty and not a cowfs store")
+            tmp = root / f"{META_FILE}.tmp"
+            tmp.write_text(json.dumps({"format": FORMAT, "hash": HASH}) + "\n")
+            os.replace(tmp, meta)
+        else:
+            raise CowfsError(f"store {root}: not a cowfs store (no {META_FILE})")
+        return cls(root)
+
+    def entries(self) -> Iterator[StoreEntry]:
+        """Every entry, with its stat (leftover temporaries are skipped)."""
+        for sub in sorted(os.listdir(self.root)):
+            subdir = self.root / sub
+            if len(sub) != 2 or not subdir.is_dir():
+                continue
+            for name in os.listdir(subdir):
+                if is_reserved_name(os.fsencode(name)):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.lstat(subdir / name)
+                    if stat.S_ISREG(st.st_mode):
+                        yield StoreEntry(name, st, name.partition("-")[0])
+
+    def sweep_temporaries(self) -> int:
+        """Remove temporaries a killed run left in the store."""
+        removed = 0
+        for sub in os.listdir(self.root):
+            subdir = self.root / sub
+            if len(sub) == 2 and subdir.is_dir():
+                for name in os.listdir(subdir):
+                    if is_reserved_name(os.fsencode(name)):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(subdir / name)
+                            removed += 1
+        return removed
+
+    def path_of(self, entry_name: str) -> Path:
+        """Host path of an entry."""
+        return self.root / entry_name[:2] / entry_name
+
+    def add(self, fd: int, content_hash: str) -> StoreEntry:
+        """Make the inode behind fd (O_PATH) a store entry: mark it, then link it in."""
+        key = meta_key(os.fstat(fd), read_xattrs(fd), with_mtime=True)
+        name = f"{content_hash}-{meta_digest(key)}"
+        subdir = self.root / name[:2]
+        subdir.mkdir(mode=0o700, exist_ok=True)
+        if not is_marked(fd):
+            set_mark(fd)  # before the link: a store inode is never unmarked
+        dir_fd = os.open(subdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            tmp = temp_name()
+            os.link(fd_path(fd), tmp, dst_dir_fd=dir_fd, follow_symlinks=True)
+            try:
+                os.rename(tmp, name.encode(), src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dir_fd)
+                raise
+        finally:
+            os.close(dir_fd)
+        return StoreEntry(name, os.fstat(fd), content_hash)
+
+    def gc(self, dry_run: bool) -> tuple[int, int]:
+        """Remove entries no guest links any more; (entries, bytes) removed (or removable)."""
+        removed = freed = 0
+        for entry in self.entries():
+            if entry.st.st_nlink == 1:
+                if not dry_run:
+                    try:
+                        os.unlink(self.path_of(entry.name))
+                    except FileNotFoundError:
+                        continue
+                removed += 1
+                freed += entry.st.st_blocks * 512
+        if not dry_run:
+            self.sweep_temporaries()
+        return removed, freed
+
+    def verify(self) -> Iterator[tuple[StoreEntry, str]]:
+        """Entries whose content or metadata no longer matches their name, with the reason."""
+        for entry in self.entries():
+            path = self.path_of(entry.name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOATIME | os.O_CLOEXEC)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    continue
+                yield entry, f"unreadable: {e.strerror}"
+                continue
+            try:
+                if not is_marked(fd):
+                    yield entry, "COW mark missing"
+                actual = hash_fd(fd)
+                if actual != entry.content_hash:
+                    yield entry, f"content hashes to {actual}"
+                key = meta_key(os.fstat(fd), read_xattrs(fd), with_mtime=True)
+                if meta_digest(key) != entry.name.partition("-")[2]:
+                    yield entry, "metadata changed"
+            finally:
+                os.close(fd)
+
+    def size(self) -> tuple[int, int]:
+        """(entries, bytes on disk) of the store."""
+        count = total = 0
+        for entry in self.entries():
+            count += 1
+            total += entry.st.st_blocks * 512
+        return count, total

@@ -1,0 +1,304 @@
+"""cowfs hashify and cowfs store: dedup that changes nothing a guest sees, and loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import COWFS, Mounts, cowfs, is_marked, run
+
+CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")
+
+
+def manifest(roots: list[Path]) -> dict[bytes, tuple[object, ...]]:
+    """What a guest sees of every entry: type, mode, owner, size, mtime, content, xattrs."""
+    result: dict[bytes, tuple[object, ...]] = {}
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
+            for name in dirnames + filenames:
+                path = os.path.join(dirpath, name)
+                st = os.lstat(path)
+                content: object = None
+                if stat.S_ISREG(st.st_mode):
+                    with open(path, "rb") as f:
+                        content = f.read()
+                elif stat.S_ISLNK(st.st_mode):
+                    content = os.readlink(path)
+                xattrs = tuple(
+                    sorted(
+                        (n, os.getxattr(path, n, follow_symlinks=False))
+                        for n in os.listxattr(path, follow_symlinks=False)
+                        if not n.startswith("trusted.cowfs")
+                    )
+                )
+                result[path] = (
+                    st.st_mode,
+                    st.st_uid,
+                    st.st_gid,
+                    st.st_size,
+                    st.st_mtime_ns if not stat.S_ISDIR(st.st_mode) else None,
+                    content,
+                    xattrs,
+                )
+    return result
+
+
+def synthetic_guests(base: Path) -> list[Path]:
+    """Three guests with shared and almost-shared files of every awkward kind."""
+    guests = [base / f"g{i}" for i in range(3)]
+    lib = os.urandom(300_000)
+    for i, g in enumerate(guests):
+        (g / "usr" / "lib").mkdir(parents=True)
+        (g / "usr" / "bin").mkdir(parents=True)
+        (g / "etc").mkdir()
+        (g / "usr" / "lib" / "libc.so").write_bytes(lib)
+        (g / "usr" / "bin" / "ping").write_bytes(b"ping binary" * 100)
+        os.setxattr(g / "usr" / "bin" / "ping", "security.capability", CAP_NET_RAW)
+        (g / "usr" / "bin" / "tool").write_bytes(b"same tool" * 50)
+        (g / "usr" / "lib" / "private").write_bytes(b"secret-ish" * 10)
+        os.chmod(g / "usr" / "lib" / "private", 0o600 if i == 0 else 0o644)
+        (g / "usr" / "lib" / "owned").write_bytes(b"owned data" * 10)
+        os.chown(g / "usr" / "lib" / "owned", 1000 + i, 1000)
+        (g / "usr" / "lib" / "tiny").write_bytes(b"small")
+        (g / "usr" / "lib" / "empty").write_bytes(b"")
+        with open(g / "usr" / "lib" / "sparse", "wb") as f:
+            f.seek(10 * 1024 * 1024)
+            f.write(b"end of sparse file")
+        (g / "usr" / "bin" / "perl").write_bytes(b"#!perl interpreter" * 40)
+        os.link(g / "usr" / "bin" / "perl", g / "usr" / "bin" / "perl5.36.0")
+        weird = os.fsencode(g / "usr" / "lib") + b"/new\nline \xff name"
+        with open(weird, "wb") as f:
+            f.write(b"weird name content" * 3)
+        (g / "etc" / "config").write_bytes(b"identical config everywhere")
+        (g / "usr" / "lib" / "unreadable").write_bytes(b"mode zero but root reads it")
+        os.chmod(g / "usr" / "lib" / "unreadable", 0)
+        for p in (g / "usr" / "lib").iterdir():
+            os.utime(
+                p, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000), follow_symlinks=False
+            )
+        for p in (g / "usr" / "bin").iterdir():
+            os.utime(p, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    # one guest's copy of "tool" has another mtime: not unified unless --ignore-mtime
+    os.utime(guests[2] / "usr" / "bin" / "tool", ns=(1_700_000_000_000_000_000,) * 2)
+    return guests
+
+
+def test_hashify_unifies_only_true_duplicates(tmp_path: Path) -> None:
+    guests = synthetic_guests(tmp_path)
+    store = tmp_path / "store"
+    before = manifest(guests)
+    report = json.loads(cowfs("hashify", "--json", "--store", store, *guests).stdout)
+    assert manifest(guests) == before, "a guest sees something different"
+    ino = lambda g, p: (g / p).stat().st_ino  # noqa: E731
+    g0, g1, g2 = guests
+    # unified: same content and metadata everywhere
+    assert ino(g0, "usr/lib/libc.so") == ino(g1, "usr/lib/libc.so") == ino(g2, "usr/lib/libc.so")
+    assert is_marked(g0 / "usr/lib/libc.so")
+    assert ino(g0, "usr/bin/ping") == ino(g2, "usr/bin/ping")  # capabilities equal too
+    assert ino(g0, "usr/lib/sparse") == ino(g1, "usr/lib/sparse")
+    # the guest's own hard links stay hard links, now to the shared inode
+    assert ino(g0, "usr/bin/perl") == ino(g0, "usr/bin/perl5.36.0") == ino(g1, "usr/bin/perl")
+    # differing metadata keeps inodes apart
+    assert ino(g0, "usr/lib/private") != ino(g1, "usr/lib/private")
+    assert ino(g1, "usr/lib/private") == ino(g2, "usr/lib/private")
+    assert len({ino(g, "usr/lib/owned") for g in guests}) == 3
+    assert ino(g2, "usr/bin/tool") != ino(g0, "usr/bin/tool") == ino(g1, "usr/bin/tool")
+    # skipped: too small, empty, excluded (/etc)
+    assert ino(g0, "usr/lib/tiny") != ino(g1, "usr/lib/tiny")
+    assert ino(g0, "usr/lib/empty") != ino(g1, "usr/lib/empty")
+    assert ino(g0, "etc/config") != ino(g1, "etc/config")
+    assert not is_marked(g0 / "etc/config")
+    weird = b"usr/lib/new\nline \xff name"
+    assert (
+        os.stat(os.fsencode(g0) + b"/" + weird).st_ino
+        == os.stat(os.fsencode(g2) + b"/" + weird).st_ino
+    )
+    assert report["bytes_saved"] > 2 * 300_000
+    assert not any(n.startswith(".cowfs~") for g in guests for n in os.listdir(g / "usr" / "lib"))
+    # store entries are marked and named after their content
+    assert run(COWFS, "store", "verify", "--store", store).stdout.endswith("0 bad\n")
+
+
+def test_second_run_changes_nothing(tmp_path: Path) -> None:
+    guests = synthetic_guests(tmp_path)
+    store = tmp_path / "store"
+    cowfs("hashify", "--store", store, *guests)
+    inodes = {p: p.stat().st_ino for g in guests for p in g.rglob("*") if p.is_file()}
+    second = json.loads(cowfs("hashify", "--json", "--store", store, *guests).stdout)
+    assert second["unified_files"] == 0 and second["bytes_saved"] == 0
+    assert second["new_store_entries"] == 0 and second["files_hashed"] == 0
+    assert second["already_unified"] > 0
+    assert {p: p.stat().st_ino for p in inodes} == inodes
+
+
+def test_ignore_mtime_and_patterns(tmp_path: Path) -> None:
+    guests = synthetic_guests(tmp_path)
+    store = tmp_path / "store"
+    excludes = tmp_path / "excludes"
+    excludes.write_text("# keep perl private\n- /usr/bin/perl*\n+ /etc/config\n")
+    cowfs(
+        "hashify",
+        "--store",
+        store,
+        "--ignore-mtime",
+        "--exclude",
+        "/usr/lib/libc.so",
+        "--exclude-from",
+        excludes,
+        *guests,
+    )
+    g0, g1, g2 = guests
+    assert (g0 / "usr/bin/tool").stat().st_ino == (g2 / "usr/bin/tool").stat().st_ino
+    assert (g0 / "usr/lib/libc.so").stat().st_ino != (g1 / "usr/lib/libc.so").stat().st_ino
+    assert (g0 / "usr/bin/perl").stat().st_ino != (g1 / "usr/bin/perl").stat().st_ino
+    assert (g0 / "etc/config").stat().st_ino == (g1 / "etc/config").stat().st_ino
+
+
+def test_dry_run_changes_nothing(tmp_path: Path) -> None:
+    guests = synthetic_guests(tmp_path)
+    store = tmp_path / "store"
+    inodes = {p: p.stat().st_ino for g in guests for p in g.rglob("*")}
+    out = cowfs("hashify", "-n", "--store", store, *guests).stdout
+    assert "would link" in out and "dry run: would unify" in out
+    assert {p: p.stat().st_ino for p in inodes} == inodes
+    assert not store.exists()
+    assert not any(is_marked(p) for p in inodes if p.is_file())
+
+
+def test_store_gc_removes_only_unused_entries(tmp_path: Path) -> None:
+    guests = synthetic_guests(tmp_path)
+    store = tmp_path / "store"
+    cowfs("hashify", "--store", store, *guests)
+    entries = len([p for p in store.rglob("*") if p.is_file() and p.parent != store])
+    for g in guests:
+        os.unlink(g / "usr/lib/libc.so")
+    dry = json.loads(cowfs("store", "gc", "-n", "--json", "--store", store).stdout)
+    assert dry["entries"] == 1 and dry["bytes"] >= 300_000
+    cowfs("store", "gc", "--store", store)
+    left = len([p for p in store.rglob("*") if p.is_file() and p.parent != store])
+    assert left == entries - 1
+
+
+def test_store_verify_finds_corruption(tmp_path: Path) -> None:
+    guests = synthetic_guests(tmp_path)
+    store = tmp_path / "store"
+    cowfs("hashify", "--store", store, *guests)
+    victim = next(p for p in store.rglob("*") if p.is_file() and p.stat().st_size > 1000)
+    with open(victim, "r+b") as f:
+        f.write(b"CORRUPT")
+    result = run(COWFS, "store", "verify", "--store", store, check=False)
+    assert result.returncode == 1
+    assert victim.name in result.stdout and "content hashes to" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing-guest", "no such directory"),
+        ("guest-is-file", "not a directory"),
+        ("other-filesystem", "another filesystem"),
+        ("store-not-a-store", "not a cowfs store"),
+        ("bad-min-size", "is not a size"),
+        ("bad-pattern", "must start with /"),
+        ("mounted-guest", "mounted by cowfs"),
+    ],
+)
+def test_hashify_refuses_bad_input(tmp_path: Path, mounts: Mounts, case: str, message: str) -> None:
+    guests = synthetic_guests(tmp_path)
+    store = tmp_path / "store"
+    args: list[str | os.PathLike[str]] = ["--store", store]
+    targets: list[str | os.PathLike[str]] = list(guests)
+    if case == "missing-guest":
+        targets.append(tmp_path / "nope")
+    elif case == "guest-is-file":
+        targets.append(guests[0] / "usr/lib/libc.so")
+    elif case == "other-filesystem":
+        (tmp_path / "tmpfs").mkdir()
+        run("mount", "-t", "tmpfs", "none", tmp_path / "tmpfs")
+        store = tmp_path / "tmpfs" / "store"
+        args = ["--store", store]
+    elif case == "store-not-a-store":
+        store.mkdir()
+        (store / "somefile").write_text("x")
+    elif case == "bad-min-size":
+        args += ["--min-size", "12X"]
+    elif case == "bad-pattern":
+        args += ["--exclude", "usr/lib"]
+    elif case == "mounted-guest":
+        mounts.mount(guests[1], tmp_path / "mnt")
+    try:
+        before = manifest([tmp_path])
+        inodes = {p: p.stat().st_ino for g in guests for p in g.rglob("*")}
+        result = cowfs("hashify", *args, *targets, check=False)
+        assert result.returncode == 1
+        assert result.stderr.startswith("cowfs: error: ") and result.stderr.count("\n") == 1
+        assert message in result.stderr, result.stderr
+        if case != "mounted-guest":
+            assert manifest([tmp_path]) == before
+        assert {p: p.stat().st_ino for p in inodes} == inodes
+    finally:
+        if case == "other-filesystem":
+            run("umount", tmp_path / "tmpfs")
+
+
+def test_kill_at_any_moment_then_rerun_loses_nothing(tmp_path: Path) -> None:
+    guests = []
+    for i in range(3):
+        g = tmp_path / f"g{i}"
+        for d in range(30):
+            sub = g / "usr" / f"d{d}"
+            sub.mkdir(parents=True)
+            for f in range(40):
+                data = (f"file {d}/{f} " * (50 + f)).encode()
+                (sub / f"f{f}").write_bytes(data)
+                os.utime(sub / f"f{f}", ns=(10**18, 10**18))
+            os.link(sub / "f0", sub / "hardlink")
+        guests.append(g)
+    before = manifest(guests)
+    store = tmp_path / "store"
+    kills = 0
+    for delay in (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8):
+        proc = subprocess.Popen(
+            [COWFS, "hashify", "--store", str(store), *map(str, guests)], stdout=subprocess.DEVNULL
+        )
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        assert manifest(guests) == before, f"a guest file changed after a kill at {delay}s"
+    assert kills > 0, "every run finished before the kill: the test proved nothing"
+    cowfs("hashify", "--store", store, *guests)
+    assert manifest(guests) == before
+    leftovers = [p for p in tmp_path.rglob(".cowfs~*")]
+    assert leftovers == []
+    again = json.loads(cowfs("hashify", "--json", "--store", store, *guests).stdout)
+    assert again["unified_files"] == 0
+    assert run(COWFS, "store", "verify", "--store", store).stdout.endswith("0 bad\n")
+
+
+def test_hashified_guests_read_the_same_through_cowfs_and_writes_stay_private(
+    tmp_path: Path, mounts: Mounts
+) -> None:
+    guests = synthetic_guests(tmp_path)
+    before = manifest(guests)
+    cowfs("hashify", "--store", tmp_path / "store", *guests)
+    mnt0 = mounts.mount(guests[0], tmp_path / "m0")
+    mnt1 = mounts.mount(guests[1], tmp_path / "m1")
+    seen = manifest([mnt0])
+    expected = {
+        p.replace(os.fsencode(guests[0]), os.fsencode(mnt0), 1): v
+        for p, v in before.items()
+        if p.startswith(os.fsencode(guests[0]) + b"/")
+    }
+    assert seen == expected
+    with open(mnt0 / "usr/lib/libc.so", "r+b") as f:
+        f.write(b"guest 0 patched libc")
+    assert (mnt1 / "usr/lib/libc.so").read_bytes()[:20] != b"guest 0 patched libc"
+    assert (guests[2] / "usr/lib/libc.so").read_bytes()[:20] != b"guest 0 patched libc"
