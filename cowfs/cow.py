@@ -23,14 +23,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import stat
 from collections.abc import Callable
 
 import trio
 
 from cowfs.inodes import InodeTable, Node
-from cowfs.marks import TEMP_PREFIX, clear_mark, fd_path, is_marked
+from cowfs.marks import clear_mark, fd_path, is_marked, temp_name
 from cowfs.metadata import copy_data, copy_metadata
 from cowfs.workers import WorkerPool
 from native import syscalls
@@ -38,11 +37,6 @@ from native import syscalls
 log = logging.getLogger(__name__)
 
 ReopenHandles = Callable[[Node, int], None]
-
-
-def temp_name() -> bytes:
-    """A fresh hidden name for a file cowfs is putting in place."""
-    return TEMP_PREFIX + secrets.token_hex(8).encode()
 
 
 def make_private_copy(

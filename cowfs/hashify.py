@@ -20,11 +20,11 @@ cost one stat on a re-run.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import errno
 import os
 import stat
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -32,17 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cowfs import registry
-from cowfs.cow import temp_name
 from cowfs.errors import CowfsError
 from cowfs.excludes import Rules
-from cowfs.marks import is_marked, is_reserved_name
+from cowfs.marks import COW_MARK, is_reserved_name, is_reserved_xattr, temp_name
 from cowfs.metadata import read_xattrs
 from cowfs.store import MetaKey, Store, StoreEntry, hash_fd, meta_key
 from native import syscalls
 
 Key = tuple[int, int]  # (st_dev, st_ino)
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-_HASH_THREADS = 4
+_HASH_THREADS = max(2, os.cpu_count() or 2)
 
 
 @dataclass(slots=True)
@@ -250,6 +249,7 @@ class Hashify:
         finally:
             for fd in self._root_fds.values():
                 os.close(fd)
+            self.store.close()
         if self.options.store.exists():
             report.store_entries, report.store_bytes = self.store.size()
         report.seconds = round(time.monotonic() - started, 3)
@@ -282,9 +282,11 @@ class Hashify:
                 inode.st.st_ctime_ns,
             ):
                 return  # changed since the scan: leave it alone
-            inode.marked = is_marked(fd)
-            inode.xattrs = read_xattrs(fd)
-            inode.content_hash = hash_fd(fd)
+            # A real fd: f*xattr calls, no /proc path lookups.
+            names = [os.fsencode(n) for n in os.listxattr(fd)]
+            inode.marked = COW_MARK in names
+            inode.xattrs = {n: os.getxattr(fd, n) for n in names if not is_reserved_xattr(n)}
+            inode.content_hash = hash_fd(fd, st.st_size)
         finally:
             os.close(fd)
 
@@ -308,20 +310,7 @@ class Hashify:
             for inode in members
         ]
         self.report.candidates = sum(len(i.refs) for i in to_hash)
-        with concurrent.futures.ThreadPoolExecutor(_HASH_THREADS) as pool:
-            futures = {pool.submit(self._hash_inode, inode): inode for inode in to_hash}
-            for future in concurrent.futures.as_completed(futures):
-                inode = futures[future]
-                try:
-                    future.result()
-                except OSError as e:
-                    self.report.errors.append(f"{os.fsdecode(inode.refs[0].path)}: {e.strerror}")
-                    continue
-                if inode.content_hash is not None:
-                    self.report.files_hashed += 1
-                    self.report.bytes_hashed += inode.st.st_size
-                if progress is not None:
-                    progress("hashing", self.report)
+        self._hash_all(to_hash, progress)
         store_index: dict[tuple[MetaKey, str], StoreEntry] = {}
         for cheap in {_cheap_key(i.st, with_mtime) for i in to_hash}:
             for entry in store_by_cheap.get(cheap, ()):
@@ -342,6 +331,37 @@ class Hashify:
                 result.append((match, members))
         return result
 
+    def _hash_all(self, inodes: list[Inode], progress: Progress | None) -> None:
+        """Hash inodes in worker threads (hashlib and reads release the GIL)."""
+        pending = iter(inodes)
+        lock = threading.Lock()
+        errors: list[str] = []
+
+        def work() -> None:
+            while True:
+                with lock:
+                    inode = next(pending, None)
+                if inode is None:
+                    return
+                try:
+                    self._hash_inode(inode)
+                except OSError as e:
+                    errors.append(f"{os.fsdecode(inode.refs[0].path)}: {e.strerror}")
+
+        threads = [threading.Thread(target=work, daemon=True) for _ in range(_HASH_THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.2)
+                if progress is not None:
+                    self.report.files_hashed = sum(1 for i in inodes if i.content_hash)
+                    progress("hashing", self.report)
+        self.report.errors += errors
+        hashed = [i for i in inodes if i.content_hash is not None]
+        self.report.files_hashed = len(hashed)
+        self.report.bytes_hashed = sum(i.st.st_size for i in hashed)
+
     def _store_xattrs(self, entry: StoreEntry) -> dict[bytes, bytes] | None:
         try:
             fd = os.open(self.store.path_of(entry.name), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -357,7 +377,9 @@ class Hashify:
     def _unify(
         self, groups: list[tuple[StoreEntry | None, list[Inode]]], progress: Progress | None
     ) -> None:
+        """Phase 3: a store entry for every group, then every other name linked to it."""
         report = self.report
+        work: list[tuple[FileRef, Inode, StoreEntry | None, str]] = []
         for entry, members in groups:
             if entry is None:
                 # The inode with most names becomes the store's: fewest renames.
@@ -382,15 +404,96 @@ class Hashify:
                 rest = members
                 entry_name = entry.name
             for inode in rest:
-                replaced = self._replace_names(inode, entry, entry_name)
-                report.unified_files += replaced
-                if replaced == inode.st.st_nlink:
-                    report.bytes_saved += inode.st.st_blocks * 512
-            if progress is not None:
-                progress("linking", report)
+                work += [(ref, inode, entry, entry_name) for ref in inode.refs]
+        # Directory by directory: one directory fd for all the names in it.
+        work.sort(key=lambda item: (item[0].guest, item[0].directory))
+        replaced: dict[int, int] = defaultdict(int)  # id(inode) -> names replaced
+        if self.options.dry_run:
+            for ref, inode, _entry, entry_name in work:
+                report.actions.append((self._display(ref), entry_name))
+                replaced[id(inode)] += 1
+        else:
+            # One thread: link and rename in one filesystem serialize in the
+            # kernel, and more threads measured slower.
+            self._link_chunk(work, replaced, {}, progress)
+        inodes = {id(inode): inode for _, inode, _, _ in work}
+        for key, names in replaced.items():
+            report.unified_files += names
+            if names == inodes[key].st.st_nlink:
+                report.bytes_saved += inodes[key].st.st_blocks * 512
+
+    def _link_chunk(
+        self,
+        work: list[tuple[FileRef, Inode, StoreEntry | None, str]],
+        replaced: dict[int, int],
+        first_touch: dict[int, int],
+        progress: Progress | None,
+    ) -> None:
+        """Link the names in work (sorted by directory) to their store entries."""
+        report = self.report
+        current: tuple[int, bytes] | None = None
+        dir_fd = -1
+        try:
+            for count, (ref, inode, entry, entry_name) in enumerate(work):
+                assert entry is not None
+                if progress is not None and count % 256 == 0:
+                    progress("linking", report)
+                if (ref.guest, ref.directory) != current:
+                    if dir_fd >= 0:
+                        os.close(dir_fd)
+                        dir_fd = -1
+                    current = (ref.guest, ref.directory)
+                    try:
+                        dir_fd = self._open_dir(ref.guest, ref.directory)
+                    except OSError as e:
+                        report.errors.append(f"{self._display(ref)}: {e.strerror}")
+                        continue
+                if dir_fd < 0:
+                    continue
+                try:
+                    if not self._unchanged(dir_fd, ref, inode, first_touch.get(id(inode))):
+                        report.skipped_changed += 1
+                        continue
+                    first_touch.setdefault(id(inode), time.time_ns())
+                    self._link_over(dir_fd, ref.name, entry)
+                    replaced[id(inode)] += 1
+                    report.actions.append((self._display(ref), entry_name))
+                except OSError as e:
+                    report.errors.append(f"{self._display(ref)}: {e.strerror}")
+        finally:
+            if dir_fd >= 0:
+                os.close(dir_fd)
+
+    def _open_dir(self, guest: int, directory: bytes) -> int:
+        if not directory:
+            return os.dup(self._root_fds[guest])
+        return syscalls.open_beneath(self._root_fds[guest], directory.lstrip(b"/"), _DIR)
+
+    @staticmethod
+    def _unchanged(dir_fd: int, ref: FileRef, inode: Inode, touched_at: int | None) -> bool:
+        """True if ref's name still reaches the inode as it was hashed.
+
+        Our own renames change the ctime of an inode with several names: once
+        we touched it, a later ctime is ours (mode, owner, size, mtime must
+        still be as hashed).
+        """
+        now = os.stat(ref.name, dir_fd=dir_fd, follow_symlinks=False)
+        was = inode.st
+        if (now.st_ino, now.st_size, now.st_mtime_ns, now.st_mode, now.st_uid, now.st_gid) != (
+            was.st_ino,
+            was.st_size,
+            was.st_mtime_ns,
+            was.st_mode,
+            was.st_uid,
+            was.st_gid,
+        ):
+            return False
+        if touched_at is None:
+            return now.st_ctime_ns == was.st_ctime_ns
+        return now.st_ctime_ns == was.st_ctime_ns or now.st_ctime_ns >= touched_at - 10_000_000
 
     def _add_to_store(self, inode: Inode) -> StoreEntry:
-        assert inode.content_hash is not None
+        assert inode.content_hash is not None and inode.xattrs is not None
         fd = self._open_ref(inode.refs[0], os.O_PATH)
         try:
             st = os.fstat(fd)
@@ -400,63 +503,19 @@ class Hashify:
                 inode.st.st_size,
             ):
                 raise OSError(errno.ESTALE, "changed since it was hashed")
-            return self.store.add(fd, inode.content_hash)
+            return self.store.add(fd, inode.content_hash, inode.xattrs, inode.marked)
         finally:
             os.close(fd)
 
-    def _replace_names(self, inode: Inode, entry: StoreEntry | None, entry_name: str) -> int:
-        """Point every name of inode at the store entry; how many were replaced."""
-        report = self.report
-        expected_ctime = inode.st.st_ctime_ns
-        replaced = 0
-        watch_fd = -1
-        try:
-            for ref in inode.refs:
-                report.actions.append((self._display(ref), entry_name))
-                if self.options.dry_run or entry is None:
-                    replaced += 1
-                    continue
-                try:
-                    dir_fd = (
-                        os.dup(self._root_fds[ref.guest])
-                        if not ref.directory
-                        else syscalls.open_beneath(
-                            self._root_fds[ref.guest], ref.directory.lstrip(b"/"), _DIR
-                        )
-                    )
-                except OSError as e:
-                    report.errors.append(f"{self._display(ref)}: {e.strerror}")
-                    continue
-                try:
-                    now = os.stat(ref.name, dir_fd=dir_fd, follow_symlinks=False)
-                    if (now.st_ino, now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
-                        inode.st.st_ino,
-                        inode.st.st_size,
-                        inode.st.st_mtime_ns,
-                        expected_ctime,
-                    ):
-                        report.skipped_changed += 1
-                        continue
-                    if watch_fd < 0:
-                        # Our own renames change the inode's ctime: follow it.
-                        watch_fd = os.open(
-                            ref.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
-                        )
-                    self._link_over(dir_fd, ref.name, entry)
-                    replaced += 1
-                    expected_ctime = os.fstat(watch_fd).st_ctime_ns
-                except OSError as e:
-                    report.errors.append(f"{self._display(ref)}: {e.strerror}")
-                finally:
-                    os.close(dir_fd)
-        finally:
-            if watch_fd >= 0:
-                os.close(watch_fd)
-        return replaced
-
     def _link_over(self, dir_fd: int, name: bytes, entry: StoreEntry) -> None:
         tmp = temp_name()
-        os.link(self.store.path_of(entry.name), tmp, dst_dir_fd=dir_fd, follow_symlinks=False)
+        os.link(
+            entry.name,
+            tmp,
+            src_dir_fd=self.store.subdir_fd(entry.name[:2]),
+            dst_dir_fd=dir_fd,
+            follow_symlinks=False,
+        )
         try:
             syscalls.renameat2(dir_fd, tmp, dir_fd, name)
         except BaseException:

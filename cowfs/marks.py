@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 
 XATTR_PREFIX = b"trusted.cowfs."
 COW_MARK = b"trusted.cowfs.cow"
@@ -23,6 +24,11 @@ DIRTY_MARK = b"trusted.cowfs.dirty"
 TEMP_PREFIX = b".cowfs~"
 
 _MARK_VALUE = b"1"
+
+
+def temp_name() -> bytes:
+    """A fresh hidden name for a file cowfs is putting in place."""
+    return TEMP_PREFIX + secrets.token_hex(8).encode()
 
 
 def is_reserved_xattr(name: bytes) -> bool:

@@ -24,11 +24,11 @@ import hashlib
 import json
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from cowfs.cow import temp_name
 from cowfs.errors import CowfsError
 from cowfs.marks import fd_path, is_marked, is_reserved_name, set_mark
 from cowfs.metadata import read_xattrs
@@ -64,12 +64,24 @@ def meta_digest(key: MetaKey) -> str:
     return hashlib.sha256(repr(key).encode()).hexdigest()[:16]
 
 
-def hash_fd(fd: int) -> str:
+_buffers = threading.local()
+
+
+def hash_fd(fd: int, size_hint: int = _READ_CHUNK) -> str:
     """The store's content hash of an open file (read from its start)."""
     digest = hashlib.new(HASH)
-    buf = bytearray(_READ_CHUNK)
-    view = memoryview(buf)
-    offset = 0
+    if size_hint < _READ_CHUNK:
+        # Most files are small: one read of exactly their size (+1 to see the end).
+        data = os.pread(fd, size_hint + 1, 0)
+        digest.update(data)
+        if len(data) <= size_hint:
+            return digest.hexdigest()
+        offset = len(data)
+    else:
+        offset = 0
+    view = getattr(_buffers, "view", None)
+    if view is None:  # one buffer per thread: allocating 1 MiB a file costs more than hashing
+        view = _buffers.view = memoryview(bytearray(_READ_CHUNK))
     while True:
         got = os.preadv(fd, [view], offset)
         if not got:
@@ -97,6 +109,7 @@ class Store:
 
     def __init__(self, root: Path):
         self.root = root
+        self._subdir_fds: dict[str, int] = {}
 
     @classmethod
     def open(cls, root: Path, create: bool) -> Store:
@@ -156,26 +169,37 @@ class Store:
         """Host path of an entry."""
         return self.root / entry_name[:2] / entry_name
 
-    def add(self, fd: int, content_hash: str) -> StoreEntry:
-        """Make the inode behind fd (O_PATH) a store entry: mark it, then link it in."""
-        key = meta_key(os.fstat(fd), read_xattrs(fd), with_mtime=True)
-        name = f"{content_hash}-{meta_digest(key)}"
-        subdir = self.root / name[:2]
-        subdir.mkdir(mode=0o700, exist_ok=True)
-        if not is_marked(fd):
+    def subdir_fd(self, prefix: str) -> int:
+        """An O_PATH fd on a subdirectory of the store (made if missing), kept until close()."""
+        fd = self._subdir_fds.get(prefix)
+        if fd is None:
+            subdir = self.root / prefix
+            subdir.mkdir(mode=0o700, exist_ok=True)
+            fd = self._subdir_fds[prefix] = os.open(
+                subdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+            )
+        return fd
+
+    def close(self) -> None:
+        """Release the directory fds add() keeps."""
+        for fd in self._subdir_fds.values():
+            os.close(fd)
+        self._subdir_fds.clear()
+
+    def add(
+        self, fd: int, content_hash: str, xattrs: dict[bytes, bytes], marked: bool
+    ) -> StoreEntry:
+        """Make the inode behind fd (O_PATH) a store entry: mark it, then link it in.
+
+        xattrs (without cowfs's own) and marked are what the caller read when hashing.
+        """
+        st = os.fstat(fd)
+        name = f"{content_hash}-{meta_digest(meta_key(st, xattrs, with_mtime=True))}"
+        dir_fd = self.subdir_fd(name[:2])
+        if not marked:
             set_mark(fd)  # before the link: a store inode is never unmarked
-        dir_fd = os.open(subdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            tmp = temp_name()
-            os.link(fd_path(fd), tmp, dst_dir_fd=dir_fd, follow_symlinks=True)
-            try:
-                os.rename(tmp, name.encode(), src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=dir_fd)
-                raise
-        finally:
-            os.close(dir_fd)
+        # link(2) makes the name atomically, on a complete inode: no temporary needed.
+        os.link(fd_path(fd), name.encode(), dst_dir_fd=dir_fd, follow_symlinks=True)
         return StoreEntry(name, os.fstat(fd), content_hash)
 
     def gc(self, dry_run: bool) -> tuple[int, int]:

@@ -272,7 +272,10 @@ def test_kill_at_any_moment_then_rerun_loses_nothing(tmp_path: Path) -> None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
-        assert manifest(guests) == before, f"a guest file changed after a kill at {delay}s"
+        # A kill between link and rename may leave a hidden temporary (never
+        # visible through cowfs, removed by the next run): not a guest file.
+        seen = {p: v for p, v in manifest(guests).items() if b"/.cowfs~" not in p}
+        assert seen == before, f"a guest file changed after a kill at {delay}s"
     assert kills > 0, "every run finished before the kill: the test proved nothing"
     cowfs("hashify", "--store", store, *guests)
     assert manifest(guests) == before

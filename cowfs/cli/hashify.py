@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
@@ -125,8 +126,8 @@ def hashify_command(
         return
     if verbose or dry_run:
         verb = "would link" if dry_run else "linked"
-        for path, entry in report.actions:
-            click.echo(f"{verb} {display_path(path)} -> {entry}")
+        lines = [f"{verb} {display_path(path)} -> {entry}\n" for path, entry in report.actions]
+        sys.stdout.write("".join(lines))
     for error in report.errors:
         click.echo(f"cowfs: warning: {display_path(error)}", err=True)
     prefix = "dry run: would unify" if dry_run else "unified"
