@@ -52,12 +52,16 @@ def links_made(dirs: list[Path]) -> int:
 def warm(dirs: list[Path]) -> None:
     """Read every file once so that all tools start from a warm page cache."""
     subprocess.run(
-        ["tar", "cf", "/dev/null", *map(str, dirs)], check=False, stderr=subprocess.DEVNULL,
+        ["tar", "cf", "/dev/null", *map(str, dirs)],
+        check=False,
+        stderr=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
     )
     subprocess.run(
         f"find {' '.join(map(str, dirs))} -type f -print0 | xargs -0 cat > /dev/null",
-        shell=True, check=False, stderr=subprocess.DEVNULL,
+        shell=True,
+        check=False,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -66,10 +70,27 @@ Tool = tuple[str, Callable[[list[Path], Path], list[str]], Callable[[list[Path],
 TOOLS: list[Tool] = [
     (
         "cowfs hashify (whole tree)",
-        lambda d, s: [COWFS, "hashify", "-n", "--no-default-excludes", "--min-size", "1",
-                      "--store", str(s), *map(str, d)],
-        lambda d, s: [COWFS, "hashify", "--no-default-excludes", "--min-size", "1",
-                      "--store", str(s), *map(str, d)],
+        lambda d, s: [
+            COWFS,
+            "hashify",
+            "-n",
+            "--no-default-excludes",
+            "--min-size",
+            "1",
+            "--store",
+            str(s),
+            *map(str, d),
+        ],
+        lambda d, s: [
+            COWFS,
+            "hashify",
+            "--no-default-excludes",
+            "--min-size",
+            "1",
+            "--store",
+            str(s),
+            *map(str, d),
+        ],
     ),
     (
         "cowfs hashify (default excludes)",
@@ -83,10 +104,24 @@ TOOLS: list[Tool] = [
     ),
     (
         "rdfind -makehardlinks (content only)",
-        lambda d, s: ["rdfind", "-dryrun", "true", "-makehardlinks", "true",
-                      "-outputname", str(s) + ".rdfind", *map(str, d)],
-        lambda d, s: ["rdfind", "-makehardlinks", "true", "-outputname", str(s) + ".rdfind",
-                      *map(str, d)],
+        lambda d, s: [
+            "rdfind",
+            "-dryrun",
+            "true",
+            "-makehardlinks",
+            "true",
+            "-outputname",
+            str(s) + ".rdfind",
+            *map(str, d),
+        ],
+        lambda d, s: [
+            "rdfind",
+            "-makehardlinks",
+            "true",
+            "-outputname",
+            str(s) + ".rdfind",
+            *map(str, d),
+        ],
     ),
     (
         "hardlink (mode, owner, mtime equal)",

@@ -40,7 +40,9 @@ def test_hashified_debian_guests_read_the_same_and_write_privately(
     for guest, mnt in ((deb1, m1), (deb2, m2)):
         old = os.fsencode(guest)
         expected = {
-            os.fsencode(mnt) + p[len(old) :]: v for p, v in before.items() if p.startswith(old + b"/")
+            os.fsencode(mnt) + p[len(old) :]: v
+            for p, v in before.items()
+            if p.startswith(old + b"/")
         }
         assert manifest([mnt]) == expected
     # dpkg checks every installed file against its package's md5sums
@@ -56,6 +58,4 @@ def test_hashified_debian_guests_read_the_same_and_write_privately(
     assert not (m2 / license_file).read_text().endswith("guest one was here\n")
     assert (deb2 / "etc/passwd").read_text().startswith("root:")
     assert "guest one" not in run("chroot", m2, "/bin/cat", f"/{license_file}").stdout
-    assert cowfs("store", "verify", "--store", store).stdout.endswith(
-        "0 bad\n"
-    )
+    assert cowfs("store", "verify", "--store", store).stdout.endswith("0 bad\n")
