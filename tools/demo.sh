@@ -55,5 +55,17 @@ step "unmount"
 show cowfs umount "$demo/mnt/web1"
 show cowfs umount "$demo/mnt/web2"
 trap - EXIT
+
+step "hashify: three guests installed separately share nothing yet"
+for g in db1 db2 db3; do cp -a "$demo/template" "$demo/guests/$g"; done
+echo "ping binary" > "$demo/guests/db3/bin/extra-tool"   # a file only db3 has
+echo "disk used by db1 db2 db3: $(du -shc "$demo"/guests/db? | tail -1 | cut -f1)"
+echo "\$ cowfs hashify --store $demo/store -n $demo/guests/db1 $demo/guests/db2 $demo/guests/db3 | tail -1"
+cowfs hashify --store "$demo/store" -n "$demo"/guests/db1 "$demo"/guests/db2 "$demo"/guests/db3 | tail -1
+show cowfs hashify --store "$demo/store" "$demo"/guests/db1 "$demo"/guests/db2 "$demo"/guests/db3
+echo "disk used by db1 db2 db3 + store: $(du -shc "$demo"/guests/db? "$demo/store" | tail -1 | cut -f1)"
+show stat -c '%h links, inode %i: %n' "$demo/guests/db1/bin/busybox" "$demo/guests/db3/bin/busybox"
+show cowfs hashify --store "$demo/store" "$demo"/guests/db1 "$demo"/guests/db2 "$demo"/guests/db3
+show cowfs store verify --store "$demo/store"
 echo
 echo "demo done; trees left in $demo"
