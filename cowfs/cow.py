@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import trio
 
+from cowfs.accounting import Accountant
 from cowfs.inodes import InodeTable, Node
 from cowfs.marks import clear_mark, fd_path, is_marked, temp_name
 from cowfs.metadata import copy_data, copy_metadata
@@ -101,18 +102,22 @@ class LinkBreaker:
         table: InodeTable,
         workers: WorkerPool,
         reopen_handles: ReopenHandles,
+        acct: Accountant,
         sync: bool = True,
     ):
         self.table = table
         self.workers = workers
+        self.acct = acct
         self.sync = sync
         self.reopen_handles = reopen_handles
         self.breaks = 0
 
-    async def ensure_private(self, node: Node, with_data: bool = True) -> None:
+    async def ensure_private(self, node: Node, caller_uid: int, with_data: bool = True) -> None:
         """Make node's backing inode private to this guest before it is modified.
 
-        with_data=False when the caller is about to truncate to zero anyway.
+        The copy is charged to the guest and may fail with its limit's error
+        (the shared file stays untouched). with_data=False when the caller is
+        about to truncate to zero anyway.
         """
         if not stat.S_ISREG(os.fstat(node.fd).st_mode) or not is_marked(node.fd):
             return
@@ -121,13 +126,16 @@ class LinkBreaker:
         async with node.break_lock:
             if not is_marked(node.fd):  # another request broke it while we waited
                 return
-            await self._break(node, with_data)
+            await self._break(node, caller_uid, with_data)
 
-    async def _break(self, node: Node, with_data: bool) -> None:
+    async def _break(self, node: Node, caller_uid: int, with_data: bool) -> None:
         st = os.fstat(node.fd)
         if st.st_nlink == 1 and names_inode(node.parent, node.name, st):
-            clear_mark(node.fd)  # the guest's name is the last link: nothing else shares it
+            # The guest's name is the last link: nothing else shares it, and an
+            # inode with one link was the guest's own in its usage already.
+            clear_mark(node.fd)
             return
+        self.acct.private_copy(caller_uid, st, with_data)
         home = node.parent if node.parent is not None else self.table.root
         with self.table.pinned(home, node):
             copy_fd = await self.workers.run(
@@ -140,6 +148,7 @@ class LinkBreaker:
                 assert node.parent is not None and node.name is not None
                 put_in_place(copy_fd, node.parent.fd, node.name)
             new_st = os.fstat(copy_fd)
+            self.acct.new(new_st)
             path_fd = os.open(fd_path(copy_fd), os.O_PATH | os.O_CLOEXEC)
             self.table.repoint(node, path_fd, new_st)
             self.reopen_handles(node, copy_fd)

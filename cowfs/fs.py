@@ -21,9 +21,13 @@ from typing import Any, TypeVar, cast
 import pyfuse3
 from pyfuse3 import FUSEError
 
+from cowfs.accounting import Accountant, last_link
 from cowfs.cow import LinkBreaker
 from cowfs.inodes import InodeTable, Node
+from cowfs.limits import DiskPolicy
 from cowfs.marks import fd_path, is_marked, is_reserved_name, is_reserved_xattr
+from cowfs.statedb import LimitRow
+from cowfs.usage import Usage
 from cowfs.workers import WorkerPool
 from native import syscalls
 
@@ -41,6 +45,8 @@ IO_BLOCK_SIZE = 128 * 1024
 # Flags the kernel has already acted on, or that must not reach the backing open.
 _STRIP_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECT
 _AT_FD = syscalls.AT_EMPTY_PATH | syscalls.AT_SYMLINK_NOFOLLOW
+_FALLOC_PUNCH_HOLE = 0x02
+_FALLOC_COLLAPSE_RANGE = 0x08
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -74,12 +80,13 @@ def _check_new_name(name: bytes) -> None:
 class OpenFile:
     """A file handle: the backing fd the guest's open file reads and writes."""
 
-    __slots__ = ("fd", "flags", "node", "writable")
+    __slots__ = ("fd", "flags", "node", "uid", "writable")
 
-    def __init__(self, fd: int, node: Node, flags: int):
+    def __init__(self, fd: int, node: Node, flags: int, uid: int):
         self.fd = fd
         self.node = node
         self.flags = flags
+        self.uid = uid  # who opened it: the reserve is for uid 0 only
         self.writable = (flags & os.O_ACCMODE) != os.O_RDONLY
 
 
@@ -96,9 +103,14 @@ class CowFS(pyfuse3.Operations):
         cache_timeout: float = 60.0,
         max_fds: int = 4096,
         sync_breaks: bool = True,
+        policy: DiskPolicy | None = None,
     ):
         super().__init__()
         self.table = InodeTable(root_fd, max_fds)
+        self.policy = policy or DiskPolicy(Usage(), LimitRow(), [])
+        self.acct = Accountant(self.policy)
+        # Private inodes unlinked while open: charged until their last close.
+        self.orphans: set[Node] = set()
         self.files: dict[int, OpenFile] = {}
         self.handles_of: dict[Node, set[OpenFile]] = {}
         self.dir_handles: dict[int, int] = {}  # fh -> node id, unpatched pyfuse3 only
@@ -108,7 +120,7 @@ class CowFS(pyfuse3.Operations):
         self.timeout = cache_timeout
         self.workers = WorkerPool()
         self.breaker = LinkBreaker(
-            self.table, self.workers, self._reopen_read_handles, sync=sync_breaks
+            self.table, self.workers, self._reopen_read_handles, self.acct, sync=sync_breaks
         )
         self._nowait_writes = True
 
@@ -147,26 +159,40 @@ class CowFS(pyfuse3.Operations):
             gid = parent_st.st_gid
         return ctx.uid, gid
 
-    def _adopt_new(
-        self, parent: Node, name: bytes, kind: int, ctx: pyfuse3.RequestContext
+    def _make(
+        self,
+        parent_inode: int,
+        name: bytes,
+        kind: int,
+        ctx: pyfuse3.RequestContext,
+        make: Callable[[int], None],
     ) -> pyfuse3.EntryAttributes:
-        """Open, check and chown an inode just made as root under parent/name; count a lookup.
+        """mkdir, mknod or symlink as root via make(dir_fd), then adopt the new inode.
 
-        The check guards against a guest swapping another file in under the
-        name between the creation and the open: we only chown what we made.
+        It is opened, checked and chowned to its owner; the check guards against a
+        guest swapping another file in under the name between the creation and
+        the open: we only chown what we made. Limits are checked before, and
+        the new inode and the directory's growth charged after.
         """
+        _check_new_name(name)
+        parent = self.table.get(parent_inode)
+        uid, gid = self._new_owner(parent, ctx)
+        self.acct.before_new(ctx.uid, uid, gid, kind)
+        dir_before = self.acct.dir_before(parent.fd)
+        make(parent.fd)
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         try:
             st = os.fstat(fd)
             if stat.S_IFMT(st.st_mode) != kind or st.st_uid != 0 or self.table.find(st):
                 raise FUSEError(errno.EAGAIN)
-            uid, gid = self._new_owner(parent, ctx)
             if (uid, gid) != (st.st_uid, st.st_gid):
                 syscalls.fchownat(fd, b"", uid, gid, _AT_FD)
                 st = os.fstat(fd)
         except BaseException:
             os.close(fd)
             raise
+        self.acct.new(st)
+        self.acct.dir_after(parent.fd, dir_before)
         node = self.table.remember(fd, st, parent, name)
         return self._entry(node, st)
 
@@ -184,13 +210,20 @@ class CowFS(pyfuse3.Operations):
             finally:
                 os.close(new_fd)
 
-    def _child(self, parent: Node, name: bytes) -> Node | None:
-        """The live node parent/name reaches now, if the kernel knows it."""
+    def _child(self, parent: Node, name: bytes) -> tuple[os.stat_result | None, Node | None]:
+        """What parent/name reaches now, and its node if the kernel knows it."""
         try:
             st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
         except FileNotFoundError:
-            return None
-        return self.table.find(st)
+            return None, None
+        return st, self.table.find(st)
+
+    def _gone(self, st: os.stat_result, node: Node | None) -> None:
+        """Credit an inode whose last name was just removed (at its last close if open)."""
+        if node is not None and self.handles_of.get(node):
+            self.orphans.add(node)
+        else:
+            self.acct.removed(st)
 
     # -- inodes -------------------------------------------------------------
 
@@ -246,8 +279,10 @@ class CowFS(pyfuse3.Operations):
             or fields.update_atime
             or fields.update_mtime
         ):
-            await self.breaker.ensure_private(node, with_data=not truncating_to_zero)
+            await self.breaker.ensure_private(node, ctx.uid, with_data=not truncating_to_zero)
         if fields.update_size:
+            # Growing a file by truncate allocates nothing; its real change is charged.
+            before = os.fstat(node.fd)
             handle = self.files.get(fh) if fh is not None else None
             if handle is not None and handle.writable:
                 os.ftruncate(handle.fd, attr.st_size)
@@ -257,12 +292,16 @@ class CowFS(pyfuse3.Operations):
                     os.ftruncate(fd, attr.st_size)
                 finally:
                     os.close(fd)
+            self.acct.after_change(node.fd, before)
         if fields.update_mode:
             os.chmod(fd_path(node.fd), stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
+            before = os.fstat(node.fd)
+            self.acct.chown(before, uid, gid, ctx.uid)
             syscalls.fchownat(node.fd, b"", uid, gid, _AT_FD)
+            self.acct.chowned(before, os.fstat(node.fd))
         if fields.update_atime or fields.update_mtime:
             syscalls.utimensat(
                 node.fd,
@@ -283,28 +322,37 @@ class CowFS(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        _check_new_name(name)
-        parent = self.table.get(parent_inode)
-        os.mknod(name, mode, rdev, dir_fd=parent.fd)
-        return self._adopt_new(parent, name, stat.S_IFMT(mode), ctx)
+        return self._make(
+            parent_inode,
+            name,
+            stat.S_IFMT(mode),
+            ctx,
+            lambda dir_fd: os.mknod(name, mode, rdev, dir_fd=dir_fd),
+        )
 
     @_errors_to_errno
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        _check_new_name(name)
-        parent = self.table.get(parent_inode)
-        os.mkdir(name, mode, dir_fd=parent.fd)
-        return self._adopt_new(parent, name, stat.S_IFDIR, ctx)
+        return self._make(
+            parent_inode,
+            name,
+            stat.S_IFDIR,
+            ctx,
+            lambda dir_fd: os.mkdir(name, mode, dir_fd=dir_fd),
+        )
 
     @_errors_to_errno
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        _check_new_name(name)
-        parent = self.table.get(parent_inode)
-        os.symlink(target, name, dir_fd=parent.fd)
-        return self._adopt_new(parent, name, stat.S_IFLNK, ctx)
+        return self._make(
+            parent_inode,
+            name,
+            stat.S_IFLNK,
+            ctx,
+            lambda dir_fd: os.symlink(target, name, dir_fd=dir_fd),
+        )
 
     @_errors_to_errno
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -320,10 +368,14 @@ class CowFS(pyfuse3.Operations):
         if is_reserved_name(name):
             raise FUSEError(errno.ENOENT)
         parent = self.table.get(parent_inode)
-        node = self._child(parent, name)
+        st, node = self._child(parent, name)
+        dir_before = self.acct.dir_before(parent.fd)
         remove(name, dir_fd=parent.fd)
         if node is not None:
             self.table.unlinked(node, parent, name)
+        if st is not None and last_link(st):
+            self._gone(st, node)
+        self.acct.dir_after(parent.fd, dir_before)
 
     @_errors_to_errno
     async def rename(
@@ -342,8 +394,10 @@ class CowFS(pyfuse3.Operations):
         _check_new_name(name_new)
         old_parent = self.table.get(parent_inode_old)
         new_parent = self.table.get(parent_inode_new)
-        moving = self._child(old_parent, name_old)
-        replaced = self._child(new_parent, name_new)
+        _, moving = self._child(old_parent, name_old)
+        replaced_st, replaced = self._child(new_parent, name_new)
+        old_dir_before = self.acct.dir_before(old_parent.fd)
+        new_dir_before = self.acct.dir_before(new_parent.fd)
         syscalls.renameat2(old_parent.fd, name_old, new_parent.fd, name_new, flags)
         if replaced is not None:
             if flags & syscalls.RENAME_EXCHANGE:
@@ -352,6 +406,12 @@ class CowFS(pyfuse3.Operations):
                 self.table.unlinked(replaced, new_parent, name_new)
         if moving is not None:
             self.table.renamed(moving, new_parent, name_new)
+        exchanged = flags & syscalls.RENAME_EXCHANGE
+        if replaced_st is not None and not exchanged and last_link(replaced_st):
+            self._gone(replaced_st, replaced)
+        self.acct.dir_after(old_parent.fd, old_dir_before)
+        if new_parent is not old_parent:
+            self.acct.dir_after(new_parent.fd, new_dir_before)
 
     @_errors_to_errno
     async def link(
@@ -360,7 +420,9 @@ class CowFS(pyfuse3.Operations):
         _check_new_name(new_name)
         node = self.table.get(inode)
         new_parent = self.table.get(new_parent_inode)
+        dir_before = self.acct.dir_before(new_parent.fd)
         os.link(fd_path(node.fd), new_name, dst_dir_fd=new_parent.fd, follow_symlinks=True)
+        self.acct.dir_after(new_parent.fd, dir_before)
         node.nlookup += 1
         if node.name is None:
             self.table.renamed(node, new_parent, new_name)
@@ -368,8 +430,8 @@ class CowFS(pyfuse3.Operations):
 
     # -- files ------------------------------------------------------------
 
-    def _register(self, fd: int, node: Node, flags: int) -> OpenFile:
-        handle = OpenFile(fd, node, flags)
+    def _register(self, fd: int, node: Node, flags: int, uid: int) -> OpenFile:
+        handle = OpenFile(fd, node, flags, uid)
         self.files[fd] = handle
         self.handles_of.setdefault(node, set()).add(handle)
         return handle
@@ -379,11 +441,16 @@ class CowFS(pyfuse3.Operations):
         node = self.table.get(inode)
         backing_flags = (flags & ~_STRIP_OPEN_FLAGS) | os.O_CLOEXEC
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
-            await self.breaker.ensure_private(node, with_data=not flags & os.O_TRUNC)
+            await self.breaker.ensure_private(node, ctx.uid, with_data=not flags & os.O_TRUNC)
         elif is_marked(node.fd):
             backing_flags |= os.O_NOATIME  # reading must not touch the shared inode
-        fd = self.table.open_with_room(fd_path(node.fd), backing_flags)
-        self._register(fd, node, backing_flags)
+        if flags & os.O_TRUNC:
+            before = os.fstat(node.fd)
+            fd = self.table.open_with_room(fd_path(node.fd), backing_flags)
+            self.acct.after_change(fd, before)
+        else:
+            fd = self.table.open_with_room(fd_path(node.fd), backing_flags)
+        self._register(fd, node, backing_flags, ctx.uid)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
 
     @_errors_to_errno
@@ -393,6 +460,9 @@ class CowFS(pyfuse3.Operations):
         _check_new_name(name)
         parent = self.table.get(parent_inode)
         backing_flags = (flags & ~_STRIP_OPEN_FLAGS) | os.O_CLOEXEC
+        uid, gid = self._new_owner(parent, ctx)
+        self.acct.before_new(ctx.uid, uid, gid, stat.S_IFREG)
+        dir_before = self.acct.dir_before(parent.fd)
         try:
             fd = self.table.open_with_room(
                 name,
@@ -406,7 +476,6 @@ class CowFS(pyfuse3.Operations):
             entry = await self.lookup(parent_inode, name, ctx)
             return await self.open(entry.st_ino, flags & ~os.O_CREAT, ctx), entry
         try:
-            uid, gid = self._new_owner(parent, ctx)
             if (uid, gid) != (0, 0):
                 os.fchown(fd, uid, gid)
             st = os.fstat(fd)
@@ -414,8 +483,10 @@ class CowFS(pyfuse3.Operations):
         except BaseException:
             os.close(fd)
             raise
+        self.acct.new(st)
+        self.acct.dir_after(parent.fd, dir_before)
         node = self.table.remember(path_fd, st, parent, name)
-        self._register(fd, node, backing_flags)
+        self._register(fd, node, backing_flags, ctx.uid)
         info = pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
         return info, self._entry(node, st)
 
@@ -441,23 +512,33 @@ class CowFS(pyfuse3.Operations):
 
     @_errors_to_errno
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        fd = self.files[fh].fd
+        handle = self.files[fh]
+        fd = handle.fd
+        before = self.acct.before_write(fd, handle.uid, off, len(buf))
+        written = 0
         if self._nowait_writes:
             try:
                 written = os.pwritev(fd, [buf], off, os.RWF_NOWAIT)
-                if written == len(buf):
-                    return written
             except BlockingIOError:
                 pass
             except OSError as e:
                 if e.errno != errno.EOPNOTSUPP:
                     raise
                 self._nowait_writes = False
-        return await self.workers.run(os.pwrite, fd, buf, off)
+        if written < len(buf):
+            # Only the rest: with O_APPEND the offset is ignored and all would go again.
+            rest = memoryview(buf)[written:]
+            written += await self.workers.run(os.pwrite, fd, rest, off + written)
+        self.acct.after_change(fd, before)
+        return written
 
     @_errors_to_errno
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
-        await self.workers.run(syscalls.fallocate, self.files[fh].fd, mode, offset, length)
+        handle = self.files[fh]
+        punching = mode & (_FALLOC_PUNCH_HOLE | _FALLOC_COLLAPSE_RANGE)
+        before = self.acct.before_growth(handle.fd, handle.uid, 0 if punching else length)
+        await self.workers.run(syscalls.fallocate, handle.fd, mode, offset, length)
+        self.acct.after_change(handle.fd, before)
 
     async def flush(self, fh: int) -> None:
         # Writes reach the backing file synchronously, so close(2) has nothing
@@ -473,6 +554,9 @@ class CowFS(pyfuse3.Operations):
             handles.discard(handle)
             if not handles:
                 del self.handles_of[handle.node]
+                if handle.node in self.orphans:  # its last name went while it was open
+                    self.orphans.discard(handle.node)
+                    self.acct.removed(os.fstat(handle.fd))
         os.close(handle.fd)
 
     @_errors_to_errno
@@ -576,15 +660,16 @@ class CowFS(pyfuse3.Operations):
     @_errors_to_errno
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         sv = os.statvfs(self.table.root.fd)
+        figures = self.policy.statfs(sv, ctx.uid)  # the guest's limits, as VServer showed them
         data = pyfuse3.StatvfsData()
         data.f_bsize = sv.f_bsize
         data.f_frsize = sv.f_frsize
-        data.f_blocks = sv.f_blocks
-        data.f_bfree = sv.f_bfree
-        data.f_bavail = sv.f_bavail
-        data.f_files = sv.f_files
-        data.f_ffree = sv.f_ffree
-        data.f_favail = sv.f_favail
+        data.f_blocks = figures.blocks
+        data.f_bfree = figures.bfree
+        data.f_bavail = figures.bavail
+        data.f_files = figures.files
+        data.f_ffree = figures.ffree
+        data.f_favail = figures.favail
         data.f_namemax = NAME_MAX
         return data
 
@@ -608,13 +693,17 @@ class CowFS(pyfuse3.Operations):
         if is_reserved_xattr(name):
             raise FUSEError(errno.EPERM)
         node = self.table.get(inode)
-        await self.breaker.ensure_private(node)
+        await self.breaker.ensure_private(node, ctx.uid)
+        before = os.fstat(node.fd)
         os.setxattr(fd_path(node.fd), name, value)
+        self.acct.after_change(node.fd, before)  # a large xattr may take a block
 
     @_errors_to_errno
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if is_reserved_xattr(name):
             raise FUSEError(errno.EPERM)
         node = self.table.get(inode)
-        await self.breaker.ensure_private(node)
+        await self.breaker.ensure_private(node, ctx.uid)
+        before = os.fstat(node.fd)
         os.removexattr(fd_path(node.fd), name)
+        self.acct.after_change(node.fd, before)

@@ -1,0 +1,102 @@
+"""What a guest's backing tree costs: private and shared blocks and inodes (vdu).
+
+A guest is charged for the inodes it alone holds: every directory, symlink,
+device node, and every regular file except the shared ones. A file is shared
+when it carries the COW mark and more than one link: the template, other
+guests or the store hold it too. Shared files are reported, not charged.
+Bytes are allocated bytes (``st_blocks * 512``), as ``du`` counts them, and an
+inode with several names in the guest counts once.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from cowfs.marks import COW_MARK, fd_path, is_reserved_name
+
+OwnerKey = tuple[str, int]  # ("user", uid) or ("group", gid)
+
+
+@dataclass
+class Usage:
+    """A guest's usage, in total and per owner (private files only)."""
+
+    bytes: int = 0
+    inodes: int = 0
+    shared_bytes: int = 0
+    shared_inodes: int = 0
+    owners: dict[OwnerKey, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+
+    @property
+    def apparent_bytes(self) -> int:
+        """What the guest would take without sharing (``du`` of its backing tree)."""
+        return self.bytes + self.shared_bytes
+
+    def charge(self, uid: int, gid: int, nbytes: int, inodes: int) -> None:
+        """Add (or, negative, remove) private usage owned by uid:gid."""
+        self.bytes += nbytes
+        self.inodes += inodes
+        for key in (("user", uid), ("group", gid)):
+            entry = self.owners[key]
+            entry[0] += nbytes
+            entry[1] += inodes
+
+    def owner_table(self) -> dict[OwnerKey, tuple[int, int]]:
+        """{(kind, id): (bytes, inodes)} without empty entries."""
+        return {k: (v[0], v[1]) for k, v in self.owners.items() if v[0] or v[1]}
+
+
+def is_shared(st: os.stat_result, marked: bool) -> bool:
+    """The accounting rule: a marked regular file with another link is not the guest's."""
+    return marked and st.st_nlink > 1 and stat.S_ISREG(st.st_mode)
+
+
+def _marked_at(dir_fd: int, name: bytes) -> bool:
+    try:
+        os.getxattr(f"{fd_path(dir_fd)}/{os.fsdecode(name)}", COW_MARK, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+            return False
+        raise
+    return True
+
+
+def scan(root: str) -> Usage:
+    """The usage of the backing tree at root, counted from scratch (fd-relative, no symlinks)."""
+    usage = Usage()
+    seen: set[tuple[int, int]] = set()
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    root_fd = os.open(root, flags)
+    st = os.fstat(root_fd)
+    usage.charge(st.st_uid, st.st_gid, st.st_blocks * 512, 1)
+    pending = [root_fd]
+    while pending:
+        dir_fd = pending.pop()
+        try:
+            with os.scandir(dir_fd) as listing:
+                entries = list(listing)
+            for entry in entries:
+                name = os.fsencode(entry.name)
+                if is_reserved_name(name):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    continue
+                if st.st_nlink > 1:
+                    seen.add(key)
+                if stat.S_ISDIR(st.st_mode):
+                    pending.append(os.open(name, flags, dir_fd=dir_fd))
+                nbytes = st.st_blocks * 512
+                if st.st_nlink > 1 and stat.S_ISREG(st.st_mode) and _marked_at(dir_fd, name):
+                    usage.shared_bytes += nbytes
+                    usage.shared_inodes += 1
+                else:
+                    usage.charge(st.st_uid, st.st_gid, nbytes, 1)
+        finally:
+            os.close(dir_fd)
+    return usage
