@@ -36,6 +36,7 @@ from cowfs.errors import CowfsError
 from cowfs.excludes import Rules
 from cowfs.marks import COW_MARK, is_reserved_name, is_reserved_xattr, temp_name
 from cowfs.metadata import read_xattrs
+from cowfs.statedb import StateDB
 from cowfs.store import MetaKey, Store, StoreEntry, hash_fd, meta_key
 from native import syscalls
 
@@ -250,6 +251,8 @@ class Hashify:
             for fd in self._root_fds.values():
                 os.close(fd)
             self.store.close()
+        if not self.options.dry_run and report.unified_files:
+            _usage_changed(self.roots)
         if self.options.store.exists():
             report.store_entries, report.store_bytes = self.store.size()
         report.seconds = round(time.monotonic() - started, 3)
@@ -544,6 +547,18 @@ class Hashify:
 
     def _display(self, ref: FileRef) -> str:
         return self.roots[ref.guest] + os.fsdecode(ref.path)
+
+
+def _usage_changed(roots: list[str]) -> None:
+    """Files of these guests became shared: their stored usage is no longer exact."""
+    db = StateDB()
+    try:
+        for root in roots:
+            row = db.guest(root, create=False)
+            if row is not None:
+                db.mark_stale(row.id, True)
+    finally:
+        db.close()
 
 
 def hashify(

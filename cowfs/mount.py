@@ -15,6 +15,7 @@ import logging
 import os
 import resource
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from cowfs.paths import log_dir
 from native import syscalls
 
 log = logging.getLogger(__name__)
+
+SYNC_INTERVAL = 5.0  # seconds between writes of the usage counters to the state database
 
 
 @dataclass
@@ -115,17 +118,24 @@ def serve(
     import trio
 
     from cowfs.fs import CowFS
+    from cowfs.ledger import GuestLedger
+    from cowfs.statedb import StateDB
 
     try:
         root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        if recovery.is_dirty(root_fd):
+        crashed = recovery.is_dirty(root_fd)
+        if crashed:
             swept = recovery.sweep_leftovers(root_fd)
             log.warning(
                 "last mount of %s did not end cleanly; removed %d leftovers", backing, swept
             )
         recovery.mark_dirty(root_fd)
+        ledger = GuestLedger(StateDB(), backing, crashed)
     except OSError as e:
         ready(f"backing tree {backing}: {e.strerror}")
+        return
+    except sqlite3.Error as e:
+        ready(f"state database: {e}")
         return
     os.umask(0)  # the kernel applied the caller's umask already
     max_fds = _node_fd_budget(options.max_node_fds)
@@ -134,6 +144,7 @@ def serve(
         cache_timeout=options.cache_timeout,
         max_fds=max_fds,
         sync_breaks=options.sync_breaks,
+        policy=ledger.policy,
     )
     fuse_options = set(pyfuse3.default_options)
     fuse_options |= {"allow_other", "suid", f"fsname={backing}", "subtype=cowfs"}
@@ -160,7 +171,19 @@ def serve(
                         pyfuse3.terminate()
                         return
 
+            async def keep_books() -> None:
+                # Every few seconds, and at once on SIGHUP (cowfs limit/quota send it).
+                with trio.open_signal_receiver(signal.SIGHUP) as hangups:
+                    while True:
+                        with trio.move_on_after(SYNC_INTERVAL):
+                            await hangups.__anext__()
+                        try:
+                            ledger.sync(final=False)
+                        except sqlite3.Error as e:
+                            log.error("state database: %s", e)
+
             nursery.start_soon(stop_on_signal)
+            nursery.start_soon(keep_books)
             nursery.start_soon(fs.workers.serve)
             ready(None)
             await pyfuse3.main(min_tasks=2, max_tasks=64)
@@ -175,6 +198,10 @@ def serve(
             pyfuse3.close(unmount=True)
         registry.remove_record(mountpoint)
         if clean:
+            try:
+                ledger.sync(final=True)
+            except sqlite3.Error as e:
+                log.error("state database: %s; usage will be recomputed", e)
             recovery.mark_clean(root_fd)
         log.info(
             "stopped serving %s (%d link breaks, %d node reopens)",

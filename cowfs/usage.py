@@ -65,8 +65,11 @@ def _marked_at(dir_fd: int, name: bytes) -> bool:
     return True
 
 
-def scan(root: str) -> Usage:
-    """The usage of the backing tree at root, counted from scratch (fd-relative, no symlinks)."""
+def scan(root: str, shared: dict[tuple[int, int], int] | None = None) -> Usage:
+    """The usage of the backing tree at root, counted from scratch (fd-relative, no symlinks).
+
+    If shared is given, every shared inode's (dev, ino) is added to it with its bytes.
+    """
     usage = Usage()
     seen: set[tuple[int, int]] = set()
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -95,6 +98,8 @@ def scan(root: str) -> Usage:
                 if st.st_nlink > 1 and stat.S_ISREG(st.st_mode) and _marked_at(dir_fd, name):
                     usage.shared_bytes += nbytes
                     usage.shared_inodes += 1
+                    if shared is not None:
+                        shared[key] = nbytes
                 else:
                     usage.charge(st.st_uid, st.st_gid, nbytes, 1)
         finally:

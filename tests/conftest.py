@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 COWFS = str(Path(sys.executable).parent / "cowfs")
+# A host layout of the test run's own (state database, store, guests/): the
+# CLI and the mount daemons the tests start inherit it.
+os.environ["COWFS_ROOT"] = tempfile.mkdtemp(prefix="cowfs-test-root-")
 COW_MARK = "trusted.cowfs.cow"
 
 

@@ -33,13 +33,16 @@ def main() -> None:
 
 
 def _register() -> None:
-    from cowfs.cli import clone, hashify, mount
+    from cowfs.cli import clone, du, hashify, limits, mount
 
     main.add_command(mount.mount_command)
     main.add_command(mount.umount_command)
     main.add_command(clone.clone_command)
     main.add_command(hashify.hashify_command)
     main.add_command(hashify.store_group)
+    main.add_command(limits.limit_group)
+    main.add_command(limits.quota_group)
+    main.add_command(du.du_command)
 
 
 _register()

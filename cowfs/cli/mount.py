@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
+from cowfs.guests import resolve
 from cowfs.mount import MountOptions, mount, unmount
 
 
@@ -45,7 +48,7 @@ def mount_command(
     sync_breaks: bool,
     debug: bool,
 ) -> None:
-    """Serve the guest tree BACKING at MOUNTPOINT.
+    """Serve the guest tree BACKING (a path, or a guest name) at MOUNTPOINT.
 
     Every operation passes through to BACKING, except that a file carrying the
     COW mark (a hard link shared with a template, other guests or the content
@@ -65,6 +68,8 @@ def mount_command(
         max_node_fds=max_node_fds,
         sync_breaks=sync_breaks,
     )
+    if "/" not in backing and not os.path.exists(backing):
+        backing = resolve(backing).path  # a guest name under /var/lib/cowfs/guests
     pid = mount(backing, mountpoint, options, foreground=foreground, log_file=log_file)
     if pid is not None:
         click.echo(f"mounted {backing} at {mountpoint} (pid {pid})")

@@ -1,0 +1,87 @@
+"""A mount's bookkeeping in the state database: usage in, usage out, limits reloaded.
+
+At mount, the guest's usage comes from the database if the last mount wrote
+it exactly, else from a scan of the backing tree (a crash leaves it marked
+stale). While mounted, ``sync`` writes the live counters back (still marked
+stale: the process may die before the next write), counts limit hits, keeps
+quota grace clocks, and reloads limits and quotas so that ``cowfs limit`` and
+``cowfs quota`` take effect without a remount. The final ``sync`` at a clean
+unmount marks the usage exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+from cowfs.limits import DiskPolicy
+from cowfs.statedb import StateDB, UsageRow
+from cowfs.usage import Usage, scan
+
+log = logging.getLogger(__name__)
+
+
+def load_usage(db: StateDB, guest_id: int, backing: str, crashed: bool) -> Usage:
+    """The guest's usage: stored if exact, else counted from the backing tree."""
+    row = db.usage(guest_id)
+    if row is None or row.stale or crashed:
+        started = time.monotonic()
+        usage = scan(backing)
+        log.info(
+            "usage of %s recomputed by a scan (%s) in %.2fs: %d bytes, %d inodes private",
+            backing,
+            "no exact figures stored" if not crashed else "last mount crashed",
+            time.monotonic() - started,
+            usage.bytes,
+            usage.inodes,
+        )
+        return usage
+    usage = Usage(row.bytes, row.inodes, row.shared_bytes, row.shared_inodes)
+    for key, (nbytes, inodes) in db.owner_usage(guest_id).items():
+        usage.owners[key] = [nbytes, inodes]
+    return usage
+
+
+class GuestLedger:
+    """The link between a mounted guest's live usage and the state database."""
+
+    def __init__(self, db: StateDB, backing: str, crashed: bool):
+        self.db = db
+        guest = db.guest(backing)
+        assert guest is not None
+        self.guest_id = guest.id
+        usage = load_usage(db, guest.id, backing, crashed)
+        self.policy = DiskPolicy(usage, db.limits(guest.id), db.quotas(guest.id))
+        self._hits_written: Counter[str] = Counter()
+        self.sync(final=False)
+
+    def sync(self, final: bool) -> None:
+        """Write usage, hits and grace clocks; reload limits and quotas."""
+        policy = self.policy
+        usage = policy.usage
+        row = UsageRow(
+            usage.bytes,
+            usage.inodes,
+            usage.shared_bytes,
+            usage.shared_inodes,
+            stale=not final,
+            updated=time.time(),
+        )
+        self.db.write_usage(self.guest_id, row, usage.owner_table())
+        new_hits = policy.hits - self._hits_written
+        if new_hits:
+            self.db.add_hits(self.guest_id, dict(new_hits))
+            self._hits_written = Counter(policy.hits)
+        if policy.grace_changed:
+            self.db.write_grace(self.guest_id, list(policy.quotas.values()))
+            policy.grace_changed = False
+        quotas = self.db.quotas(self.guest_id)
+        # The database's grace clocks are only written by this process while it runs.
+        live = {(q.kind, q.owner): q for q in policy.quotas.values()}
+        for quota in quotas:
+            if (quota.kind, quota.owner) in live:
+                old = live[(quota.kind, quota.owner)]
+                quota.space_over_since = old.space_over_since
+                quota.inodes_over_since = old.inodes_over_since
+        policy.reload(self.db.limits(self.guest_id), quotas)

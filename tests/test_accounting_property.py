@@ -1,0 +1,117 @@
+"""Property: after any workload through a mount, its usage counters equal a fresh scan."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+from conftest import Mounts, cowfs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cowfs.usage import scan
+from native import syscalls
+
+NAMES = ["a", "b", "c", "d/e", "d/f", "etc/hostname", "etc/passwd", "bin/busybox", "srv/x"]
+
+op = st.one_of(
+    st.tuples(
+        st.just("write"), st.sampled_from(NAMES), st.integers(0, 300_000), st.integers(1, 70_000)
+    ),
+    st.tuples(st.just("truncate"), st.sampled_from(NAMES), st.integers(0, 200_000)),
+    st.tuples(st.just("unlink"), st.sampled_from(NAMES)),
+    st.tuples(st.just("mkdir"), st.sampled_from(["d", "srv", "d/g"])),
+    st.tuples(st.just("rmdir"), st.sampled_from(["d", "srv", "d/g"])),
+    st.tuples(st.just("rename"), st.sampled_from(NAMES), st.sampled_from(NAMES)),
+    st.tuples(st.just("link"), st.sampled_from(NAMES), st.sampled_from(NAMES)),
+    st.tuples(st.just("symlink"), st.sampled_from(NAMES)),
+    st.tuples(st.just("chown"), st.sampled_from(NAMES), st.sampled_from([0, 1000, 1001])),
+    st.tuples(st.just("xattr"), st.sampled_from(NAMES), st.integers(1, 3000)),
+    st.tuples(st.just("fallocate"), st.sampled_from(NAMES), st.integers(1, 300_000)),
+    st.tuples(st.just("orphan"), st.sampled_from(NAMES), st.integers(1, 100_000)),
+)
+
+
+def apply(mnt: Path, step: tuple[object, ...]) -> None:
+    kind, *args = step
+    p = lambda name: mnt / str(name)  # noqa: E731
+    with contextlib.suppress(OSError):
+        if kind == "write":
+            fd = os.open(p(args[0]), os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.pwrite(fd, os.urandom(int(args[2])), int(args[1]))  # type: ignore[call-overload]
+            finally:
+                os.close(fd)
+        elif kind == "truncate":
+            os.truncate(p(args[0]), int(args[1]))  # type: ignore[call-overload]
+        elif kind == "unlink":
+            os.unlink(p(args[0]))
+        elif kind == "mkdir":
+            os.mkdir(p(args[0]))
+        elif kind == "rmdir":
+            os.rmdir(p(args[0]))
+        elif kind == "rename":
+            os.rename(p(args[0]), p(args[1]))
+        elif kind == "link":
+            os.link(p(args[0]), p(args[1]))
+        elif kind == "symlink":
+            os.symlink("x" * 300, p(args[0]))
+        elif kind == "chown":
+            os.chown(p(args[0]), int(args[1]), int(args[1]), follow_symlinks=False)  # type: ignore[call-overload]
+        elif kind == "xattr":
+            os.setxattr(p(args[0]), "user.blob", b"v" * int(args[1]))  # type: ignore[call-overload]
+        elif kind == "fallocate":
+            fd = os.open(p(args[0]), os.O_RDWR)
+            try:
+                syscalls.fallocate(fd, 0, 0, int(args[1]))  # type: ignore[call-overload]
+            finally:
+                os.close(fd)
+        elif kind == "orphan":
+            fd = os.open(p(args[0]), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                os.unlink(p(args[0]))
+                os.pwrite(fd, b"o" * int(args[1]), 0)  # type: ignore[call-overload]
+            finally:
+                os.close(fd)
+
+
+def test_counters_equal_a_fresh_scan(
+    tmp_path_factory: object, busybox_template: Path, mounts: Mounts
+) -> None:
+    base = Path(str(tmp_path_factory.mktemp("acct")))  # type: ignore[attr-defined]
+    template = base / "template"
+    cowfs("clone", busybox_template, template)
+    counter = iter(range(10_000))
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(op, min_size=1, max_size=25))
+    def check(steps: list[tuple[object, ...]]) -> None:
+        n = next(counter)
+        guest = base / f"g{n}"
+        cowfs("clone", template, guest)
+        (guest / "d").mkdir()
+        mnt = mounts.mount(guest, base / f"m{n}")
+        for step in steps:
+            apply(mnt, step)
+        mounts.umount(mnt)
+        shown = json.loads(cowfs("limit", "show", guest, "--json").stdout)[0]
+        fresh = scan(str(guest))
+        assert (shown["used_bytes"], shown["used_inodes"]) == (fresh.bytes, fresh.inodes), steps
+        db_owners = _owners(guest)
+        assert db_owners == fresh.owner_table(), steps
+
+    check()
+
+
+def _owners(guest: Path) -> dict[tuple[str, int], tuple[int, int]]:
+    from cowfs.statedb import StateDB
+
+    db = StateDB()
+    try:
+        row = db.guest(str(guest), create=False)
+        assert row is not None
+        return db.owner_usage(row.id)
+    finally:
+        db.close()

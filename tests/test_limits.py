@@ -1,0 +1,331 @@
+"""Per-guest disk limits, quota inside a guest, and cowfs du: enforced through real mounts."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Mounts, cowfs, run
+
+from native import syscalls
+
+
+def as_user(uid: int, script: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["sh", "-c", script],
+        user=uid,
+        group=uid,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.fixture
+def guest(tmp_path: Path, guest_tree: Path) -> Path:
+    """A busybox guest cloned from a template (its files shared), with a world-writable /srv."""
+    path = tmp_path / "guest"
+    cowfs("clone", guest_tree, path)
+    (path / "srv").mkdir(mode=0o777)
+    os.chmod(path / "srv", 0o1777)
+    return path
+
+
+def write_bytes(path: Path, size: int) -> int:
+    """Write size bytes in 64 KiB chunks; how many were written before an error."""
+    written = 0
+    with open(path, "wb", buffering=0) as f:
+        while written < size:
+            written += f.write(b"x" * min(65536, size - written))
+    return written
+
+
+def test_df_inside_the_guest_shows_its_limits(guest: Path, tmp_path: Path, mounts: Mounts) -> None:
+    cowfs("limit", "set", guest, "--space", "8M", "--inodes", "1000", "--reserved", "25%")
+    mnt = mounts.mount(guest, tmp_path / "m")
+    sv = os.statvfs(mnt)
+    assert sv.f_blocks * sv.f_frsize == 8 * 2**20
+    assert sv.f_files == 1000
+    used = json.loads(cowfs("du", "--json", guest).stdout)["guests"][0]
+    assert sv.f_files - sv.f_ffree == used["private_inodes"]
+    assert (
+        sv.f_bfree * sv.f_frsize
+        == 8 * 2**20 - -(-used["private_bytes"] // sv.f_frsize) * sv.f_frsize
+    )
+    # df says the same (statfs of the guest's root, as root and as a user);
+    # a user sees the reserve as not available
+    df_root = run("df", "-k", "--output=size,avail", mnt).stdout.splitlines()[-1].split()
+    assert df_root[0] == "8192"
+    df_user = as_user(1000, f"df -k --output=size,avail {mnt}").stdout.splitlines()[-1].split()
+    assert int(df_user[1]) <= 6144 and int(df_user[1]) < int(df_root[1])
+    df_inodes = run("df", "--output=itotal", mnt).stdout.splitlines()[-1].split()
+    assert df_inodes[0] == "1000"
+
+
+def test_space_limit_stops_writes_and_reserve_is_root_only(
+    guest: Path, tmp_path: Path, mounts: Mounts
+) -> None:
+    cowfs("limit", "set", guest, "--space", "4M", "--reserved", "50%")
+    mnt = mounts.mount(guest, tmp_path / "m")
+    with pytest.raises(OSError) as err:
+        write_bytes(mnt / "srv" / "root-file", 8 * 2**20)
+    assert err.value.errno == errno.ENOSPC
+    written = (mnt / "srv" / "root-file").stat().st_size
+    assert 3 * 2**20 < written <= 4 * 2**20
+    os.unlink(mnt / "srv" / "root-file")
+    # alice may use only the half that is not reserved
+    result = as_user(1000, f"dd if=/dev/zero of={mnt}/srv/alice bs=64k count=100 2>&1")
+    assert "No space left" in result.stdout
+    assert (mnt / "srv" / "alice").stat().st_size <= 2 * 2**20
+    hits = json.loads(cowfs("limit", "show", guest, "--json").stdout)
+    assert hits[0]["space"] == 4 * 2**20
+
+
+def test_inode_limit_stops_creates_of_every_kind(
+    guest: Path, tmp_path: Path, mounts: Mounts
+) -> None:
+    used = json.loads(cowfs("du", "--json", guest).stdout)["guests"][0]["private_inodes"]
+    cowfs("limit", "set", guest, "--inodes", str(used + 3))
+    mnt = mounts.mount(guest, tmp_path / "m")
+    (mnt / "srv" / "a").write_text("1")
+    os.mkdir(mnt / "srv" / "d")
+    os.symlink("a", mnt / "srv" / "l")
+    for attempt in (
+        lambda: (mnt / "srv" / "b").write_text("2"),
+        lambda: os.mkdir(mnt / "srv" / "d2"),
+        lambda: os.symlink("a", mnt / "srv" / "l2"),
+        lambda: os.mkfifo(mnt / "srv" / "fifo"),
+    ):
+        with pytest.raises(OSError) as err:
+            attempt()
+        assert err.value.errno == errno.ENOSPC
+    os.unlink(mnt / "srv" / "a")
+    (mnt / "srv" / "b").write_text("room again")
+
+
+def test_link_break_over_the_limit_fails_cleanly(
+    guest: Path, guest_tree: Path, tmp_path: Path, mounts: Mounts
+) -> None:
+    used = json.loads(cowfs("du", "--json", guest).stdout)["guests"][0]["private_bytes"]
+    cowfs("limit", "set", guest, "--space", str(used + 256 * 1024))  # busybox is ~2 MiB
+    mnt = mounts.mount(guest, tmp_path / "m")
+    before = (guest_tree / "bin" / "busybox").read_bytes()
+    with pytest.raises(OSError) as err:
+        os.chmod(mnt / "bin" / "busybox", 0o700)
+    assert err.value.errno == errno.ENOSPC
+    with pytest.raises(OSError) as err, open(mnt / "bin" / "busybox", "r+b") as f:
+        f.write(b"x")
+    assert err.value.errno == errno.ENOSPC
+    assert (guest / "bin" / "busybox").stat().st_ino == (
+        guest_tree / "bin" / "busybox"
+    ).stat().st_ino
+    assert (guest / "bin" / "busybox").stat().st_mode & 0o777 == 0o755
+    assert (guest_tree / "bin" / "busybox").read_bytes() == before
+    assert not [n for n in os.listdir(guest / "bin") if n.startswith(".cowfs~")]
+    # a small shared file still breaks fine
+    (mnt / "etc" / "hostname").write_text("mine\n")
+    assert (guest_tree / "etc" / "hostname").read_text() == "busybox-guest\n"
+
+
+def test_fallocate_and_new_limits_apply_without_remount(
+    guest: Path, tmp_path: Path, mounts: Mounts
+) -> None:
+    mnt = mounts.mount(guest, tmp_path / "m")
+    fd = os.open(mnt / "srv" / "f", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        syscalls.fallocate(fd, 0, 0, 4 * 2**20)  # no limit yet
+        cowfs("limit", "set", guest, "--space", "6M")
+        with pytest.raises(OSError) as err:
+            syscalls.fallocate(fd, 0, 0, 16 * 2**20)
+        assert err.value.errno == errno.ENOSPC
+        cowfs("limit", "clear", guest)
+        syscalls.fallocate(fd, 0, 0, 16 * 2**20)
+    finally:
+        os.close(fd)
+
+
+def test_user_quota_hard_soft_grace_and_group(guest: Path, tmp_path: Path, mounts: Mounts) -> None:
+    cowfs("quota", "set", guest, "--user", "alice", "--space-hard", "1M", "--inodes-hard", "5")
+    cowfs(
+        "quota",
+        "set",
+        guest,
+        "--user",
+        "bob",
+        "--space-soft",
+        "100K",
+        "--space-hard",
+        "10M",
+        "--grace",
+        "2s",
+    )
+    cowfs("quota", "set", guest, "--group", "staff", "--inodes-hard", "2")
+    mnt = mounts.mount(guest, tmp_path / "m")
+    srv = mnt / "srv"
+    result = as_user(1000, f"dd if=/dev/zero of={srv}/a bs=64k count=40 2>&1")
+    assert "Disk quota exceeded" in result.stdout
+    assert (srv / "a").stat().st_size <= 2**20
+    result = as_user(1000, f"for i in 1 2 3 4 5 6; do touch {srv}/t$i || exit 7; done")
+    assert result.returncode == 7 and "quota" in result.stderr.lower()
+    # root is not alice: its files are not charged to her
+    (srv / "root-big").write_bytes(b"x" * 3 * 2**20)
+    # bob: over the soft limit is allowed during the grace period, refused after it
+    assert as_user(1001, f"dd if=/dev/zero of={srv}/b bs=64k count=4 2>&1").returncode == 0
+    assert as_user(1001, f"dd if=/dev/zero of={srv}/b2 bs=64k count=1 2>&1").returncode == 0
+    time.sleep(3)
+    result = as_user(1001, f"dd if=/dev/zero of={srv}/b3 bs=64k count=1 2>&1")
+    assert "Disk quota exceeded" in result.stdout
+    # the staff group: files given to it count against it
+    os.chown(srv / "root-big", 0, 50)
+    (srv / "g1").write_text("1")
+    os.chown(srv / "g1", 0, 50)
+    (srv / "g2").write_text("2")
+    with pytest.raises(OSError) as err:
+        os.chown(srv / "g2", 0, 50)
+    assert err.value.errno == errno.EDQUOT
+    report = {
+        (r["kind"], r["name"]): r
+        for r in json.loads(cowfs("quota", "report", guest, "--json").stdout)
+    }
+    alice = report[("user", "alice")]
+    assert alice["space_hard"] == 2**20 and 0 < alice["used_bytes"] <= 2**20  # type: ignore[operator]
+    assert report[("user", "bob")]["space_grace_left"] == 0
+    assert report[("group", "staff")]["used_inodes"] == 2
+    text = cowfs("quota", "report", guest).stdout
+    assert "alice" in text and "bob" in text and "none" in text
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["limit", "set", "no-such-guest", "--space", "1G"], "unknown guest"),
+        (["limit", "set", "GUEST", "--space", "12Q"], "is not a size"),
+        (["limit", "set", "GUEST", "--space", "-5G"], "is not a size"),
+        (["limit", "set", "GUEST", "--inodes", "-3"], "not a whole number"),
+        (["limit", "set", "GUEST", "--reserved", "150%"], "from 0 to under 100%"),
+        (["limit", "set", "GUEST"], "nothing to set"),
+        (
+            [
+                "quota",
+                "set",
+                "GUEST",
+                "--user",
+                "alice",
+                "--space-soft",
+                "2M",
+                "--space-hard",
+                "1M",
+            ],
+            "above",
+        ),
+        (["quota", "set", "GUEST", "--user", "cloudsdk", "--space-hard", "1M"], "unknown in guest"),
+        (["quota", "set", "GUEST", "--user", "4242", "--space-hard", "1M"], "unknown in guest"),
+        (
+            ["quota", "set", "GUEST", "--user", "alice", "--group", "staff", "--space-hard", "1M"],
+            "exactly one",
+        ),
+        (
+            ["quota", "set", "GUEST", "--user", "alice", "--grace", "soon", "--space-hard", "1M"],
+            "not a duration",
+        ),
+        (["limit", "clear", "GUEST"], "has no limits"),
+    ],
+)
+def test_bad_input_is_refused_and_changes_nothing(
+    guest: Path, args: list[str], message: str
+) -> None:
+    db = Path(os.environ["COWFS_ROOT"]) / "state.db"
+    cowfs("limit", "show", "--json")  # the database exists
+    before = _dump(db)
+    result = cowfs(*[str(guest) if a == "GUEST" else a for a in args], check=False)
+    assert result.returncode != 0
+    assert result.stderr.startswith("cowfs: error: ") and result.stderr.count("\n") == 1, (
+        result.stderr
+    )
+    assert message in result.stderr
+    assert _dump(db) == before
+
+
+def _dump(db: Path) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(db)
+    try:
+        rows: list[tuple[object, ...]] = []
+        for table in ("limits", "quotas"):
+            rows += conn.execute(f"SELECT * FROM {table}").fetchall()
+        return sorted(rows, key=repr)
+    finally:
+        conn.close()
+
+
+def test_usage_survives_remount_and_is_rescanned_after_a_crash(
+    guest: Path, tmp_path: Path, mounts: Mounts
+) -> None:
+    mnt = mounts.mount(guest, tmp_path / "m")
+    (mnt / "srv" / "data").write_bytes(b"y" * 300_000)
+    mounts.umount(mnt)
+    shown = json.loads(cowfs("limit", "show", guest, "--json").stdout)[0]
+    scanned = json.loads(cowfs("du", "--json", guest).stdout)["guests"][0]
+    assert (shown["used_bytes"], shown["used_inodes"]) == (
+        scanned["private_bytes"],
+        scanned["private_inodes"],
+    )
+    log = tmp_path / "log"
+    mounts.mount(guest, mnt, "--log", str(log))
+    assert "recomputed by a scan" not in log.read_text()  # exact figures were stored
+    record = json.loads(
+        next(
+            p
+            for p in Path("/run/cowfs/mounts").glob("*.json")
+            if json.loads(p.read_text())["mountpoint"] == str(mnt)
+        ).read_text()
+    )
+    (mnt / "srv" / "more").write_bytes(b"z" * 100_000)
+    os.kill(record["pid"], signal.SIGKILL)
+    time.sleep(0.2)
+    run("umount", "-l", mnt)
+    mounts.points.remove(mnt)
+    log2 = tmp_path / "log2"
+    mounts.mount(guest, mnt, "--log", str(log2))
+    assert "recomputed by a scan" in log2.read_text()
+    mounts.umount(mnt)
+    shown = json.loads(cowfs("limit", "show", guest, "--json").stdout)[0]
+    scanned = json.loads(cowfs("du", "--json", guest).stdout)["guests"][0]
+    assert shown["used_bytes"] == scanned["private_bytes"]
+
+
+def test_du_agrees_with_du_and_reports_sharing(
+    guest: Path, guest_tree: Path, tmp_path: Path, mounts: Mounts
+) -> None:
+    mnt = mounts.mount(guest, tmp_path / "m")
+    (mnt / "srv" / "own").write_bytes(os.urandom(200_000))
+    os.chown(mnt / "srv" / "own", 1000, 1000)
+    (mnt / "etc" / "hostname").write_text("private now\n")  # one link break
+    mounts.umount(mnt)
+    data = json.loads(cowfs("du", "--json", "--by-user", guest).stdout)
+    g = data["guests"][0]
+    du_bytes = int(run("du", "-s", "-B1", guest).stdout.split()[0])
+    assert g["apparent_bytes"] == du_bytes
+    assert g["apparent_bytes"] == g["private_bytes"] + g["shared_bytes"]
+    assert (
+        g["saved_bytes"]
+        == g["shared_bytes"]
+        >= (guest_tree / "bin" / "busybox").stat().st_blocks * 512
+    )
+    alice = next(o for o in g["by_owner"] if o["kind"] == "user" and o["name"] == "alice")
+    assert alice["bytes"] >= 200_000
+    # the template is a second tree sharing the same inodes: saved once for the host
+    both = json.loads(cowfs("du", "--json", guest, guest_tree).stdout)
+    host = both["host"]
+    all_du = int(run("du", "-s", "-B1", "-c", guest, guest_tree).stdout.split()[-2])
+    assert host["disk_bytes"] == all_du
+    assert host["saved_bytes"] == host["apparent_bytes"] - all_du > 0
+    text = cowfs("du", guest).stdout
+    assert "host:" in text and "saved" in text
