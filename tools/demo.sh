@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 tools/install.sh
 export PATH="$PWD/.venv/bin:$PATH"
 demo=${COWFS_DEMO_DIR:-/var/tmp/cowfs-demo}
+export COWFS_ROOT=$demo/root   # the demo's own state database and store
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 show() { printf '$ %s\n' "$*"; "$@"; }
@@ -16,7 +17,7 @@ for m in "$demo"/mnt/*; do
     [ -d "$m" ] && mountpoint -q "$m" && cowfs umount --lazy "$m"
 done
 rm -rf "$demo"
-mkdir -p "$demo/mnt/web1" "$demo/mnt/web2" "$demo/guests"
+mkdir -p "$demo/mnt/web1" "$demo/mnt/web2" "$demo/guests" "$COWFS_ROOT"
 
 step "a template guest from busybox-static"
 tools/mkguest-busybox.sh "$demo/template"
@@ -50,6 +51,21 @@ total() { find "$1" -type f | wc -l; }
 echo "web1: $(shared "$demo/guests/web1") of $(total "$demo/guests/web1") files still shared (it wrote 3)"
 echo "web2: $(shared "$demo/guests/web2") of $(total "$demo/guests/web2") files shared"
 echo "disk used by all three trees: $(du -shc "$demo/template" "$demo/guests/web1" "$demo/guests/web2" | tail -1 | cut -f1) (du counts each shared inode once)"
+
+step "disk limits: df inside web1 shows its own size; writing past it fails"
+show cowfs limit set "$demo/guests/web1" --space 4M --inodes 500 --reserved 10%
+show df -h "$demo/mnt/web1" "$demo/mnt/web2"
+show df -i "$demo/mnt/web1"
+show chroot "$demo/mnt/web1" /bin/sh -c '
+    cat /bin/busybox /bin/busybox > /root/big; ls -l /root/big; rm /root/big'
+step "quota inside web2: bob may keep 256K"
+show cowfs quota set "$demo/guests/web2" --user bob --space-hard 256K
+show chroot --userspec=1001:1001 "$demo/mnt/web2" /bin/sh -c '
+    cd /tmp; cat /bin/busybox > data; ls -l data; rm data'
+show cowfs quota report "$demo/guests/web2"
+
+step "what each guest takes, private and shared (vdu)"
+show cowfs du --by-user "$demo/guests/web1" "$demo/guests/web2" "$demo/template"
 
 step "unmount"
 show cowfs umount "$demo/mnt/web1"
