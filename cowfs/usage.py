@@ -95,8 +95,10 @@ def scan(root: str, shared: dict[tuple[int, int], int] | None = None) -> Usage:
                 if stat.S_ISDIR(st.st_mode):
                     pending.append(os.open(name, flags, dir_fd=dir_fd))
                 nbytes = st.st_blocks * 512
-                if st.st_nlink > 1 and stat.S_ISREG(st.st_mode) and (
-                    (shared is not None and key in shared) or _marked_at(dir_fd, name)
+                if (
+                    st.st_nlink > 1
+                    and stat.S_ISREG(st.st_mode)
+                    and ((shared is not None and key in shared) or _marked_at(dir_fd, name))
                 ):
                     usage.shared_bytes += nbytes
                     usage.shared_inodes += 1

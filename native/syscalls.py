@@ -121,6 +121,15 @@ def syncfs(fd: int) -> None:
     _check(lib.syncfs(fd))
 
 
+RESOLVE_IN_ROOT = 0x10
+
+
+def open_in_root(dirfd: int, path: bytes, flags: int, mode: int = 0) -> int:
+    """openat2(2) as if dirfd were "/": absolute symlinks and ".." stay inside; no magic links."""
+    resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
+    return _check(lib.native_openat2(dirfd, path, flags | os.O_CLOEXEC, mode, resolve), path)
+
+
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2), with its mode (FALLOC_FL_KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE, ...)."""
     _check(lib.fallocate(fd, mode, offset, length))

@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install.sh
-.venv/bin/ruff check cowfs native tests tools bench
-.venv/bin/mypy cowfs native
+.venv/bin/ruff check cowfs contextd native tests tools bench
+.venv/bin/mypy cowfs contextd native
 .venv/bin/pytest -q "$@"

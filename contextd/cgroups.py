@@ -1,0 +1,227 @@
+"""A guest's cgroup: limits, accounting, freezing and killing everything in it.
+
+Cgroup v1 (one hierarchy per controller, as on this project's machines) and
+v2 (one unified hierarchy) where its controllers are enabled. Each guest gets
+``contextd/NAME`` in every hierarchy used; its processes are the union of
+``cgroup.procs`` there, which fork cannot escape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from contextd.config import Limits
+
+CGROUP_ROOT = Path(os.environ.get("CONTEXTD_CGROUP_ROOT", "/sys/fs/cgroup"))
+PARENT = "contextd"
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer")
+_CFS_PERIOD_US = 100_000
+
+
+@dataclass
+class Stats:
+    """What a guest's cgroup accounts (None where no controller tells)."""
+
+    processes: int
+    memory_bytes: int | None
+    cpu_user_seconds: float | None
+    cpu_system_seconds: float | None
+    pids_limit_hits: int | None
+    memory_limit_hits: int | None
+
+
+def _v2_controllers() -> set[str]:
+    try:
+        text = (CGROUP_ROOT / "cgroup.controllers").read_text()
+    except OSError:
+        return set()
+    return set(text.split())
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+class Cgroup:
+    """The cgroup(s) of one guest."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.unified = {"memory", "cpu", "pids"} <= _v2_controllers()
+        if self.unified:
+            self.dirs = {"unified": CGROUP_ROOT / PARENT / name}
+        else:
+            self.dirs = {
+                c: CGROUP_ROOT / c / PARENT / name
+                for c in V1_CONTROLLERS
+                if (CGROUP_ROOT / c / "cgroup.procs").exists()
+            }
+
+    def _dir(self, controller: str) -> Path | None:
+        if self.unified:
+            return self.dirs["unified"]
+        return self.dirs.get(controller)
+
+    def exists(self) -> bool:
+        """True if the guest's cgroup is there."""
+        return any(d.is_dir() for d in self.dirs.values())
+
+    def create(self, limits: Limits) -> None:
+        """Make the cgroup(s) and apply limits; undone by remove()."""
+        if self.unified:
+            parent = CGROUP_ROOT / PARENT
+            parent.mkdir(exist_ok=True)
+            with contextlib.suppress(OSError):
+                _write(parent / "cgroup.subtree_control", "+memory +cpu +pids")
+        for directory in self.dirs.values():
+            directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.apply(limits)
+        except BaseException:
+            self.remove()
+            raise
+
+    def apply(self, limits: Limits) -> None:
+        """Set the guest's limits."""
+        if self.unified:
+            d = self.dirs["unified"]
+            if limits.memory is not None:
+                _write(d / "memory.max", str(limits.memory))
+                with contextlib.suppress(OSError):
+                    _write(d / "memory.swap.max", "0")
+            if limits.pids is not None:
+                _write(d / "pids.max", str(limits.pids))
+            if limits.cpu_weight is not None:
+                _write(d / "cpu.weight", str(limits.cpu_weight))
+            if limits.cpu_quota is not None:
+                _write(d / "cpu.max", f"{int(limits.cpu_quota * _CFS_PERIOD_US)} {_CFS_PERIOD_US}")
+            return
+        if limits.memory is not None and "memory" in self.dirs:
+            d = self.dirs["memory"]
+            _write(d / "memory.limit_in_bytes", str(limits.memory))
+            with contextlib.suppress(OSError):  # without swap accounting there is no memsw
+                _write(d / "memory.memsw.limit_in_bytes", str(limits.memory))
+            with contextlib.suppress(OSError):
+                _write(d / "memory.swappiness", "0")
+        if limits.pids is not None and "pids" in self.dirs:
+            _write(self.dirs["pids"] / "pids.max", str(limits.pids))
+        if "cpu" in self.dirs:
+            if limits.cpu_weight is not None:
+                _write(
+                    self.dirs["cpu"] / "cpu.shares", str(max(2, limits.cpu_weight * 1024 // 100))
+                )
+            if limits.cpu_quota is not None:
+                _write(self.dirs["cpu"] / "cpu.cfs_period_us", str(_CFS_PERIOD_US))
+                _write(
+                    self.dirs["cpu"] / "cpu.cfs_quota_us",
+                    str(int(limits.cpu_quota * _CFS_PERIOD_US)),
+                )
+
+    def add(self, pid: int) -> None:
+        """Move a process into the guest's cgroup(s)."""
+        for directory in self.dirs.values():
+            _write(directory / "cgroup.procs", str(pid))
+
+    def pids(self) -> set[int]:
+        """Every process in the guest's cgroup(s)."""
+        result: set[int] = set()
+        for directory in self.dirs.values():
+            text = _read(directory / "cgroup.procs")
+            if text:
+                result.update(int(p) for p in text.split())
+        return result
+
+    def _freeze(self, frozen: bool) -> None:
+        if self.unified:
+            with contextlib.suppress(OSError):
+                _write(self.dirs["unified"] / "cgroup.freeze", "1" if frozen else "0")
+        elif "freezer" in self.dirs:
+            with contextlib.suppress(OSError):
+                _write(self.dirs["freezer"] / "freezer.state", "FROZEN" if frozen else "THAWED")
+
+    def kill_all(self, timeout: float = 10.0) -> None:
+        """SIGKILL every process in the guest, frozen first so that none forks away."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.pids()
+            if not pids:
+                return
+            self._freeze(True)
+            for pid in self.pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self._freeze(False)  # killed tasks die only once thawed
+            time.sleep(0.02)
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"processes of {self.name} survive SIGKILL: {sorted(self.pids())}"
+                )
+
+    def remove(self) -> None:
+        """Remove the (empty) cgroup(s)."""
+        for directory in self.dirs.values():
+            for _ in range(50):
+                try:
+                    directory.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno != errno.EBUSY:
+                        raise
+                    time.sleep(0.02)
+
+    def stats(self) -> Stats:
+        """Processes, memory, CPU time and limit hits."""
+        memory = cpu_user = cpu_sys = pids_hits = mem_hits = None
+        if self.unified:
+            d = self.dirs["unified"]
+            text = _read(d / "memory.current")
+            memory = int(text) if text else None
+            for line in (_read(d / "cpu.stat") or "").splitlines():
+                key, _, value = line.partition(" ")
+                if key == "user_usec":
+                    cpu_user = int(value) / 1e6
+                elif key == "system_usec":
+                    cpu_sys = int(value) / 1e6
+            pids_hits = _event(d / "pids.events", "max")
+            mem_hits = _event(d / "memory.events", "max")
+        else:
+            if "memory" in self.dirs:
+                text = _read(self.dirs["memory"] / "memory.usage_in_bytes")
+                memory = int(text) if text else None
+                text = _read(self.dirs["memory"] / "memory.failcnt")
+                mem_hits = int(text) if text else None
+            if "cpuacct" in self.dirs:
+                hz = os.sysconf("SC_CLK_TCK")
+                for line in (_read(self.dirs["cpuacct"] / "cpuacct.stat") or "").splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "user":
+                        cpu_user = int(value) / hz
+                    elif key == "system":
+                        cpu_sys = int(value) / hz
+            if "pids" in self.dirs:
+                pids_hits = _event(self.dirs["pids"] / "pids.events", "max")
+        return Stats(len(self.pids()), memory, cpu_user, cpu_sys, pids_hits, mem_hits)
+
+
+def _event(path: Path, key: str) -> int | None:
+    for line in (_read(path) or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return int(value)
+    return None

@@ -1,0 +1,249 @@
+"""The ``contextd`` command: the daemon (serve) and its client verbs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from contextd import __version__
+from contextd.client import request
+from contextd.config import config_dir
+from cowfs.errors import CowfsError
+from cowfs.units import format_bytes
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except CowfsError as e:
+            click.echo(f"contextd: error: {e}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="contextd")
+def main() -> None:
+    """contextd: boot, stop, enter and account guests in isolated contexts.
+
+    Linux-VServer's vserver and vserver-stat on namespaces, cgroups and
+    capabilities; each guest runs on its cowfs root. The verbs talk to the
+    daemon (contextd serve) over /run/contextd/contextd.sock, as root.
+    """
+
+
+@main.command()
+@click.option(
+    "--config-dir",
+    type=click.Path(path_type=Path),
+    help="Guest configurations (default /etc/contextd).",
+)
+@click.option(
+    "--log", "log_file", type=click.Path(path_type=Path), help="Log file (default: stderr)."
+)
+def serve(config_dir: Path | None, log_file: Path | None) -> None:
+    """Run the daemon: the control socket, autostart, adoption of running guests."""
+    import trio
+
+    from contextd.server import JsonFormatter
+    from contextd.server import serve as run_server
+
+    handler: logging.Handler = (
+        logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    )
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    directory = config_dir or _config_dir()
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_server, directory)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    logging.getLogger("contextd").info("stopping (guests keep running)")
+                    nursery.cancel_scope.cancel()
+                    return
+
+    trio.run(run)
+
+
+def _config_dir() -> Path:
+    return config_dir()
+
+
+@main.command()
+@click.argument("name")
+@click.option(
+    "--from", "template", required=True, type=click.Path(), help="Template tree to clone."
+)
+@click.option(
+    "--xid", type=click.IntRange(2, 65535), help="Context id (default: the next free one)."
+)
+@click.option(
+    "--root", type=click.Path(), help="Backing tree (default /var/lib/cowfs/guests/NAME)."
+)
+@click.option(
+    "--init", help="Init command instead of the guest's /sbin/init (a shell command line)."
+)
+def create(name: str, template: str, xid: int | None, root: str | None, init: str | None) -> None:
+    """Create guest NAME: a cowfs clone of TEMPLATE and its configuration file."""
+    import os
+    import shlex
+
+    answer = request(
+        "create",
+        name=name,
+        template=os.path.abspath(template),
+        xid=xid,
+        root=os.path.abspath(root) if root else None,
+        init=shlex.split(init) if init else None,
+    )
+    click.echo(
+        f"created {name}: xid {answer['xid']}, root {answer['root']}, config {answer['config']}"
+    )
+
+
+@main.command()
+@click.argument("name")
+def start(name: str) -> None:
+    """Boot guest NAME."""
+    answer = request("start", name=name)
+    click.echo(f"started {name} (init pid {answer['init_pid']})")
+
+
+@main.command()
+@click.argument("name")
+@click.option(
+    "--timeout", type=click.FloatRange(min=0), help="Seconds before SIGKILL (default: the guest's)."
+)
+def stop(name: str, timeout: float | None) -> None:
+    """Stop guest NAME: its stop signal, then SIGKILL to everything left."""
+    request("stop", name=name, timeout=timeout)
+    click.echo(f"stopped {name}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Seconds before SIGKILL.")
+def restart(name: str, timeout: float | None) -> None:
+    """Stop (if running) and start guest NAME."""
+    answer = request("restart", name=name, timeout=timeout)
+    click.echo(f"restarted {name} (init pid {answer['init_pid']})")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    return (f"{days}d " if days else "") + time.strftime("%H:%M:%S", time.gmtime(rest))
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def status(name: str | None, as_json: bool) -> None:
+    """vserver-stat: xid, state, init pid, processes, memory, CPU, uptime, disk, limit hits."""
+    guests = [request("status", name=name)["status"]] if name else request("list")["guests"]
+    if as_json:
+        click.echo(json.dumps(guests if not name else guests[0]))
+        return
+    click.echo(
+        f"{'NAME':14} {'XID':>5} {'STATE':8} {'INIT':>7} {'PROCS':>5} {'RSS':>9} {'USER':>8}"
+        f" {'SYS':>8} {'UPTIME':>11} {'DISK':>9} HITS"
+    )
+    for g in guests:
+        hits = ",".join(f"{k}:{v}" for k, v in g["limit_hits"].items()) or "-"
+        click.echo(
+            f"{g['name']:14} {g['xid']:>5} {g['state']:8} {g['init_pid'] or '-':>7}"
+            f" {g['processes']:>5}"
+            f" {format_bytes(g['memory_bytes']) if g['memory_bytes'] is not None else '-':>9}"
+            f" {_secs(g['cpu_user_seconds']):>8} {_secs(g['cpu_system_seconds']):>8}"
+            f" {_duration(g['uptime_seconds']):>11}"
+            f" {format_bytes(g['disk_bytes']) if g['disk_bytes'] is not None else '-':>9} {hits}"
+        )
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s"
+
+
+@main.command("list")
+def list_command() -> None:
+    """Guest names and states."""
+    for g in request("list")["guests"]:
+        click.echo(f"{g['name']} {g['state']}")
+
+
+def _running(name: str) -> dict[str, Any]:
+    info = request("status", name=name)
+    if info["status"]["state"] != "running":
+        raise CowfsError(f"guest {name} is not running")
+    return info
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec(name: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND in guest NAME (contextd exec NAME -- CMD ARGS); its exit code is ours."""
+    from contextd.attach import exec_in
+
+    info = _running(name)
+    sys.stdout.flush()
+    code = exec_in(
+        name,
+        info["status"]["init_pid"],
+        info["capabilities"],
+        info["environment"],
+        list(command),  # type: ignore[index, arg-type]
+    )
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--shell", default="/bin/sh", show_default=True, help="Shell to run.")
+def enter(name: str, shell: str) -> None:
+    """An interactive shell in guest NAME, on a fresh pty in a new session."""
+    from contextd.attach import enter as enter_guest
+
+    info = _running(name)
+    code = enter_guest(
+        name,
+        info["status"]["init_pid"],
+        info["capabilities"],
+        info["environment"],
+        [shell, "-l"],  # type: ignore[index, arg-type]
+    )
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("name")
+@click.option("-n", "--lines", type=int, default=0, help="Only the last N lines.")
+def logs(name: str, lines: int) -> None:
+    """The guest's console: init's output."""
+    path = Path(request("status", name=name)["console_log"])
+    if not path.exists():
+        raise CowfsError(f"guest {name} has no console log yet")
+    text = path.read_text(errors="replace")
+    if lines:
+        text = "".join(text.splitlines(keepends=True)[-lines:])
+    click.echo(text, nl=False)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--remove-root", is_flag=True, help="Also delete the guest's backing tree.")
+def delete(name: str, remove_root: bool) -> None:
+    """Delete stopped guest NAME's configuration (and with --remove-root its tree)."""
+    request("delete", name=name, remove_root=remove_root)
+    click.echo(f"deleted {name}")

@@ -1,0 +1,148 @@
+"""Inside a new context: the guest's root, /proc, /sys, /dev, pivot_root, hostname, capabilities.
+
+These functions run in the child that becomes the guest's PID 1 (``setup_root``)
+or in a process joining a running guest (``join``). They use only system calls
+(native/ and os), never threads or the event loop: they run between fork and exec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+
+from contextd.capabilities import drop_all_but
+from native import syscalls as sc
+
+# Files of /proc that would tell or let a guest do too much: covered with /dev/null.
+MASKED_PROC_FILES = (
+    "kcore", "keys", "key-users", "sysrq-trigger", "timer_list", "sched_debug",
+    "latency_stats", "kallsyms", "kpagecount", "kpageflags", "kpagecgroup", "config.gz",
+)  # fmt: skip
+# Directories of /proc a guest must not see into: covered with an empty read-only tmpfs.
+MASKED_PROC_DIRS = ("acpi", "scsi", "asound", "firmware")
+# Read-only views: kernel tunables are the host's.
+READONLY_PROC = ("sys", "irq", "bus", "fs")
+
+DEVICES = (  # name, major, minor
+    ("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9),
+    ("tty", 5, 0),
+)  # fmt: skip
+
+NS_TYPES = ("ipc", "uts", "net", "pid", "mnt")
+
+
+def _mount(
+    source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None
+) -> None:
+    sc.mount(source, target, fstype, flags, data)
+
+
+def _bind_readonly(path: str) -> None:
+    _mount(path, path, None, sc.MS_BIND | sc.MS_REC)
+    _mount(None, path, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
+
+
+def setup_root(root: str) -> None:
+    """Make root (the guest's cowfs mount) this mount namespace's /, with its own /proc,
+    a read-only /sys and a minimal /dev, and detach the host's tree."""
+    _mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+    # A bind of the root onto itself: pivot_root needs a mount point, and it keeps
+    # the guest's mounts below inside its own tree.
+    _mount(root, root, None, sc.MS_BIND | sc.MS_REC)
+    for sub in ("proc", "sys", "dev"):
+        path = Path(root, sub)
+        if not path.is_dir() or path.is_symlink():
+            raise RuntimeError(f"the guest has no /{sub} directory")
+    proc = f"{root}/proc"
+    _mount("proc", proc, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+    for name in MASKED_PROC_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.isfile(f"{proc}/{name}"):
+                _mount("/dev/null", f"{proc}/{name}", None, sc.MS_BIND)
+    for name in MASKED_PROC_DIRS:
+        if os.path.isdir(f"{proc}/{name}"):
+            _mount(
+                "tmpfs",
+                f"{proc}/{name}",
+                "tmpfs",
+                sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV,
+                "size=0",
+            )
+    for name in READONLY_PROC:
+        if os.path.isdir(f"{proc}/{name}"):
+            _bind_readonly(f"{proc}/{name}")
+    _mount(
+        "sysfs", f"{root}/sys", "sysfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+    )
+    _make_dev(f"{root}/dev")
+    os.chdir(root)
+    sc.pivot_root(".", ".")  # the old root is stacked on the new one ...
+    sc.umount2(".", sc.MNT_DETACH)  # ... and detached: the host's tree is gone
+    os.chdir("/")
+
+
+def _make_dev(dev: str) -> None:
+    _mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_STRICTATIME, "mode=755,size=65536k")
+    old_umask = os.umask(0)
+    try:
+        for name, major, minor in DEVICES:
+            os.mknod(f"{dev}/{name}", 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        os.mkdir(f"{dev}/pts", 0o755)
+        _mount(
+            "devpts",
+            f"{dev}/pts",
+            "devpts",
+            sc.MS_NOSUID | sc.MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=0620",
+        )
+        os.symlink("pts/ptmx", f"{dev}/ptmx")
+        os.mkdir(f"{dev}/shm", 0o1777)
+        _mount("tmpfs", f"{dev}/shm", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777")
+        os.mkdir(f"{dev}/mqueue", 0o1777)
+        for name, target in (
+            ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"), ("core", "/proc/kcore"),
+            # The console is init's output: the log contextd keeps (logs NAME).
+            ("console", "/proc/1/fd/1"),
+        ):  # fmt: skip
+            os.symlink(target, f"{dev}/{name}")
+    finally:
+        os.umask(old_umask)
+
+
+def close_fds(keep: tuple[int, ...] = ()) -> None:
+    """Close every fd from 3 up but those in keep."""
+    start = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        if fd > start:
+            os.closerange(start, fd)
+        start = fd + 1
+    os.closerange(start, 1 << 20)
+
+
+def become_guest(hostname: str | None, capabilities: list[str]) -> None:
+    """The last steps before exec: hostname (new UTS namespace only) and capabilities."""
+    if hostname is not None:
+        sc.sethostname(hostname)
+    drop_all_but(capabilities)
+
+
+def open_namespaces(pid: int) -> dict[str, int]:
+    """fds of a running guest's namespaces and root, to join it."""
+    fds = {ns: os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in NS_TYPES}
+    fds["root"] = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return fds
+
+
+def join(fds: dict[str, int]) -> None:
+    """Enter a running guest's namespaces and root (the pid namespace applies to children)."""
+    # Nothing of the host may be traced from inside while we still hold it.
+    sc.prctl(sc.PR_SET_DUMPABLE, 0)
+    for ns in ("ipc", "uts", "net", "pid"):
+        sc.setns(fds[ns], 0)
+    sc.setns(fds["mnt"], 0)
+    os.fchdir(fds["root"])
+    os.chroot(".")
+    os.chdir("/")

@@ -1,0 +1,356 @@
+"""Starting, stopping and observing guests: the library behind contextd's verbs.
+
+Start is transactional: mount the guest's cowfs root -> its cgroup with the
+limits -> the console logger -> the new context (contextd.spawn: namespaces,
+/proc, /sys, /dev, pivot_root, hostname, capabilities, exec of init). A step
+that fails undoes every step before it. Stop sends the stop signal to init,
+waits, then kills every process left in the cgroup (frozen first), unmounts
+the root and removes the cgroup: nothing is left.
+
+A running guest is recorded in /run/contextd/guests/NAME.json (init's pid and
+start time): a restarted contextd finds and adopts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from contextd.cgroups import Cgroup
+from contextd.config import GuestConfig
+from cowfs import registry
+from cowfs.errors import CowfsError
+from cowfs.mount import unmount
+from cowfs.statedb import LimitRow, StateDB
+
+log = logging.getLogger(__name__)
+
+
+class GuestError(CowfsError):
+    """A guest operation that cannot be done; one line for the admin."""
+
+
+def run_dir() -> Path:
+    """contextd's runtime directory (CONTEXTD_RUN_DIR overrides /run/contextd)."""
+    return Path(os.environ.get("CONTEXTD_RUN_DIR", "/run/contextd"))
+
+
+def log_dir() -> Path:
+    """Where guests' console logs go (CONTEXTD_LOG_DIR overrides /var/log/contextd)."""
+    return Path(os.environ.get("CONTEXTD_LOG_DIR", "/var/log/contextd"))
+
+
+@dataclass
+class RunState:
+    """What contextd records about a running guest."""
+
+    name: str
+    xid: int
+    init_pid: int
+    init_start: int  # /proc/PID/stat start time: a recycled pid is not the guest's init
+    mountpoint: str
+    root: str
+    started: float
+    console_log: str
+
+
+def _state_path(name: str) -> Path:
+    return run_dir() / "guests" / f"{name}.json"
+
+
+def load_state(name: str) -> RunState | None:
+    """The recorded run state of a guest, if any."""
+    try:
+        return RunState(**json.loads(_state_path(name).read_text()))
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+
+
+def _save_state(state: RunState) -> None:
+    path = _state_path(state.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(state)))
+    tmp.replace(path)
+
+
+def _drop_state(name: str) -> None:
+    _state_path(name).unlink(missing_ok=True)
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (None if there is no such process)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[19])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
+
+
+def is_running(state: RunState) -> bool:
+    """True if the recorded init is still that process (not a recycled pid)."""
+    start = process_start_time(state.init_pid)
+    if start is None or start != state.init_start:
+        return False
+    with open(f"/proc/{state.init_pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0] != "Z"
+
+
+class _Undo:
+    """Steps to undo, last first, if a later step fails."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, Callable[[], object]]] = []
+
+    def push(self, what: str, step: Callable[[], object]) -> None:
+        self.steps.append((what, step))
+
+    def run(self) -> None:
+        for what, step in reversed(self.steps):
+            try:
+                step()
+            except Exception as e:  # keep undoing the rest
+                log.error("undo %s failed: %s", what, e)
+
+
+def _apply_disk_limits(config: GuestConfig) -> None:
+    limits = config.limits
+    if limits.disk_space is None and limits.disk_inodes is None:
+        return
+    db = StateDB()
+    try:
+        guest = db.guest(config.root, config.name)
+        assert guest is not None
+        db.set_limits(
+            guest.id,
+            LimitRow(limits.disk_space, limits.disk_inodes, db.limits(guest.id).reserved_percent),
+        )
+    finally:
+        db.close()
+
+
+def start(config: GuestConfig) -> RunState:
+    """Boot a guest (see the module docstring); its run state."""
+    existing = load_state(config.name)
+    if existing is not None and is_running(existing):
+        raise GuestError(f"guest {config.name} is already running (init pid {existing.init_pid})")
+    if not os.path.isdir(config.root):
+        raise GuestError(f"guest {config.name}: root {config.root} does not exist")
+    if registry.mounts_serving(config.root):
+        raise GuestError(f"guest {config.name}: its root {config.root} is mounted already")
+    undo = _Undo()
+    try:
+        mountpoint = run_dir() / "roots" / config.name
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        _apply_disk_limits(config)
+        # A fresh process mounts: contextd's own threads must not be forked.
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cowfs",
+                "mount",
+                "--xid",
+                str(config.xid),
+                "--log",
+                str(log_dir() / f"{config.name}.cowfs.log"),
+                config.root,
+                str(mountpoint),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise GuestError(
+                f"guest {config.name}: {result.stderr.strip().removeprefix('cowfs: error: ')}"
+            )
+        undo.push("cowfs mount", lambda: unmount(str(mountpoint), lazy=True))
+        cgroup = Cgroup(config.name)
+        if cgroup.exists():
+            cgroup.kill_all()
+            cgroup.remove()
+        cgroup.create(config.limits)
+        undo.push("cgroup", lambda: _kill_and_remove(cgroup))
+        console_log = log_dir() / f"{config.name}.console.log"
+        console_log.parent.mkdir(parents=True, exist_ok=True)
+        console_r, console_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            subprocess.Popen(
+                [sys.executable, "-m", "contextd.console", str(console_log)],
+                stdin=console_r,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            os.close(console_r)
+        try:
+            pid = _spawn(config, str(mountpoint), console_w, cgroup)
+        finally:
+            os.close(console_w)
+        state = RunState(
+            name=config.name,
+            xid=config.xid,
+            init_pid=pid,
+            init_start=process_start_time(pid) or 0,
+            mountpoint=str(mountpoint),
+            root=config.root,
+            started=time.time(),
+            console_log=str(console_log),
+        )
+        _save_state(state)
+        return state
+    except BaseException:
+        undo.run()
+        raise
+
+
+def _kill_and_remove(cgroup: Cgroup) -> None:
+    cgroup.kill_all()
+    cgroup.remove()
+
+
+def _spawn(config: GuestConfig, mountpoint: str, console_w: int, cgroup: Cgroup) -> int:
+    request: dict[str, object] = {
+        "root": mountpoint,
+        "hostname": config.hostname,
+        "init": config.init,
+        "environment": config.environment,
+        "capabilities": config.capabilities,
+        "net": config.net_mode,
+    }
+    request["console_fd"] = console_w
+    helper = subprocess.Popen(
+        [sys.executable, "-m", "contextd.spawn"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=(console_w,),
+        text=True,
+    )
+    assert helper.stdin is not None and helper.stdout is not None
+    try:
+        helper.stdin.write(json.dumps(request) + "\n")
+        helper.stdin.flush()
+        line = helper.stdout.readline().strip()
+        if not line.isdigit():
+            problem = helper.stderr.read().strip() if helper.stderr else ""
+            raise GuestError(f"guest {config.name}: context not created: {problem}")
+        pid = int(line)
+        try:
+            cgroup.add(pid)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            raise
+        helper.stdin.write("go\n")
+        helper.stdin.flush()
+        result = helper.stdout.readline().strip()
+        if result != "ok":
+            raise GuestError(
+                f"guest {config.name}: init did not start: {result.removeprefix('error: ')}"
+            )
+        return pid
+    finally:
+        helper.stdin.close()
+        helper.wait()
+
+
+def stop(config: GuestConfig, timeout: float | None = None) -> None:
+    """Stop a running guest and leave nothing behind."""
+    state = load_state(config.name)
+    cgroup = Cgroup(config.name)
+    if state is None and not cgroup.exists():
+        raise GuestError(f"guest {config.name} is not running")
+    timeout = config.stop_timeout if timeout is None else timeout
+    if state is not None and is_running(state):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(state.init_pid, config.stop_signal)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and cgroup.pids():
+            time.sleep(0.05)
+    cgroup.kill_all()
+    mountpoint = state.mountpoint if state else str(run_dir() / "roots" / config.name)
+    if os.path.realpath(mountpoint) in registry.mounted_points():
+        for _ in range(100):
+            try:
+                unmount(mountpoint)
+                break
+            except CowfsError as e:
+                if "busy" not in str(e):
+                    raise
+                time.sleep(0.05)  # the guest's mount namespace is being torn down
+        else:
+            unmount(mountpoint, lazy=True)
+    cgroup.remove()
+    _drop_state(config.name)
+
+
+@dataclass
+class Status:
+    """What ``contextd status`` shows of a guest (vserver-stat)."""
+
+    name: str
+    xid: int
+    state: str
+    init_pid: int | None
+    processes: int
+    memory_bytes: int | None
+    cpu_user_seconds: float | None
+    cpu_system_seconds: float | None
+    uptime_seconds: float | None
+    disk_bytes: int | None
+    disk_inodes: int | None
+    limit_hits: dict[str, int]
+    root: str
+    hostname: str
+
+
+def status(config: GuestConfig) -> Status:
+    """A guest's state and accounting."""
+    state = load_state(config.name)
+    running = state is not None and is_running(state)
+    cgroup = Cgroup(config.name)
+    stats = cgroup.stats() if cgroup.exists() else None
+    hits: dict[str, int] = {}
+    disk_bytes = disk_inodes = None
+    db = StateDB()
+    try:
+        guest = db.guest(config.root, create=False)
+        if guest is not None:
+            usage = db.usage(guest.id)
+            if usage is not None:
+                disk_bytes, disk_inodes = usage.bytes, usage.inodes
+            hits.update({f"disk {k}": v for k, v in db.hits(guest.id).items()})
+    finally:
+        db.close()
+    if stats is not None:
+        if stats.pids_limit_hits:
+            hits["pids"] = stats.pids_limit_hits
+        if stats.memory_limit_hits:
+            hits["memory"] = stats.memory_limit_hits
+    return Status(
+        name=config.name,
+        xid=config.xid,
+        state="running" if running else "stopped",
+        init_pid=state.init_pid if running and state else None,
+        processes=stats.processes if stats else 0,
+        memory_bytes=stats.memory_bytes if stats else None,
+        cpu_user_seconds=stats.cpu_user_seconds if stats else None,
+        cpu_system_seconds=stats.cpu_system_seconds if stats else None,
+        uptime_seconds=time.time() - state.started if running and state else None,
+        disk_bytes=disk_bytes,
+        disk_inodes=disk_inodes,
+        limit_hits=hits,
+        root=config.root,
+        hostname=config.hostname,
+    )

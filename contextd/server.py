@@ -1,0 +1,260 @@
+"""The contextd daemon: a control socket (root only) in front of the runtime.
+
+``contextd serve`` listens on /run/contextd/contextd.sock (mode 0600; each
+peer's credentials are checked: uid 0 only). A request is one JSON line,
+``{"verb": ..., "name": ..., ...}``, the answer one JSON line, ``{"ok": true,
+...}`` or ``{"ok": false, "error": "..."}``. Guests do not depend on the
+daemon: it can stop or crash, and a restarted daemon adopts the running ones
+(their state is in /run/contextd/guests/) and cleans up after those that died.
+Logs are structured: one JSON object a line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import struct
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from contextd import config as configs
+from contextd import runtime
+from contextd.cgroups import Cgroup
+from cowfs.clone import clone
+from cowfs.errors import CowfsError
+
+log = logging.getLogger("contextd")
+
+
+def socket_path() -> Path:
+    """The control socket (CONTEXTD_SOCKET overrides /run/contextd/contextd.sock)."""
+    return Path(os.environ.get("CONTEXTD_SOCKET", str(runtime.run_dir() / "contextd.sock")))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, message and any extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "msg": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _event(message: str, **fields: object) -> None:
+    log.info(message, extra={"fields": fields})
+
+
+class Daemon:
+    """The verbs, each run under its guest's lock."""
+
+    def __init__(self, config_dir: Path):
+        self.config_dir = config_dir
+        self.locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
+
+    def _config(self, name: str) -> configs.GuestConfig:
+        all_configs = configs.load_all(self.config_dir)
+        if name not in all_configs:
+            raise runtime.GuestError(
+                f"unknown guest {name!r} (no {self.config_dir / (name + '.toml')})"
+            )
+        return all_configs[name]
+
+    async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        verb = request.get("verb")
+        handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = getattr(
+            self, f"do_{verb}", None
+        )
+        if not isinstance(verb, str) or handler is None:
+            raise runtime.GuestError(f"unknown request {verb!r}")
+        name = request.get("name")
+        if name is None:
+            return await handler(request)
+        async with self.locks[str(name)]:
+            return await handler(request)
+
+    async def do_ping(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"pid": os.getpid()}
+
+    async def do_list(self, request: dict[str, Any]) -> dict[str, Any]:
+        guests = await trio.to_thread.run_sync(self._all_status)
+        return {"guests": guests}
+
+    def _all_status(self) -> list[dict[str, Any]]:
+        return [
+            dataclasses.asdict(runtime.status(c))
+            for c in configs.load_all(self.config_dir).values()
+        ]
+
+    async def do_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        config = self._config(request["name"])
+        status = await trio.to_thread.run_sync(runtime.status, config)
+        return {
+            "status": dataclasses.asdict(status),
+            "capabilities": config.capabilities,
+            "environment": config.environment,
+            "console_log": str(runtime.log_dir() / f"{config.name}.console.log"),
+        }
+
+    async def do_start(self, request: dict[str, Any]) -> dict[str, Any]:
+        config = self._config(request["name"])
+        state = await trio.to_thread.run_sync(runtime.start, config)
+        _event("started", guest=config.name, xid=config.xid, init_pid=state.init_pid)
+        return {"init_pid": state.init_pid}
+
+    async def do_stop(self, request: dict[str, Any]) -> dict[str, Any]:
+        config = self._config(request["name"])
+        timeout = request.get("timeout")
+        await trio.to_thread.run_sync(runtime.stop, config, timeout)
+        _event("stopped", guest=config.name)
+        return {}
+
+    async def do_restart(self, request: dict[str, Any]) -> dict[str, Any]:
+        config = self._config(request["name"])
+        state = runtime.load_state(config.name)
+        if state is not None and runtime.is_running(state):
+            await trio.to_thread.run_sync(runtime.stop, config, request.get("timeout"))
+        new = await trio.to_thread.run_sync(runtime.start, config)
+        _event("restarted", guest=config.name, init_pid=new.init_pid)
+        return {"init_pid": new.init_pid}
+
+    async def do_create(self, request: dict[str, Any]) -> dict[str, Any]:
+        name = request["name"]
+        template = request["template"]
+        existing = configs.load_all(self.config_dir)
+        if name in existing:
+            raise runtime.GuestError(f"guest {name!r} exists already ({existing[name].path})")
+        xid = request.get("xid") or max([c.xid for c in existing.values()] + [100]) + 1
+        if any(c.xid == xid for c in existing.values()):
+            owner = next(c.name for c in existing.values() if c.xid == xid)
+            raise runtime.GuestError(f"xid {xid} is used by guest {owner}")
+        root = request.get("root") or str(
+            Path(os.environ.get("COWFS_ROOT", "/var/lib/cowfs")) / "guests" / name
+        )
+        path = self.config_dir / f"{name}.toml"
+        config = configs.GuestConfig(name=name, xid=int(xid), root=root, path=path, hostname=name)
+        if request.get("init"):
+            config.init = list(request["init"])
+        # Validate the file we would write before cloning anything.
+        configs.write(dataclasses.replace(config, path=path.with_suffix(".check")))
+        try:
+            configs.parse(path.with_suffix(".check"))
+        finally:
+            path.with_suffix(".check").unlink(missing_ok=True)
+        Path(root).parent.mkdir(parents=True, exist_ok=True)
+        await trio.to_thread.run_sync(clone, template, root)
+        configs.write(config)
+        _event("created", guest=name, xid=config.xid, root=root, template=template)
+        return {"xid": config.xid, "root": root, "config": str(path)}
+
+    async def do_delete(self, request: dict[str, Any]) -> dict[str, Any]:
+        config = self._config(request["name"])
+        state = runtime.load_state(config.name)
+        if state is not None and runtime.is_running(state):
+            raise runtime.GuestError(f"guest {config.name} is running: stop it first")
+        config.path.unlink()
+        if request.get("remove_root"):
+            await trio.to_thread.run_sync(_remove_tree, config.root)
+        _event("deleted", guest=config.name, root_removed=bool(request.get("remove_root")))
+        return {}
+
+
+def _remove_tree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path)
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+async def _serve_client(daemon: Daemon, stream: Any) -> None:
+    async with stream:
+        if _peer_uid(stream.socket) != 0:  # type: ignore[arg-type]
+            await stream.send_all(b'{"ok": false, "error": "contextd serves root only"}\n')
+            return
+        buffer = b""
+        while b"\n" not in buffer:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            buffer += chunk
+        try:
+            request = json.loads(buffer.split(b"\n", 1)[0])
+            if not isinstance(request, dict):
+                raise ValueError("not an object")
+            answer = {"ok": True, **(await daemon.handle(request))}
+        except (CowfsError, OSError, KeyError, ValueError, TimeoutError) as e:
+            message = str(e) if not isinstance(e, KeyError) else f"missing {e}"
+            answer = {"ok": False, "error": message}
+            _event("request failed", request=buffer.decode(errors="replace").strip(), error=message)
+        await stream.send_all(json.dumps(answer).encode() + b"\n")
+
+
+def adopt_or_clean(config_dir: Path) -> None:
+    """At start: keep running guests, clean up after those that died while we were away."""
+    all_configs = configs.load_all(config_dir)
+    state_dir = runtime.run_dir() / "guests"
+    for path in sorted(state_dir.glob("*.json")) if state_dir.is_dir() else []:
+        state = runtime.load_state(path.stem)
+        if state is None:
+            continue
+        if runtime.is_running(state):
+            _event("adopted", guest=state.name, init_pid=state.init_pid)
+            continue
+        config = all_configs.get(state.name)
+        if config is not None:
+            try:
+                runtime.stop(config, timeout=0)
+            except CowfsError as e:
+                log.error("cleaning up %s: %s", state.name, e)
+        else:
+            Cgroup(state.name).kill_all()
+            Cgroup(state.name).remove()
+            path.unlink(missing_ok=True)
+        _event("cleaned up after a guest that died", guest=state.name)
+
+
+async def serve(config_dir: Path, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the daemon until cancelled."""
+    configs.load_all(config_dir)  # a bad file stops the daemon with its message
+    await trio.to_thread.run_sync(adopt_or_clean, config_dir)
+    daemon = Daemon(config_dir)
+    for config in configs.load_all(config_dir).values():
+        state = runtime.load_state(config.name)
+        if config.autostart and (state is None or not runtime.is_running(state)):
+            try:
+                await daemon.handle({"verb": "start", "name": config.name})
+            except CowfsError as e:
+                log.error("autostart of %s failed: %s", config.name, e)
+    path = socket_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        await listener.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    listener.listen(64)
+    _event("listening", socket=str(path), pid=os.getpid(), started=time.time())
+    task_status.started()
+    listeners = [trio.SocketListener(listener)]
+    await trio.serve_listeners(lambda stream: _serve_client(daemon, stream), listeners)

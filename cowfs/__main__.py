@@ -1,0 +1,5 @@
+"""``python -m cowfs``: the cowfs command."""
+
+from cowfs.cli import main
+
+main()
