@@ -137,13 +137,13 @@ class Cgroup:
             _write(directory / "cgroup.procs", str(pid))
 
     def pids(self) -> set[int]:
-        """Every process in the guest's cgroup(s)."""
+        """Every live process in the guest's cgroup(s) (zombies waiting to be reaped are dead)."""
         result: set[int] = set()
         for directory in self.dirs.values():
             text = _read(directory / "cgroup.procs")
             if text:
                 result.update(int(p) for p in text.split())
-        return result
+        return {pid for pid in result if not _zombie(pid)}
 
     def _freeze(self, frozen: bool) -> None:
         if self.unified:
@@ -199,13 +199,19 @@ class Cgroup:
                 elif key == "system_usec":
                     cpu_sys = int(value) / 1e6
             pids_hits = _event(d / "pids.events", "max")
-            mem_hits = _event(d / "memory.events", "max")
+            mem_hits = max(
+                _event(d / "memory.events", "max") or 0,
+                _event(d / "memory.events", "oom_kill") or 0,
+            )
         else:
             if "memory" in self.dirs:
                 text = _read(self.dirs["memory"] / "memory.usage_in_bytes")
                 memory = int(text) if text else None
+                # Hits: allocations refused at the limit, or processes the OOM killer took.
                 text = _read(self.dirs["memory"] / "memory.failcnt")
-                mem_hits = int(text) if text else None
+                failed = int(text) if text else 0
+                killed = _event(self.dirs["memory"] / "memory.oom_control", "oom_kill") or 0
+                mem_hits = max(failed, killed)
             if "cpuacct" in self.dirs:
                 hz = os.sysconf("SC_CLK_TCK")
                 for line in (_read(self.dirs["cpuacct"] / "cpuacct.stat") or "").splitlines():
@@ -217,6 +223,14 @@ class Cgroup:
             if "pids" in self.dirs:
                 pids_hits = _event(self.dirs["pids"] / "pids.events", "max")
         return Stats(len(self.pids()), memory, cpu_user, cpu_sys, pids_hits, mem_hits)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return True
 
 
 def _event(path: Path, key: str) -> int | None:

@@ -11,6 +11,7 @@ Logs are structured: one JSON object a line.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -231,8 +232,33 @@ def adopt_or_clean(config_dir: Path) -> None:
         _event("cleaned up after a guest that died", guest=state.name)
 
 
+PR_SET_CHILD_SUBREAPER = 36
+
+
+async def _reap_children() -> None:
+    """Reap guests' inits that ended: the daemon is their subreaper while it runs.
+
+    Only guests' inits: waitpid(-1) would take the exit status of the helpers
+    that the verbs wait for themselves.
+    """
+    state_dir = runtime.run_dir() / "guests"
+    while True:
+        await trio.sleep(0.5)
+        for path in state_dir.glob("*.json") if state_dir.is_dir() else []:
+            state = runtime.load_state(path.stem)
+            if state is None:
+                continue
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(state.init_pid, os.WNOHANG)
+
+
 async def serve(config_dir: Path, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Run the daemon until cancelled."""
+    # Orphaned guest inits become our children (reaped at once) rather than the
+    # host init's; if we die, they pass on to it and keep running.
+    from native import syscalls
+
+    syscalls.prctl(PR_SET_CHILD_SUBREAPER, 1)
     configs.load_all(config_dir)  # a bad file stops the daemon with its message
     await trio.to_thread.run_sync(adopt_or_clean, config_dir)
     daemon = Daemon(config_dir)
@@ -257,4 +283,6 @@ async def serve(config_dir: Path, task_status: Any = trio.TASK_STATUS_IGNORED) -
     _event("listening", socket=str(path), pid=os.getpid(), started=time.time())
     task_status.started()
     listeners = [trio.SocketListener(listener)]
-    await trio.serve_listeners(lambda stream: _serve_client(daemon, stream), listeners)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_reap_children)
+        await trio.serve_listeners(lambda stream: _serve_client(daemon, stream), listeners)

@@ -1,0 +1,426 @@
+"""contextd against the real kernel: boot, exec, enter, stop, isolation and security."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import cowfs, run
+
+CONTEXTD = str(Path(sys.executable).parent / "contextd")
+
+
+class Contextd:
+    """A contextd daemon of the test's own, with its own directories."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.env = dict(os.environ)
+        self.env.update(
+            CONTEXTD_CONFIG_DIR=str(base / "etc"),
+            CONTEXTD_RUN_DIR=str(base / "run"),
+            CONTEXTD_LOG_DIR=str(base / "log"),
+            CONTEXTD_SOCKET=str(base / "run" / "contextd.sock"),
+            COWFS_ROOT=str(base / "cowfs"),  # guests' roots: guests/NAME of this test only
+        )
+        (base / "etc").mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def serve(self) -> None:
+        self.proc = subprocess.Popen(
+            [CONTEXTD, "serve", "--log", str(self.base / "daemon.log")], env=self.env
+        )
+        for _ in range(400):
+            sock = socket.socket(socket.AF_UNIX)
+            try:
+                sock.connect(str(self.base / "run" / "contextd.sock"))
+                return
+            except OSError:
+                time.sleep(0.05)
+            finally:
+                sock.close()
+        raise AssertionError("contextd did not start: " + self.log())
+
+    def kill(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def log(self) -> str:
+        path = self.base / "daemon.log"
+        return path.read_text() if path.exists() else ""
+
+    def __call__(
+        self, *args: str, check: bool = True, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [CONTEXTD, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            input=stdin,
+            timeout=120,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"contextd {args} exited {result.returncode}: {result.stderr}")
+        return result
+
+    def configure(self, name: str, **settings: object) -> Path:
+        """Rewrite a created guest's configuration with extra settings."""
+        path = self.base / "etc" / f"{name}.toml"
+        text = path.read_text()
+        lines = []
+        for key, value in settings.items():
+            if key == "limits":
+                continue
+            text = "\n".join(x for x in text.splitlines() if not x.startswith(f"{key} ="))
+            lines.append(f"{key} = {json.dumps(value)}")
+        head, _, rest = text.partition("\n[net]")
+        body = head + "\n" + "\n".join(lines)
+        limits = settings.get("limits")
+        if isinstance(limits, dict):
+            body += "\n[limits]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in limits.items())
+        path.write_text(body + "\n[net]" + rest + "\n")
+        return path
+
+    def cleanup(self) -> None:
+        for config in (self.base / "etc").glob("*.toml"):
+            self("stop", config.stem, "--timeout", "0", check=False)
+        self.kill()
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> Iterator[Contextd]:
+    daemon = Contextd(tmp_path / "contextd")
+    daemon.serve()
+    try:
+        yield daemon
+    finally:
+        daemon.cleanup()
+
+
+SLEEPER = "/bin/sh -c 'echo booted; exec sleep 1000000'"
+
+
+def left_behind(name: str, ctx: Contextd) -> list[str]:
+    """Anything of the guest still on the host: processes, mounts, cgroups, state."""
+    found = []
+    for controller in ("memory", "cpu", "cpuacct", "pids", "freezer"):
+        if Path(f"/sys/fs/cgroup/{controller}/contextd/{name}").exists():
+            found.append(f"cgroup {controller}")
+    mounts = Path("/proc/self/mountinfo").read_text()
+    if f"/roots/{name} " in mounts:
+        found.append("mount")
+    if (ctx.base / "run" / "guests" / f"{name}.json").exists():
+        found.append("state")
+    return found
+
+
+def test_boot_exec_service_stop_leaves_nothing(ctx: Contextd, guest_tree: Path) -> None:
+    ctx("create", "web", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("start", "web")
+    status = json.loads(ctx("status", "web", "--json").stdout)
+    assert status["state"] == "running" and status["processes"] == 1 and status["xid"] >= 2
+    # exec: output and exit code passed through, stdin too
+    result = ctx(
+        "exec",
+        "web",
+        "--",
+        "/bin/sh",
+        "-c",
+        "hostname; cat; exit 42",
+        check=False,
+        stdin="from stdin\n",
+    )
+    assert result.returncode == 42
+    assert result.stdout == "web\nfrom stdin\n"
+    # a real service: busybox httpd, reached from the host
+    port = _free_port()
+    ctx("exec", "web", "--", "httpd", "-p", f"127.0.0.1:{port}", "-h", "/var/www")
+    body = _fetch(f"http://127.0.0.1:{port}/index.html")
+    assert "hello from the guest" in body
+    assert json.loads(ctx("status", "web", "--json").stdout)["processes"] == 2
+    # enter: a shell on a pty of the guest's own
+    entered = ctx("enter", "web", stdin="tty; echo inside-$((6*7)); exit 3\n", check=False)
+    assert entered.returncode == 3
+    assert "inside-42" in entered.stdout and "/dev/pts/0" in entered.stdout
+    assert "booted" in ctx("logs", "web").stdout
+    text = ctx("status").stdout
+    assert "web" in text and "running" in text
+    ctx("stop", "web", "--timeout", "1")
+    assert json.loads(ctx("status", "web", "--json").stdout)["state"] == "stopped"
+    assert left_behind("web", ctx) == []
+    with pytest.raises(OSError):
+        _fetch(f"http://127.0.0.1:{port}/index.html")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _fetch(url: str) -> str:
+    for _ in range(50):
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return str(response.read().decode())
+        except OSError:
+            time.sleep(0.1)
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return str(response.read().decode())
+
+
+def test_two_guests_on_unified_trees(ctx: Contextd, guest_tree: Path) -> None:
+    ctx("create", "one", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("create", "two", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("start", "one")
+    ctx("start", "two")
+    ctx("exec", "one", "--", "/bin/sh", "-c", "echo rewritten by one > /var/www/index.html")
+    assert (
+        ctx("exec", "one", "--", "/bin/cat", "/var/www/index.html").stdout == "rewritten by one\n"
+    )
+    assert (
+        "hello from the guest" in ctx("exec", "two", "--", "/bin/cat", "/var/www/index.html").stdout
+    )
+    assert "hello from the guest" in (guest_tree / "var" / "www" / "index.html").read_text()
+
+
+SECURITY_CHECKS = {
+    "mount": "mount -t tmpfs none /mnt",
+    "mknod": "mknod /tmp/sda b 8 0",
+    "module loading": "insmod /tmp/nothing.ko",
+    "settimeofday": "date -s '2001-01-01 00:00:00'",
+    "reboot": "reboot -f",
+    "sethostname": "hostname other",
+    "raw socket": "ping -c 1 127.0.0.1",
+    "write /proc/sys": "echo 1 > /proc/sys/kernel/panic",
+    "chown via /sys": "echo x > /sys/kernel/uevent_helper",
+}
+
+
+@pytest.mark.parametrize("attempt", sorted(SECURITY_CHECKS))
+def test_privileged_operations_fail(ctx: Contextd, guest_tree: Path, attempt: str) -> None:
+    ctx("create", "g", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("start", "g")
+    before = (time.time(), socket.gethostname())
+    result = ctx(
+        "exec",
+        "g",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo x > /tmp/nothing.ko; " + SECURITY_CHECKS[attempt],
+        check=False,
+    )
+    refused = result.returncode != 0 or "not permitted" in result.stderr
+    assert refused, f"{attempt} succeeded in the guest: {result.stdout} {result.stderr}"
+    assert abs(time.time() - before[0]) < 60 and socket.gethostname() == before[1]
+    assert ctx("exec", "g", "--", "/bin/hostname").stdout == "g\n"
+
+
+def test_capability_bounding_set_is_the_configured_one(ctx: Contextd, guest_tree: Path) -> None:
+    from contextd.capabilities import DEFAULT_KEEP, mask
+
+    ctx("create", "caps", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("start", "caps")
+    status = ctx("exec", "caps", "--", "/bin/cat", "/proc/self/status").stdout
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert int(fields["CapBnd"].strip(), 16) == mask(DEFAULT_KEEP)
+    assert int(fields["CapEff"].strip(), 16) == mask(DEFAULT_KEEP)
+    assert int(fields["CapAmb"].strip(), 16) == 0
+    init_status = ctx("exec", "caps", "--", "/bin/cat", "/proc/1/status").stdout
+    assert f"CapBnd:\t{mask(DEFAULT_KEEP):016x}" in init_status
+    ctx("stop", "caps")
+    ctx.configure("caps", capabilities=["CHOWN", "KILL"])
+    ctx("start", "caps")
+    status = ctx("exec", "caps", "--", "/bin/cat", "/proc/self/status").stdout
+    assert f"CapBnd:\t{mask(['CHOWN', 'KILL']):016x}" in status
+
+
+def test_isolation_from_host_and_other_guests(ctx: Contextd, guest_tree: Path) -> None:
+    ctx("create", "a", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("create", "b", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("start", "a")
+    ctx("start", "b")
+    b_init = json.loads(ctx("status", "b", "--json").stdout)["init_pid"]
+    ps = ctx("exec", "a", "--", "/bin/ps").stdout
+    assert len(ps.strip().splitlines()) <= 3  # header, its init, ps itself
+    assert "contextd" not in ps and "pytest" not in ps
+    for target in (os.getpid(), b_init, 1):
+        result = ctx("exec", "a", "--", "/bin/kill", "-9", str(target), check=False)
+        assert result.returncode != 0 or target == 1
+    assert json.loads(ctx("status", "b", "--json").stdout)["state"] == "running"
+    # SIGKILL to its own PID 1 from inside is ignored by the kernel: a keeps running
+    assert json.loads(ctx("status", "a", "--json").stdout)["state"] == "running"
+    os.kill(os.getpid(), 0)  # the test itself is alive
+
+
+def test_chroot_escape_stays_in_the_guest(ctx: Contextd, guest_tree: Path) -> None:
+    ctx("create", "esc", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("start", "esc")
+    marker = f"host-marker-{os.getpid()}"
+    Path("/tmp", marker).write_text("host")
+    try:
+        script = (
+            "mkdir -p /tmp/jail && cd / && chroot /tmp/jail /bin/busybox true 2>/dev/null; "
+            # escaperoot: chroot into a subdirectory, climb with .. past it, chroot at the top
+            "cd /tmp/jail && exec /bin/busybox chroot /tmp/jail /bin/sh -c "
+            "'cd ../../../../../../../..; /bin/busybox chroot . /bin/ls /tmp'"
+        )
+        out = ctx("exec", "esc", "--", "/bin/sh", "-c", script, check=False)
+        assert marker not in out.stdout
+        out = ctx("exec", "esc", "--", "/bin/sh", "-c", "cd /../../..; ls /tmp; ls /", check=False)
+        assert marker not in out.stdout and "bin" in out.stdout
+    finally:
+        Path("/tmp", marker).unlink()
+
+
+def test_masked_proc_and_host_fds(ctx: Contextd, guest_tree: Path) -> None:
+    ctx("create", "p", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("start", "p")
+    for path in ("/proc/kcore", "/proc/keys", "/proc/sysrq-trigger", "/proc/timer_list"):
+        out = ctx("exec", "p", "--", "/bin/sh", "-c", f"cat {path} | wc -c", check=False)
+        assert out.stdout.strip() in ("0", ""), path
+    assert (
+        ctx(
+            "exec", "p", "--", "/bin/sh", "-c", "echo c > /proc/sysrq-trigger", check=False
+        ).returncode
+        != 0
+    )
+    fds = ctx("exec", "p", "--", "/bin/sh", "-c", "ls -l /proc/1/fd /proc/self/fd").stdout
+    for line in fds.splitlines():
+        if "->" in line:
+            target = line.split("->", 1)[1].strip()
+            assert target.startswith(("/dev/", "pipe:", "socket:", "/proc/")) or target in ("/",), (
+                line
+            )
+    out = ctx("exec", "p", "--", "/bin/sh", "-c", "ls /proc/1/root/ | head -3")
+    assert "bin" in out.stdout
+    seen = ctx("exec", "p", "--", "/bin/sh", "-c", "cat /proc/1/cmdline; echo; ls /proc/1/cwd/")
+    assert "pytest" not in seen.stdout
+
+
+def test_fork_bomb_and_memory_hog_stay_inside(ctx: Contextd, guest_tree: Path) -> None:
+    ctx("create", "hog", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx.configure("hog", limits={"pids": 40, "memory": "48M"})
+    ctx("start", "hog")
+    bomb = ctx(
+        "exec",
+        "hog",
+        "--",
+        "/bin/sh",
+        "-c",
+        "i=0; while [ $i -lt 200 ]; do sleep 30 & i=$((i+1)); done 2>&1 | tail -1; echo done",
+        check=False,
+    )
+    said = bomb.stdout + bomb.stderr
+    assert "can't fork" in said or "Resource temporarily unavailable" in said
+    status = json.loads(ctx("status", "hog", "--json").stdout)
+    assert status["processes"] <= 40
+    assert status["limit_hits"].get("pids", 0) > 0
+    ctx("exec", "hog", "--", "/bin/sh", "-c", "killall sleep; true", check=False)
+    hog = ctx(
+        "exec",
+        "hog",
+        "--",
+        "/bin/sh",
+        "-c",
+        "awk 'BEGIN { s = \"x\"; while (1) s = s s }'",
+        check=False,
+    )
+    assert hog.returncode == 128 + 9  # SIGKILL by the OOM killer of the guest's cgroup
+    after = json.loads(ctx("status", "hog", "--json").stdout)
+    assert after["state"] == "running"  # only the hog died
+    assert after["limit_hits"].get("memory", 0) > 0
+
+
+def test_bad_input(ctx: Contextd, guest_tree: Path) -> None:
+    result = ctx("start", "nope", check=False)
+    assert result.returncode == 1 and "unknown guest" in result.stderr
+    assert result.stderr.count("\n") == 1
+    ctx("create", "x1", "--from", str(guest_tree), "--xid", "300", "--init", SLEEPER)
+    result = ctx("create", "x2", "--from", str(guest_tree), "--xid", "300", check=False)
+    assert result.returncode == 1 and "xid 300 is used by guest x1" in result.stderr
+    assert not (ctx.base / "etc" / "x2.toml").exists()
+    ctx("start", "x1")
+    result = ctx("start", "x1", check=False)
+    assert result.returncode == 1 and "already running" in result.stderr
+    ctx("stop", "x1")
+    result = ctx("stop", "x1", check=False)
+    assert result.returncode == 1 and "not running" in result.stderr
+    bad = ctx.base / "etc" / "broken.toml"
+    bad.write_text('xid = "many"\nroot = "/x"\n')
+    result = ctx("start", "x1", check=False)
+    assert result.returncode == 1 and "broken.toml: xid: expected an integer" in result.stderr
+    bad.write_text('xid = 5\nroot = "/x"\nmemroy = 1\n')
+    assert "broken.toml: memroy: unknown key" in ctx("status", check=False).stderr
+    bad.unlink()
+
+
+def test_guests_survive_the_daemon_and_are_adopted(ctx: Contextd, guest_tree: Path) -> None:
+    ctx("create", "keep", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("start", "keep")
+    init = json.loads(ctx("status", "keep", "--json").stdout)["init_pid"]
+    ctx.kill(signal.SIGKILL)
+    assert ctx("status", check=False).returncode == 1  # no daemon
+    os.kill(init, 0)  # the guest runs on
+    ctx.serve()
+    assert '"adopted"' in ctx.log()
+    status = json.loads(ctx("status", "keep", "--json").stdout)
+    assert status["state"] == "running" and status["init_pid"] == init
+    ctx("stop", "keep")
+    assert left_behind("keep", ctx) == []
+
+
+def test_autostart(ctx: Contextd, guest_tree: Path) -> None:
+    ctx("create", "auto", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx.configure("auto", autostart=True)
+    ctx.kill()
+    ctx.serve()
+    assert json.loads(ctx("status", "auto", "--json").stdout)["state"] == "running"
+
+
+def test_socket_is_root_only(ctx: Contextd) -> None:
+    sock = ctx.base / "run" / "contextd.sock"
+    assert oct(sock.stat().st_mode & 0o777) == "0o600"
+    os.chmod(sock, 0o666)  # even if the mode allowed it, the peer check refuses
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a non-root client
+        try:
+            os.setgid(1000)
+            os.setuid(1000)
+            client = socket.socket(socket.AF_UNIX)
+            client.connect(str(sock))
+            client.sendall(b'{"verb": "list"}\n')
+            os.write(write_end, client.recv(4096))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    answer = os.read(read_end, 4096)
+    os.chmod(sock, 0o600)
+    assert json.loads(answer) == {"ok": False, "error": "contextd serves root only"}
+
+
+def test_cowfs_disk_limits_from_the_configuration(ctx: Contextd, guest_tree: Path) -> None:
+    ctx("create", "disk", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx.configure("disk", limits={"disk_space": "1M"})
+    ctx("start", "disk")
+    out = ctx("exec", "disk", "--", "/bin/sh", "-c", "cat /bin/busybox > /root/big", check=False)
+    assert out.returncode != 0 and "No space left" in out.stderr
+    size = run("stat", "-f", "-c", "%b %S", str(ctx.base / "run" / "roots" / "disk")).stdout.split()
+    assert int(size[0]) * int(size[1]) == 2**20
+    assert cowfs("limit", "show", "--json").returncode == 0
