@@ -424,3 +424,51 @@ def test_cowfs_disk_limits_from_the_configuration(ctx: Contextd, guest_tree: Pat
     size = run("stat", "-f", "-c", "%b %S", str(ctx.base / "run" / "roots" / "disk")).stdout.split()
     assert int(size[0]) * int(size[1]) == 2**20
     assert cowfs("limit", "show", "--json").returncode == 0
+
+
+def test_restart_and_delete(ctx: Contextd, guest_tree: Path) -> None:
+    ctx("create", "r", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("start", "r")
+    first = json.loads(ctx("status", "r", "--json").stdout)["init_pid"]
+    ctx("restart", "r", "--timeout", "1")
+    second = json.loads(ctx("status", "r", "--json").stdout)
+    assert second["state"] == "running" and second["init_pid"] != first
+    result = ctx("delete", "r", check=False)
+    assert result.returncode == 1 and "stop it first" in result.stderr
+    ctx("stop", "r")
+    root = Path(ctx.env["COWFS_ROOT"]) / "guests" / "r"
+    assert root.is_dir()
+    ctx("delete", "r", "--remove-root")
+    assert not root.exists() and not (ctx.base / "etc" / "r.toml").exists()
+    assert "r " not in ctx("list").stdout
+
+
+PERL_HTTPD = (
+    "use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalAddr => '127.0.0.1:PORT',"
+    " Listen => 5, ReuseAddr => 1) or die $!; while (my $c = $s->accept) { <$c>;"
+    " open(my $f, '<', '/etc/debian_version'); my $v = <$f>;"
+    ' print $c "HTTP/1.0 200 OK\\r\\nContent-Type: text/plain\\r\\n\\r\\ndebian $v"; close $c }'
+)
+
+
+@pytest.mark.slow
+def test_debian_guest_boots_and_serves(ctx: Contextd, tmp_path: Path) -> None:
+    from conftest import ROOT, have
+
+    if not have("debootstrap"):
+        pytest.skip("debootstrap is not installed (tools/install.sh installs it)")
+    template = tmp_path / "debian"
+    run(ROOT / "tools" / "mkguest-debian.sh", template, "1")
+    ctx("create", "deb", "--from", str(template), "--init", "/bin/sleep infinity")
+    ctx("start", "deb")
+    assert ctx("exec", "deb", "--", "cat", "/etc/os-release").stdout.count("Debian") >= 1
+    assert ctx("exec", "deb", "--", "dpkg", "--verify").stdout == ""
+    assert "apt" in ctx("exec", "deb", "--", "apt-get", "--version").stdout
+    assert ctx("exec", "deb", "--", "id", "-un").stdout == "root\n"
+    port = _free_port()
+    script = PERL_HTTPD.replace("PORT", str(port))
+    ctx("exec", "deb", "--", "/bin/sh", "-c", "cat > /tmp/httpd.pl", stdin=script)
+    ctx("exec", "deb", "--", "/bin/sh", "-c", "perl /tmp/httpd.pl >/tmp/httpd.log 2>&1 &")
+    assert _fetch(f"http://127.0.0.1:{port}/").startswith("debian 12")
+    ctx("stop", "deb", "--timeout", "2")
+    assert left_behind("deb", ctx) == []
