@@ -28,7 +28,10 @@ def request(verb: str, socket_timeout: float = 300.0, **fields: Any) -> dict[str
     except PermissionError:
         raise ContextdError(f"{path}: permission denied (contextd serves root only)") from None
     try:
-        sock.sendall(json.dumps({"verb": verb, **fields}).encode() + b"\n")
+        try:
+            sock.sendall(json.dumps({"verb": verb, **fields}).encode() + b"\n")
+        except BrokenPipeError:
+            pass  # the daemon refused at once (a non-root peer): its answer is still queued
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)

@@ -16,6 +16,8 @@ packages=(
     busybox-static attr acl libcap2-bin        # test guests; getfattr, setfacl, setcap
     debootstrap                                # real Debian guests (tools/mkguest-debian.sh)
     fuse-overlayfs jdupes rdfind hyperfine     # benchmark peers
+    systemd-container                          # systemd-nspawn, a peer in bench/contextd_bench.py
+    iproute2                                   # guest networking (veth, bridges)
     xfsprogs btrfs-progs e2fsprogs             # loop filesystems for reflink tests and benches
     python3-venv
 )
