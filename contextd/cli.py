@@ -92,8 +92,29 @@ def _config_dir() -> Path:
 @click.option(
     "--init", help="Init command instead of the guest's /sbin/init (a shell command line)."
 )
-def create(name: str, template: str, xid: int | None, root: str | None, init: str | None) -> None:
-    """Create guest NAME: a cowfs clone of TEMPLATE and its configuration file."""
+@click.option(
+    "--address",
+    "addresses",
+    multiple=True,
+    metavar="IP",
+    help="An address of the guest's own (repeatable): gives it an isolated network"
+    " on the bridge (default ctx0: 10.77.0.1/24, fd00:77::1/64).",
+)
+@click.option("--bridge", help="The host bridge for --address (default ctx0).")
+def create(
+    name: str,
+    template: str,
+    xid: int | None,
+    root: str | None,
+    init: str | None,
+    addresses: tuple[str, ...],
+    bridge: str | None,
+) -> None:
+    """Create guest NAME: a cowfs clone of TEMPLATE and its configuration file.
+
+    Without --address the guest shares the host's network (Linux-VServer's
+    plain mode); edit [net] in its file for other bridge subnets.
+    """
     import os
     import shlex
 
@@ -104,6 +125,8 @@ def create(name: str, template: str, xid: int | None, root: str | None, init: st
         xid=xid,
         root=os.path.abspath(root) if root else None,
         init=shlex.split(init) if init else None,
+        addresses=list(addresses),
+        bridge=bridge,
     )
     click.echo(
         f"created {name}: xid {answer['xid']}, root {answer['root']}, config {answer['config']}"
@@ -169,6 +192,20 @@ def status(name: str | None, as_json: bool) -> None:
             f" {_duration(g['uptime_seconds']):>11}"
             f" {format_bytes(g['disk_bytes']) if g['disk_bytes'] is not None else '-':>9} {hits}"
         )
+    for g in guests:
+        if g["net_mode"] == "isolated":
+            click.echo(f"{g['name']}: {_network(g)}")
+
+
+def _network(g: dict[str, Any]) -> str:
+    line = f"bridge {g['bridge']}, " + (" ".join(g["addresses"]) or "loopback only")
+    traffic = g["traffic"]
+    if traffic:
+        line += (
+            f"; received {format_bytes(traffic['rx_bytes'])} ({traffic['rx_packets']} packets),"
+            f" sent {format_bytes(traffic['tx_bytes'])} ({traffic['tx_packets']} packets)"
+        )
+    return line
 
 
 def _secs(value: float | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from typing import Any
@@ -28,10 +29,9 @@ def request(verb: str, socket_timeout: float = 300.0, **fields: Any) -> dict[str
     except PermissionError:
         raise ContextdError(f"{path}: permission denied (contextd serves root only)") from None
     try:
-        try:
+        # A daemon refusing a non-root peer answers at once; the answer is still queued.
+        with contextlib.suppress(BrokenPipeError):
             sock.sendall(json.dumps({"verb": verb, **fields}).encode() + b"\n")
-        except BrokenPipeError:
-            pass  # the daemon refused at once (a non-root peer): its answer is still queued
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)

@@ -22,13 +22,17 @@
     disk_inodes = 100000
 
     [net]
-    mode = "host"                 # the host's network stack (isolated: a later issue)
+    mode = "isolated"             # "host": the host's network stack (plain Linux-VServer)
+    bridge = "ctx0"               # the host bridge the guest's veth is a port of
+    bridge_addresses = ["10.77.0.1/24", "fd00:77::1/64"]  # the bridge's (the guests' gateway)
+    addresses = ["10.77.0.11", "fd00:77::11"]            # the guest's, in the bridge's subnets
 
 A bad file gets an error naming the file, the key and what is wrong.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import signal
@@ -41,6 +45,7 @@ from cowfs.errors import CowfsError
 from cowfs.units import parse_size
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9-]{1,63})*$")
 
 
@@ -60,6 +65,28 @@ class Limits:
     disk_inodes: int | None = None
 
 
+Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+DEFAULT_BRIDGE = "ctx0"
+DEFAULT_BRIDGE_ADDRESSES = ("10.77.0.1/24", "fd00:77::1/64")
+
+
+@dataclass
+class NetConfig:
+    """A guest's network: the host's stack, or its own namespace on a host bridge."""
+
+    mode: str = "host"
+    bridge: str = DEFAULT_BRIDGE
+    bridge_addresses: list[Interface] = field(
+        default_factory=lambda: [ipaddress.ip_interface(a) for a in DEFAULT_BRIDGE_ADDRESSES]
+    )
+    addresses: list[Interface] = field(default_factory=list)
+
+    def gateway(self, address: Interface) -> Interface:
+        """The bridge's address in the same subnet as one of the guest's."""
+        return next(b for b in self.bridge_addresses if address in b.network)
+
+
 @dataclass
 class GuestConfig:
     """Everything contextd needs to run one guest."""
@@ -76,7 +103,7 @@ class GuestConfig:
     capabilities: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP))
     autostart: bool = False
     limits: Limits = field(default_factory=Limits)
-    net_mode: str = "host"
+    net: NetConfig = field(default_factory=NetConfig)
 
 
 def config_dir() -> Path:
@@ -215,13 +242,7 @@ def parse(path: Path) -> GuestConfig:
     if "limits" in data:
         config.limits = _limits(_take(data, "limits", dict, path), path)  # type: ignore[arg-type]
     if "net" in data:
-        net = _take(data, "net", dict, path)
-        assert isinstance(net, dict)
-        mode = net.pop("mode", "host")
-        if mode != "host":
-            raise _fail(path, "net.mode", f'{mode!r}: only "host" is supported yet')
-        if net:
-            raise _fail(path, f"net.{next(iter(net))}", "unknown key")
+        config.net = _net(_take(data, "net", dict, path), path)  # type: ignore[arg-type]
     if data:
         raise _fail(path, next(iter(data)), "unknown key")
     return config
@@ -252,6 +273,113 @@ def _limits(data: dict[str, object], path: Path) -> Limits:
     return limits
 
 
+def _net(data: dict[str, object], path: Path) -> NetConfig:
+    net = NetConfig()
+    net.mode = str(_take(data, "mode", str, path, "net.")) if "mode" in data else "host"
+    if net.mode not in ("host", "isolated"):
+        raise _fail(path, "net.mode", f'{net.mode!r}: expected "host" or "isolated"')
+    if "bridge" in data:
+        net.bridge = str(_take(data, "bridge", str, path, "net."))
+        if not _IFNAME.match(net.bridge):
+            raise _fail(path, "net.bridge", f"{net.bridge!r} is not an interface name")
+    if "bridge_addresses" in data:
+        given = _take(data, "bridge_addresses", list, path, "net.")
+        assert isinstance(given, list)
+        net.bridge_addresses = []
+        for text in given:
+            bridge_address = _interface(text, path, "net.bridge_addresses")
+            if "/" not in str(text):
+                raise _fail(path, "net.bridge_addresses", f"{text!r}: give the prefix length")
+            if any(b.version == bridge_address.version for b in net.bridge_addresses):
+                raise _fail(path, "net.bridge_addresses", f"{text!r}: one address per IP version")
+            net.bridge_addresses.append(bridge_address)
+    if "addresses" in data:
+        given = _take(data, "addresses", list, path, "net.")
+        assert isinstance(given, list)
+        net.addresses = guest_addresses(net, given, path)
+    if net.addresses and net.mode != "isolated":
+        raise _fail(path, "net.addresses", 'a guest\'s own addresses need mode = "isolated"')
+    if data:
+        raise _fail(path, f"net.{next(iter(data))}", "unknown key")
+    return net
+
+
+def _interface(text: object, path: Path, key: str) -> Interface:
+    if not isinstance(text, str):
+        raise _fail(path, key, f"expected addresses as strings, got {text!r}")
+    try:
+        return ipaddress.ip_interface(text)
+    except ValueError:
+        raise _fail(path, key, f"{text!r} is not an IPv4 or IPv6 address") from None
+
+
+def guest_addresses(net: NetConfig, texts: list[object], path: Path) -> list[Interface]:
+    """A guest's addresses, each checked against the bridge's subnet, whose prefix it takes."""
+    addresses: list[Interface] = []
+    for text in texts:
+        address = _guest_address(text, net, path)
+        if address in addresses:
+            raise _fail(path, "net.addresses", f"{text!r} is given twice")
+        addresses.append(address)
+    return addresses
+
+
+def _guest_address(text: object, net: NetConfig, path: Path) -> Interface:
+    key = "net.addresses"
+    given = _interface(text, path, key)
+    subnet = next((b for b in net.bridge_addresses if b.version == given.version), None)
+    if subnet is None:
+        raise _fail(path, key, f"{text!r}: the bridge has no IPv{given.version} address")
+    if given.ip not in subnet.network or (
+        "/" in str(text) and given.network.prefixlen != subnet.network.prefixlen
+    ):
+        raise _fail(path, key, f"{text!r} is outside the bridge's subnet {subnet.network}")
+    if given.ip == subnet.ip:
+        raise _fail(path, key, f"{text!r} is the bridge's own address")
+    if given.version == 4 and given.ip in (
+        subnet.network.network_address,
+        subnet.network.broadcast_address,
+    ):
+        raise _fail(path, key, f"{text!r} is the subnet's network or broadcast address")
+    return ipaddress.ip_interface(f"{given.ip}/{subnet.network.prefixlen}")
+
+
+def check_networks(configs: dict[str, GuestConfig]) -> None:
+    """Addresses unique among guests; guests on one bridge agree on its addresses."""
+    owners: dict[object, GuestConfig] = {}
+    bridges: dict[str, GuestConfig] = {}
+    for config in configs.values():
+        net = config.net
+        if net.mode != "isolated":
+            continue
+        first = bridges.setdefault(net.bridge, config)
+        if first.net.bridge_addresses != net.bridge_addresses:
+            raise _fail(
+                config.path,
+                "net.bridge_addresses",
+                f"differ from guest {first.name}'s for bridge {net.bridge}",
+            )
+        for other_bridge, other in bridges.items():
+            if other_bridge == net.bridge:
+                continue
+            for mine in net.bridge_addresses:
+                for theirs in other.net.bridge_addresses:
+                    if mine.version == theirs.version and mine.network.overlaps(theirs.network):
+                        raise _fail(
+                            config.path,
+                            "net.bridge_addresses",
+                            f"{mine.network} overlaps bridge {other_bridge}'s {theirs.network}",
+                        )
+        for address in net.addresses:
+            if address.ip in owners and owners[address.ip] is not config:
+                raise _fail(
+                    config.path,
+                    "net.addresses",
+                    f"{address.ip} is also guest {owners[address.ip].name}'s",
+                )
+            owners[address.ip] = config
+
+
 def load_all(directory: Path | None = None) -> dict[str, GuestConfig]:
     """Every guest configuration, checked together (unique names and xids)."""
     directory = directory or config_dir()
@@ -269,6 +397,7 @@ def load_all(directory: Path | None = None) -> dict[str, GuestConfig]:
             raise _fail(path, "xid", f"{config.xid} is also used by guest {xids[config.xid]}")
         configs[config.name] = config
         xids[config.xid] = config.name
+    check_networks(configs)
     return configs
 
 
@@ -299,7 +428,14 @@ def write(config: GuestConfig) -> None:
     limit_lines = [f"{k} = {v!r}" for k, v in vars(config.limits).items() if v is not None]
     if limit_lines:
         lines += ["", "[limits]", *limit_lines]
-    lines += ["", "[net]", f"mode = {_quote(config.net_mode)}"]
+    net = config.net
+    lines += ["", "[net]", f"mode = {_quote(net.mode)}"]
+    if net.mode == "isolated":
+        lines += [
+            f"bridge = {_quote(net.bridge)}",
+            "bridge_addresses = [" + ", ".join(_quote(str(a)) for a in net.bridge_addresses) + "]",
+            "addresses = [" + ", ".join(_quote(str(a.ip)) for a in net.addresses) + "]",
+        ]
     config.path.parent.mkdir(parents=True, exist_ok=True)
     tmp = config.path.with_suffix(".toml.tmp")
     tmp.write_text("\n".join(lines) + "\n")

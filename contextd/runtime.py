@@ -2,10 +2,12 @@
 
 Start is transactional: mount the guest's cowfs root -> its cgroup with the
 limits -> the console logger -> the new context (contextd.spawn: namespaces,
-/proc, /sys, /dev, pivot_root, hostname, capabilities, exec of init). A step
-that fails undoes every step before it. Stop sends the stop signal to init,
-waits, then kills every process left in the cgroup (frozen first), unmounts
-the root and removes the cgroup: nothing is left.
+/proc, /sys, /dev, pivot_root, hostname, capabilities, exec of init; for an
+isolated network, contextd.network plugs the new namespace into its bridge
+before init runs). A step that fails undoes every step before it. Stop sends
+the stop signal to init, waits, then kills every process left in the cgroup
+(frozen first), unmounts the root, removes the guest's interfaces and the
+cgroup: nothing is left.
 
 A running guest is recorded in /run/contextd/guests/NAME.json (init's pid and
 start time): a restarted contextd finds and adopts it.
@@ -25,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from contextd import network
 from contextd.cgroups import Cgroup
 from contextd.config import GuestConfig
 from cowfs import registry
@@ -194,6 +197,7 @@ def start(config: GuestConfig) -> RunState:
             )
         finally:
             os.close(console_r)
+        undo.push("network", lambda: network.unplug(config))
         try:
             pid = _spawn(config, str(mountpoint), console_w, cgroup)
         finally:
@@ -227,7 +231,7 @@ def _spawn(config: GuestConfig, mountpoint: str, console_w: int, cgroup: Cgroup)
         "init": config.init,
         "environment": config.environment,
         "capabilities": config.capabilities,
-        "net": config.net_mode,
+        "net": config.net.mode,
     }
     request["console_fd"] = console_w
     helper = subprocess.Popen(
@@ -249,7 +253,9 @@ def _spawn(config: GuestConfig, mountpoint: str, console_w: int, cgroup: Cgroup)
         pid = int(line)
         try:
             cgroup.add(pid)
-        except OSError:
+            if config.net.mode == "isolated":
+                network.plug(config, pid)
+        except BaseException:
             os.kill(pid, signal.SIGKILL)
             raise
         helper.stdin.write("go\n")
@@ -291,6 +297,7 @@ def stop(config: GuestConfig, timeout: float | None = None) -> None:
                 time.sleep(0.05)  # the guest's mount namespace is being torn down
         else:
             unmount(mountpoint, lazy=True)
+    network.unplug(config)
     cgroup.remove()
     _drop_state(config.name)
 
@@ -313,6 +320,10 @@ class Status:
     limit_hits: dict[str, int]
     root: str
     hostname: str
+    net_mode: str
+    bridge: str | None
+    addresses: list[str]
+    traffic: dict[str, int] | None
 
 
 def status(config: GuestConfig) -> Status:
@@ -333,6 +344,7 @@ def status(config: GuestConfig) -> Status:
             hits.update({f"disk {k}": v for k, v in db.hits(guest.id).items()})
     finally:
         db.close()
+    counters = network.traffic(config) if running else None
     if stats is not None:
         if stats.pids_limit_hits:
             hits["pids"] = stats.pids_limit_hits
@@ -353,4 +365,8 @@ def status(config: GuestConfig) -> Status:
         limit_hits=hits,
         root=config.root,
         hostname=config.hostname,
+        net_mode=config.net.mode,
+        bridge=config.net.bridge if config.net.mode == "isolated" else None,
+        addresses=[str(a) for a in config.net.addresses],
+        traffic=asdict(counters) if running and counters else None,
     )

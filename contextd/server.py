@@ -149,12 +149,20 @@ class Daemon:
         config = configs.GuestConfig(name=name, xid=int(xid), root=root, path=path, hostname=name)
         if request.get("init"):
             config.init = list(request["init"])
-        # Validate the file we would write before cloning anything.
-        configs.write(dataclasses.replace(config, path=path.with_suffix(".check")))
+        config.net = configs.NetConfig()
+        if request.get("bridge"):
+            config.net.bridge = str(request["bridge"])
+        if request.get("addresses"):
+            config.net.mode = "isolated"
+            config.net.addresses = configs.guest_addresses(config.net, request["addresses"], path)
+        # Validate the file we would write, with the others, before cloning anything.
+        check = path.with_suffix(".check")
+        configs.write(dataclasses.replace(config, path=check))
         try:
-            configs.parse(path.with_suffix(".check"))
+            config = dataclasses.replace(configs.parse(check), path=path)
+            configs.check_networks({**existing, name: config})
         finally:
-            path.with_suffix(".check").unlink(missing_ok=True)
+            check.unlink(missing_ok=True)
         Path(root).parent.mkdir(parents=True, exist_ok=True)
         await trio.to_thread.run_sync(clone, template, root)
         configs.write(config)

@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""contextd beside `unshare ... chroot` and systemd-nspawn on the same busybox guest, one run.
+
+For each: the time from the start command to the guest's init running (it
+prints "ready"), and from the stop command to nothing left; then memory per
+idle guest (proportional set size of every process a guest costs: for contextd
+the guest's processes, its cowfs FUSE process and its console logger) and 20
+guests at once. Run as root:  .venv/bin/python bench/contextd_bench.py [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+# An init that ends on SIGTERM, as real ones do (a PID 1 without a handler ignores it).
+INIT = "trap 'exit 0' TERM; echo ready; sleep 1000000 & wait"
+
+
+def pss_kib(pids: list[int]) -> int:
+    """Proportional set size of these processes together, in KiB."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class Contextd:
+    name = "contextd"
+
+    def __init__(self, work: Path, template: Path):
+        self.work = work
+        self.template = template
+        self.env = dict(os.environ)
+        self.env.update(
+            CONTEXTD_CONFIG_DIR=str(work / "etc"),
+            CONTEXTD_RUN_DIR=str(work / "run"),
+            CONTEXTD_LOG_DIR=str(work / "log"),
+            CONTEXTD_SOCKET=str(work / "run" / "sock"),
+            COWFS_ROOT=str(work / "cowfs"),
+        )
+        (work / "etc").mkdir(parents=True)
+        self.daemon = subprocess.Popen(
+            [str(BIN / "contextd"), "serve", "--log", str(work / "daemon.log")], env=self.env
+        )
+        while not (work / "run" / "sock").exists():
+            if self.daemon.poll() is not None:
+                sys.exit("contextd did not start")
+            time.sleep(0.05)
+        time.sleep(0.2)
+
+    def cmd(self, *args: str) -> str:
+        return subprocess.run(
+            [str(BIN / "contextd"), *args], env=self.env, check=True, capture_output=True, text=True
+        ).stdout
+
+    def create(self, name: str) -> None:
+        self.cmd("create", name, "--from", str(self.template), "--init", f'/bin/sh -c "{INIT}"')
+
+    def start(self, name: str) -> float:
+        log = self.work / "log" / f"{name}.console.log"
+        started = time.perf_counter()
+        self.cmd("start", name)
+        while not log.exists() or "ready" not in log.read_text():
+            time.sleep(0.001)
+        return time.perf_counter() - started
+
+    def stop(self, name: str) -> float:
+        started = time.perf_counter()
+        self.cmd("stop", name, "--timeout", "5")
+        return time.perf_counter() - started
+
+    def pids(self, name: str) -> list[int]:
+        procs = set(
+            int(p)
+            for p in Path(f"/sys/fs/cgroup/pids/contextd/{name}/cgroup.procs").read_text().split()
+        )
+        mount_record = [json.loads(p.read_text()) for p in Path("/run/cowfs/mounts").glob("*.json")]
+        procs |= {r["pid"] for r in mount_record if r["mountpoint"].endswith(f"/roots/{name}")}
+        logger = subprocess.run(
+            ["pgrep", "-f", f"{name}.console.log"], capture_output=True, text=True
+        ).stdout.split()
+        procs |= {int(p) for p in logger}
+        return sorted(procs)
+
+    def close(self) -> None:
+        self.daemon.send_signal(signal.SIGTERM)
+        self.daemon.wait()
+
+
+class Plain:
+    """unshare --fork --pid --mount-proc chroot / systemd-nspawn: a process to start and kill."""
+
+    def __init__(self, name: str, argv: list[str]):
+        self.name = name
+        self.argv = argv
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+
+    def start(self, key: str, root: Path) -> float:
+        started = time.perf_counter()
+        proc = subprocess.Popen(
+            [a.replace("ROOT", str(root)) for a in self.argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        assert proc.stdout is not None
+        while "ready" not in proc.stdout.readline():
+            pass
+        self.procs[key] = proc
+        return time.perf_counter() - started
+
+    def stop(self, key: str) -> float:
+        proc = self.procs.pop(key)
+        started = time.perf_counter()
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)  # contextd's stop timeout in this run
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        return time.perf_counter() - started
+
+    def pids(self, key: str) -> list[int]:
+        proc = self.procs[key]
+        out = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/contextd-bench"))
+    parser.add_argument("--guests", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+    work: Path = args.workdir
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    template = work / "template"
+    subprocess.run([str(ROOT / "tools" / "mkguest-busybox.sh"), str(template)], check=True)
+    rows: dict[str, dict[str, float]] = {}
+
+    contextd = Contextd(work / "contextd", template)
+    try:
+        contextd.create("one")
+        contextd.start("one")  # warm-up: caches and the first cowfs mount
+        contextd.stop("one")
+        starts, stops = [], []
+        for _ in range(args.repeat):
+            starts.append(contextd.start("one"))
+            stops.append(contextd.stop("one"))
+        rows["contextd"] = {"start": statistics.median(starts), "stop": statistics.median(stops)}
+        names = [f"g{i}" for i in range(args.guests)]
+        for name in names:
+            contextd.create(name)
+        began = time.perf_counter()
+        for name in names:
+            contextd.start(name)
+        all_started = time.perf_counter() - began
+        time.sleep(1)
+        running = sum(
+            json.loads(contextd.cmd("status", n, "--json"))["state"] == "running" for n in names
+        )
+        memory = pss_kib([p for n in names for p in contextd.pids(n)])
+        began = time.perf_counter()
+        for name in names:
+            contextd.stop(name)
+        all_stopped = time.perf_counter() - began
+        rows["contextd"].update(
+            memory=memory / args.guests,
+            all_start=all_started,
+            all_stop=all_stopped,
+            running=running,
+        )
+    finally:
+        contextd.close()
+
+    peers = [
+        Plain(
+            "unshare + chroot",
+            [
+                "unshare",
+                "--fork",
+                "--pid",
+                "--mount-proc=ROOT/proc",
+                "--mount",
+                "--uts",
+                "--ipc",
+                "chroot",
+                "ROOT",
+                "/bin/sh",
+                "-c",
+                INIT,
+            ],
+        ),
+        Plain(
+            "systemd-nspawn",
+            [
+                "systemd-nspawn",
+                "--quiet",
+                "--register=no",
+                "--keep-unit",
+                "--link-journal=no",
+                "-D",
+                "ROOT",
+                "/bin/sh",
+                "-c",
+                INIT,
+            ],
+        ),
+    ]
+    for peer in peers:
+        roots = []
+        for i in range(args.guests):
+            root = work / peer.name.replace(" ", "_") / f"g{i}"
+            root.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["cp", "-a", str(template), str(root)], check=True)
+            roots.append(root)
+        starts, stops = [], []
+        for _ in range(args.repeat):
+            starts.append(peer.start("one", roots[0]))
+            stops.append(peer.stop("one"))
+        began = time.perf_counter()
+        for i, root in enumerate(roots):
+            peer.start(f"g{i}", root)
+        all_started = time.perf_counter() - began
+        time.sleep(1)
+        memory = pss_kib([p for i in range(args.guests) for p in peer.pids(f"g{i}")])
+        running = sum(1 for i in range(args.guests) if peer.procs[f"g{i}"].poll() is None)
+        began = time.perf_counter()
+        for i in range(args.guests):
+            peer.stop(f"g{i}")
+        rows[peer.name] = {
+            "start": statistics.median(starts),
+            "stop": statistics.median(stops),
+            "memory": memory / args.guests,
+            "all_start": all_started,
+            "all_stop": time.perf_counter() - began,
+            "running": running,
+        }
+    shutil.rmtree(work, ignore_errors=True)
+    labels = [
+        ("start", "start -> init running (median)", "s"),
+        ("stop", "stop -> nothing left (median)", "s"),
+        ("memory", "memory per idle guest (PSS)", "KiB"),
+        ("all_start", f"start {args.guests} guests", "s"),
+        ("all_stop", f"stop {args.guests} guests", "s"),
+        ("running", f"running of {args.guests}", ""),
+    ]
+    names = list(rows)
+    if args.markdown:
+        print("| | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
+        for key, label, unit in labels:
+            cells = [
+                f"{rows[n][key]:.3f} {unit}".strip()
+                if unit == "s"
+                else f"{rows[n][key]:.0f} {unit}".strip()
+                for n in names
+            ]
+            print(f"| {label} | " + " | ".join(cells) + " |")
+    else:
+        for key, label, unit in labels:
+            print(f"{label:36s} " + "  ".join(f"{n}: {rows[n][key]:.3f}{unit}" for n in names))
+
+
+if __name__ == "__main__":
+    main()
