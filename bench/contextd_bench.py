@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,23 @@ def pss_kib(pids: list[int]) -> int:
         except OSError:
             pass
     return total
+
+
+def descendants(pid: int) -> list[int]:
+    """A process and every process below it."""
+    children: dict[int, list[int]] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat_file.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat_file.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
 
 
 class Contextd:
@@ -113,10 +131,11 @@ class Plain:
 
     def start(self, key: str, root: Path) -> float:
         started = time.perf_counter()
+        errors = open(root.parent / f"{root.name}.{key}.stderr", "w")  # noqa: SIM115
         proc = subprocess.Popen(
             [a.replace("ROOT", str(root)) for a in self.argv],
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=errors,
             text=True,
             start_new_session=True,
         )
@@ -127,20 +146,26 @@ class Plain:
         return time.perf_counter() - started
 
     def stop(self, key: str) -> float:
-        proc = self.procs.pop(key)
+        proc = self.procs[key]
+        left = self.pids(key)
+        del self.procs[key]
         started = time.perf_counter()
+        if proc.poll() is not None:
+            ended = f"{self.name} {key} had ended by itself (exit {proc.returncode})"
+            print(ended, file=sys.stderr)
+            return 0.0
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=5)  # contextd's stop timeout in this run
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        while any(Path(f"/proc/{pid}").exists() for pid in left):  # nothing left
+            time.sleep(0.001)
         return time.perf_counter() - started
 
     def pids(self, key: str) -> list[int]:
-        proc = self.procs[key]
-        out = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
+        return descendants(self.procs[key].pid)
 
 
 def main() -> None:
@@ -232,6 +257,9 @@ def main() -> None:
             root = work / peer.name.replace(" ", "_") / f"g{i}"
             root.parent.mkdir(parents=True, exist_ok=True)
             subprocess.run(["cp", "-a", str(template), str(root)], check=True)
+            # A shell's background job needs /dev/null; contextd and nspawn make a /dev.
+            (root / "dev").mkdir(exist_ok=True)
+            os.mknod(root / "dev" / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
             roots.append(root)
         starts, stops = [], []
         for _ in range(args.repeat):
@@ -255,6 +283,9 @@ def main() -> None:
             "all_stop": time.perf_counter() - began,
             "running": running,
         }
+    for log in work.glob("*/*.stderr"):
+        if "ended" in log.read_text() or "Failed" in log.read_text():
+            print(f"{log}: {log.read_text().strip()[-300:]}", file=sys.stderr)
     shutil.rmtree(work, ignore_errors=True)
     labels = [
         ("start", "start -> init running (median)", "s"),

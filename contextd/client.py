@@ -7,7 +7,7 @@ import json
 import socket
 from typing import Any
 
-from contextd.server import socket_path
+from contextd.paths import socket_path
 from cowfs.errors import CowfsError
 
 

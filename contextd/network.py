@@ -65,6 +65,10 @@ def plug(config: GuestConfig, pid: int) -> None:
     net = config.net
     name = host_interface(config)
     try:
+        if not net.addresses:  # loopback only
+            with _netlink_in(pid) as guest:
+                guest.link("set", index=_index(guest, "lo"), state="up")
+            return
         with _bridge_lock, IPRoute() as host:
             bridge = _ensure_bridge(host, net)
             _delete_link(host, name)  # left by a crash: its guest is gone

@@ -30,6 +30,7 @@ from pathlib import Path
 from contextd import network
 from contextd.cgroups import Cgroup
 from contextd.config import GuestConfig
+from contextd.paths import log_dir, run_dir
 from cowfs import registry
 from cowfs.errors import CowfsError
 from cowfs.mount import unmount
@@ -40,16 +41,6 @@ log = logging.getLogger(__name__)
 
 class GuestError(CowfsError):
     """A guest operation that cannot be done; one line for the admin."""
-
-
-def run_dir() -> Path:
-    """contextd's runtime directory (CONTEXTD_RUN_DIR overrides /run/contextd)."""
-    return Path(os.environ.get("CONTEXTD_RUN_DIR", "/run/contextd"))
-
-
-def log_dir() -> Path:
-    """Where guests' console logs go (CONTEXTD_LOG_DIR overrides /var/log/contextd)."""
-    return Path(os.environ.get("CONTEXTD_LOG_DIR", "/var/log/contextd"))
 
 
 @dataclass
@@ -106,6 +97,11 @@ def is_running(state: RunState) -> bool:
         return False
     with open(f"/proc/{state.init_pid}/stat") as f:
         return f.read().rpartition(")")[2].split()[0] != "Z"
+
+
+# Console loggers this process started, by guest: stop waits for them (they end
+# with the guest's last process) so that none is left a zombie.
+_console_loggers: dict[str, subprocess.Popen[bytes]] = {}
 
 
 class _Undo:
@@ -188,7 +184,7 @@ def start(config: GuestConfig) -> RunState:
         console_log.parent.mkdir(parents=True, exist_ok=True)
         console_r, console_w = os.pipe2(os.O_CLOEXEC)
         try:
-            subprocess.Popen(
+            _console_loggers[config.name] = subprocess.Popen(
                 [sys.executable, "-m", "contextd.console", str(console_log)],
                 stdin=console_r,
                 stdout=subprocess.DEVNULL,
@@ -285,6 +281,7 @@ def stop(config: GuestConfig, timeout: float | None = None) -> None:
         while time.monotonic() < deadline and cgroup.pids():
             time.sleep(0.05)
     cgroup.kill_all()
+    _reap(config.name, state)
     mountpoint = state.mountpoint if state else str(run_dir() / "roots" / config.name)
     if os.path.realpath(mountpoint) in registry.mounted_points():
         for _ in range(100):
@@ -300,6 +297,20 @@ def stop(config: GuestConfig, timeout: float | None = None) -> None:
     network.unplug(config)
     cgroup.remove()
     _drop_state(config.name)
+
+
+def _reap(name: str, state: RunState | None) -> None:
+    """Collect a stopped guest's init (ours while we are its subreaper) and console logger."""
+    if state is not None:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(state.init_pid, os.WNOHANG)
+    logger = _console_loggers.pop(name, None)
+    if logger is not None:
+        try:
+            logger.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            logger.kill()
+            logger.wait()
 
 
 @dataclass

@@ -29,15 +29,11 @@ import trio
 from contextd import config as configs
 from contextd import runtime
 from contextd.cgroups import Cgroup
+from contextd.paths import socket_path
 from cowfs.clone import clone
 from cowfs.errors import CowfsError
 
 log = logging.getLogger("contextd")
-
-
-def socket_path() -> Path:
-    """The control socket (CONTEXTD_SOCKET overrides /run/contextd/contextd.sock)."""
-    return Path(os.environ.get("CONTEXTD_SOCKET", str(runtime.run_dir() / "contextd.sock")))
 
 
 class JsonFormatter(logging.Formatter):

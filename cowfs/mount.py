@@ -314,6 +314,18 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise CowfsError(f"{mountpoint}: unmounted, but pid {record.pid} still runs")
         time.sleep(0.02)
+    _reap_if_ours(record.pid, deadline)
+
+
+def _reap_if_ours(pid: int, deadline: float) -> None:
+    """Reap the ended FUSE process where it became our child (contextd is a subreaper).
+
+    Its pid cannot have been reused: a zombie keeps it. Its main thread may show
+    as a zombie while its other threads still end, so wait for the whole process.
+    """
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(pid, os.WNOHANG) == (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def _alive(pid: int) -> bool:

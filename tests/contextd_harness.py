@@ -57,6 +57,19 @@ class Contextd:
             [*prefix, *command], capture_output=True, text=True, timeout=60, check=check
         )
 
+    def zombie_children(self) -> list[str]:
+        """Children of the daemon that ended and that it has not reaped."""
+        assert self.proc is not None
+        zombies: list[str] = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if fields[0] == "Z" and int(fields[1]) == self.proc.pid:
+                zombies.append(stat.parent.name + " " + stat.read_text().split()[1])
+        return zombies
+
     def kill(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None:
             self.proc.send_signal(sig)

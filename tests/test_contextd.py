@@ -38,6 +38,7 @@ def left_behind(name: str, ctx: Contextd) -> list[str]:
         found.append("mount")
     if (ctx.base / "run" / "guests" / f"{name}.json").exists():
         found.append("state")
+    found += [f"zombie {pid}" for pid in ctx.zombie_children()]
     return found
 
 

@@ -217,3 +217,16 @@ def test_an_admins_bridge_is_used_and_kept(netctx: Contextd, guest_tree: Path) -
     assert out.returncode == 1
     assert "bridge br-admin (not made by contextd) lacks the address 10.89.0.1/24" in out.stderr
     assert host_links(ctx) == {"lo", "br-admin"}
+
+
+def test_isolated_without_addresses_has_loopback_only(netctx: Contextd, guest_tree: Path) -> None:
+    ctx = netctx
+    ctx("create", "alone", "--from", str(guest_tree), "--init", SLEEPER)
+    set_net(ctx, "alone", 'mode = "isolated"')
+    ctx("start", "alone")
+    assert guest_links(ctx, "alone") == {"lo"}
+    assert host_links(ctx) == {"lo"}  # no bridge, no veth
+    ctx("exec", "alone", "--", "/bin/sh", "-c",
+        "echo local > /index.html && httpd -p 127.0.0.1:8080 -h /")  # fmt: skip
+    out = ctx("exec", "alone", "--", "wget", "-q", "-O", "-", "http://127.0.0.1:8080/")
+    assert out.stdout == "local\n"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The cowfs demo: build a busybox-static template guest, clone two guests from
-# it, mount both through cowfs, write in one guest and show that the other
-# guest and the template are untouched, and what stays shared.
+# The cowfs + contextd demo: build a busybox-static template guest, clone two
+# guests from it, mount both through cowfs, write in one guest and show that the
+# other guest and the template are untouched, and what stays shared; limits,
+# quota, du and hashify; then boot two guests with contextd, each on its own
+# addresses, and show what they can and cannot do.
 # Installs what is missing first; safe to run twice (it starts from scratch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +15,17 @@ export COWFS_ROOT=$demo/root   # the demo's own state database and store
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 show() { printf '$ %s\n' "$*"; "$@"; }
 
+# The demo's contextd: its own directories, and a network namespace of its own
+# so that its bridge and the guests' addresses never touch this machine's network.
+export CONTEXTD_CONFIG_DIR=$demo/contextd/etc CONTEXTD_RUN_DIR=$demo/contextd/run
+export CONTEXTD_LOG_DIR=$demo/contextd/log CONTEXTD_SOCKET=$demo/contextd/run/contextd.sock
+stop_contextd() {
+    if [ -S "$CONTEXTD_SOCKET" ]; then
+        for guest in app1 app2; do contextd stop "$guest" --timeout 1 >/dev/null 2>&1 || true; done
+    fi
+    pkill -f "contextd serve --log $demo/contextd/daemon.log" 2>/dev/null || true
+}
+stop_contextd
 for m in "$demo"/mnt/*; do
     [ -d "$m" ] && mountpoint -q "$m" && cowfs umount --lazy "$m"
 done
@@ -83,5 +96,45 @@ echo "disk used by db1 db2 db3 + store: $(du -shc "$demo"/guests/db? "$demo/stor
 show stat -c '%h links, inode %i: %n' "$demo/guests/db1/bin/busybox" "$demo/guests/db3/bin/busybox"
 show cowfs hashify --store "$demo/store" "$demo"/guests/db1 "$demo"/guests/db2 "$demo"/guests/db3
 show cowfs store verify --store "$demo/store"
+
+step "contextd: two guests booted on their cowfs roots, each on its own addresses"
+mkdir -p "$CONTEXTD_CONFIG_DIR"
+unshare --net -- contextd serve --log "$demo/contextd/daemon.log" &
+daemon=$!
+trap stop_contextd EXIT
+while [ ! -S "$CONTEXTD_SOCKET" ]; do sleep 0.1; done
+host() { nsenter --net="/proc/$daemon/ns/net" "$@"; }   # the host side of the guests' bridge
+fetch() { host .venv/bin/python -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode().strip())' "$1"; }
+init="/bin/sh -c \"trap 'exit 0' TERM; echo up; exec httpd -f -p 80 -h /var/www\""
+show contextd create app1 --from "$demo/template" --address 10.77.0.11 --address fd00:77::11 --init "$init"
+show contextd create app2 --from "$demo/template" --address 10.77.0.12 --init "$init"
+show contextd start app1
+show contextd start app2
+show contextd exec app1 -- /bin/sh -c 'echo "hostname: $(hostname)"; ps; ip -o addr show eth0; ls /sys/class/net'
+echo "\$ fetch http://10.77.0.11/ and http://[fd00:77::11]/ and http://10.77.0.12/ from the host"
+fetch http://10.77.0.11/; fetch "http://[fd00:77::11]/"; fetch http://10.77.0.12/
+
+step "app1 rewrites its page: a private copy; app2 still serves the shared file"
+show contextd exec app1 -- /bin/sh -c 'echo "app1 rewrote this" > /var/www/index.html'
+fetch http://10.77.0.11/; fetch http://10.77.0.12/
+
+step "what a guest cannot do (each attempt must fail)"
+refused() {
+    printf '$ contextd exec app1 -- %s\n' "$*"
+    if contextd exec app1 -- /bin/sh -c "$*"; then echo "!! it succeeded"; exit 1; fi
+}
+refused mount -t tmpfs none /mnt
+refused ip addr add 10.77.0.99/24 dev eth0
+refused mknod /tmp/disk b 8 0
+refused hostname other
+show contextd exec app1 -- /bin/sh -c 'grep Cap /proc/self/status'
+
+step "status (vserver-stat), then stop: nothing is left"
+show contextd status
+show contextd stop app1
+show contextd stop app2
+echo "\$ ip link (the daemon's side)"; host ip -br link
+trap - EXIT
+stop_contextd
 echo
 echo "demo done; trees left in $demo"
