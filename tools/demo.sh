@@ -104,7 +104,10 @@ daemon=$!
 trap stop_contextd EXIT
 while [ ! -S "$CONTEXTD_SOCKET" ]; do sleep 0.1; done
 host() { nsenter --net="/proc/$daemon/ns/net" "$@"; }   # the host side of the guests' bridge
-fetch() { host .venv/bin/python -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode().strip())' "$1"; }
+fetch() {
+    printf '%-24s -> ' "$1"
+    host .venv/bin/python -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode().strip())' "$1"
+}
 init="/bin/sh -c \"trap 'exit 0' TERM; echo up; exec httpd -f -p 80 -h /var/www\""
 show contextd create app1 --from "$demo/template" --address 10.77.0.11 --address fd00:77::11 --init "$init"
 show contextd create app2 --from "$demo/template" --address 10.77.0.12 --init "$init"
@@ -123,7 +126,7 @@ refused() {
     printf '$ contextd exec app1 -- %s\n' "$*"
     if contextd exec app1 -- /bin/sh -c "$*"; then echo "!! it succeeded"; exit 1; fi
 }
-refused mount -t tmpfs none /mnt
+refused mount -t tmpfs none /tmp
 refused ip addr add 10.77.0.99/24 dev eth0
 refused mknod /tmp/disk b 8 0
 refused hostname other
@@ -131,9 +134,10 @@ show contextd exec app1 -- /bin/sh -c 'grep Cap /proc/self/status'
 
 step "status (vserver-stat), then stop: nothing is left"
 show contextd status
+echo "\$ ip -br link (the host side: the bridge contextd made and one veth per guest)"; host ip -br link
 show contextd stop app1
 show contextd stop app2
-echo "\$ ip link (the daemon's side)"; host ip -br link
+echo "\$ ip -br link (after stop: bridge and veths are gone)"; host ip -br link
 trap - EXIT
 stop_contextd
 echo
