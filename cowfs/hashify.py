@@ -5,7 +5,7 @@ Linux-VServer's vhashify. Three phases:
 1. scan every guest (fd-relative, never following symlinks) for regular files
    that the include/exclude rules allow, and the store for what it holds;
 2. group files whose inodes could be shared: equal size, mode, owner, mtime
-   (unless ignored) and extended attributes, then equal content (sha256,
+   (unless ignored) and extended attributes, then equal content (the store's hash,
    hashed in worker threads only where a group has a partner);
 3. for each group, take the store's entry (or make one of the group's inodes
    the entry: mark it, link it into the store) and replace every other name by
@@ -37,7 +37,7 @@ from cowfs.excludes import Rules
 from cowfs.marks import COW_MARK, is_reserved_name, is_reserved_xattr, temp_name
 from cowfs.metadata import read_xattrs
 from cowfs.statedb import StateDB
-from cowfs.store import MetaKey, Store, StoreEntry, hash_fd, meta_key
+from cowfs.store import MetaKey, Store, StoreEntry, meta_key
 from native import syscalls
 
 Key = tuple[int, int]  # (st_dev, st_ino)
@@ -289,7 +289,7 @@ class Hashify:
             names = [os.fsencode(n) for n in os.listxattr(fd)]
             inode.marked = COW_MARK in names
             inode.xattrs = {n: os.getxattr(fd, n) for n in names if not is_reserved_xattr(n)}
-            inode.content_hash = hash_fd(fd, st.st_size)
+            inode.content_hash = self.store.hash_fd(fd, st.st_size)
         finally:
             os.close(fd)
 

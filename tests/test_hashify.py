@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import blake3
 import pytest
 from conftest import COWFS, Mounts, cowfs, is_marked, run
 
@@ -195,6 +197,39 @@ def test_store_verify_finds_corruption(tmp_path: Path) -> None:
     result = run(COWFS, "store", "verify", "--store", store, check=False)
     assert result.returncode == 1
     assert victim.name in result.stdout and "content hashes to" in result.stdout
+
+
+def entry_files(store: Path) -> list[Path]:
+    """The store's entries (files in its two-character subdirectories)."""
+    return [p for p in store.rglob("*") if p.is_file() and p.parent != store]
+
+
+def test_store_names_entries_by_blake3_of_content(tmp_path: Path) -> None:
+    guests = synthetic_guests(tmp_path)
+    store = tmp_path / "store"
+    cowfs("hashify", "--store", store, *guests)
+    assert json.loads((store / ".cowfs-store.json").read_text())["hash"] == "blake3"
+    entries = entry_files(store)
+    assert entries
+    for entry in entries:
+        assert entry.name.partition("-")[0] == blake3.blake3(entry.read_bytes()).hexdigest()
+
+
+def test_a_sha256_store_keeps_sha256(tmp_path: Path) -> None:
+    """Stores made before BLAKE3 go on naming and verifying entries by sha256."""
+    guests = synthetic_guests(tmp_path)
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / ".cowfs-store.json").write_text('{"format": 1, "hash": "sha256"}\n')
+    cowfs("hashify", "--store", store, *guests)
+    entries = entry_files(store)
+    assert entries
+    for entry in entries:
+        assert entry.name.partition("-")[0] == hashlib.sha256(entry.read_bytes()).hexdigest()
+    assert "0 bad" in cowfs("store", "verify", "--store", store).stdout
+    (store / ".cowfs-store.json").write_text('{"format": 1, "hash": "md5"}\n')
+    result = run(COWFS, "store", "verify", "--store", store, check=False)
+    assert result.returncode != 0 and "not 1 with one of" in result.stderr
 
 
 @pytest.mark.parametrize(

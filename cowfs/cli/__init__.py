@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -9,9 +10,33 @@ import click
 from cowfs import __version__
 from cowfs.errors import CowfsError
 
+# name -> (module under cowfs.cli, attribute): a command's module (and the
+# library behind it) is imported only when that command runs, so that each
+# command starts in the time its own imports take.
+_COMMANDS = {
+    "mount": ("mount", "mount_command"),
+    "umount": ("mount", "umount_command"),
+    "clone": ("clone", "clone_command"),
+    "hashify": ("hashify", "hashify_command"),
+    "store": ("hashify", "store_group"),
+    "limit": ("limits", "limit_group"),
+    "quota": ("limits", "quota_group"),
+    "du": ("du", "du_command"),
+}
+
 
 class _Group(click.Group):
-    """Prints a CowfsError as one line on stderr and exits 1, instead of a traceback."""
+    """Loads subcommands on demand; prints a CowfsError as one line on stderr and exits 1."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in _COMMANDS:
+            return None
+        module, attribute = _COMMANDS[cmd_name]
+        command: click.Command = getattr(importlib.import_module(f"cowfs.cli.{module}"), attribute)
+        return command
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -30,19 +55,3 @@ def main() -> None:
     copy of identical files; a guest's first write to a shared file silently
     gives it a private copy, so no guest ever sees another's writes.
     """
-
-
-def _register() -> None:
-    from cowfs.cli import clone, du, hashify, limits, mount
-
-    main.add_command(mount.mount_command)
-    main.add_command(mount.umount_command)
-    main.add_command(clone.clone_command)
-    main.add_command(hashify.hashify_command)
-    main.add_command(hashify.store_group)
-    main.add_command(limits.limit_group)
-    main.add_command(limits.quota_group)
-    main.add_command(du.du_command)
-
-
-_register()
