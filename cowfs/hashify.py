@@ -42,7 +42,8 @@ from native import syscalls
 
 Key = tuple[int, int]  # (st_dev, st_ino)
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-_HASH_THREADS = max(2, os.cpu_count() or 2)
+_HASH_THREADS = max(1, (os.cpu_count() or 2) - 1)  # beside the main thread
+_BIG_FILE = 64 << 10  # hashed in worker threads
 
 
 @dataclass(slots=True)
@@ -335,31 +336,48 @@ class Hashify:
         return result
 
     def _hash_all(self, inodes: list[Inode], progress: Progress | None) -> None:
-        """Hash inodes in worker threads (hashlib and reads release the GIL)."""
-        pending = iter(inodes)
+        """Hash inodes: big files in worker threads, small ones in this thread.
+
+        Reading and hashing a big file releases the GIL for nearly all of its
+        time; a small file is mostly Python per-file work, and threads fighting
+        over the GIL for those measured slower than one thread alone.
+        """
+        big = iter([i for i in inodes if i.st.st_size >= _BIG_FILE])
+        small = [i for i in inodes if i.st.st_size < _BIG_FILE]
         lock = threading.Lock()
         errors: list[str] = []
 
-        def work() -> None:
+        def hash_one(inode: Inode) -> None:
+            try:
+                self._hash_inode(inode)
+            except OSError as e:
+                errors.append(f"{os.fsdecode(inode.refs[0].path)}: {e.strerror}")
+
+        def hash_big() -> None:
             while True:
                 with lock:
-                    inode = next(pending, None)
+                    inode = next(big, None)
                 if inode is None:
                     return
-                try:
-                    self._hash_inode(inode)
-                except OSError as e:
-                    errors.append(f"{os.fsdecode(inode.refs[0].path)}: {e.strerror}")
+                hash_one(inode)
 
-        threads = [threading.Thread(target=work, daemon=True) for _ in range(_HASH_THREADS)]
+        def report_progress() -> None:
+            if progress is not None:
+                self.report.files_hashed = sum(1 for i in inodes if i.content_hash)
+                progress("hashing", self.report)
+
+        threads = [threading.Thread(target=hash_big, daemon=True) for _ in range(_HASH_THREADS)]
         for thread in threads:
             thread.start()
+        for count, inode in enumerate(small):
+            hash_one(inode)
+            if count % 4096 == 4095:
+                report_progress()
+        hash_big()  # then help with the big ones
         for thread in threads:
             while thread.is_alive():
                 thread.join(0.2)
-                if progress is not None:
-                    self.report.files_hashed = sum(1 for i in inodes if i.content_hash)
-                    progress("hashing", self.report)
+                report_progress()
         self.report.errors += errors
         hashed = [i for i in inodes if i.content_hash is not None]
         self.report.files_hashed = len(hashed)
