@@ -37,16 +37,15 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 class Rule:
     """One include or exclude pattern."""
 
-    __slots__ = ("_regex", "include", "pattern")
+    __slots__ = ("_regex", "include", "pattern", "regex_source")
 
     def __init__(self, include: bool, pattern: str):
         self.include = include
         self.pattern = pattern
         body = fnmatch.translate(pattern.rstrip("/") or "/")
         # fnmatch.translate gives "(?s:...)\\Z"; also match anything below the path.
-        self._regex = re.compile(
-            body[:-2].encode("utf-8", "surrogateescape") + rb"(?:/.*)?\Z", re.S
-        )
+        self.regex_source = body[:-2].encode("utf-8", "surrogateescape") + rb"(?:/.*)?\Z"
+        self._regex = re.compile(self.regex_source, re.S)
 
     def matches(self, path: bytes) -> bool:
         """True if path (guest-absolute) is the pattern or lies below it."""
@@ -64,6 +63,15 @@ class Rules:
     def __init__(self, rules: list[Rule]):
         self.rules = rules
         self._include_prefixes = [r.literal_prefix() for r in rules if r.include]
+        # All rules as one regex, in order: the engine tries alternatives left
+        # to right, so the group that matched is the first rule that matches,
+        # found in one match per path instead of one per rule.
+        self._any = re.compile(
+            b"|".join(b"(?P<rule%d>%s)" % (i, r.regex_source) for i, r in enumerate(rules))
+            or rb"(?!)",
+            re.S,
+        )
+        self._verdicts = {f"rule{i}": r.include for i, r in enumerate(rules)}
 
     @classmethod
     def build(
@@ -96,10 +104,13 @@ class Rules:
 
     def included(self, path: bytes) -> bool:
         """True if hashify may unify the file at path."""
-        for rule in self.rules:
-            if rule.matches(path):
-                return rule.include
-        return True
+        match = self._any.match(path)
+        if match is None:
+            return True
+        for name, include in self._verdicts.items():
+            if match.group(name) is not None:
+                return include
+        raise AssertionError("a rule matched but no rule group did")
 
     def may_descend(self, directory: bytes) -> bool:
         """False if nothing under directory can be included (the walk may skip it)."""

@@ -15,6 +15,8 @@ import blake3
 import pytest
 from conftest import COWFS, Mounts, cowfs, is_marked, run
 
+from cowfs.excludes import Rules
+
 CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")
 
 
@@ -160,6 +162,18 @@ def test_ignore_mtime_and_patterns(tmp_path: Path) -> None:
     assert (g0 / "usr/lib/libc.so").stat().st_ino != (g1 / "usr/lib/libc.so").stat().st_ino
     assert (g0 / "usr/bin/perl").stat().st_ino != (g1 / "usr/bin/perl").stat().st_ino
     assert (g0 / "etc/config").stat().st_ino == (g1 / "etc/config").stat().st_ino
+
+
+def test_rules_first_match_wins() -> None:
+    rules = Rules.build([(True, "/etc/ssl/*"), (False, "*.pyc"), (False, "/usr/share/*/doc*")], [])
+    assert rules.included(b"/etc/ssl/certs/ca.pem")
+    assert not rules.included(b"/etc/passwd")  # a default exclude
+    assert not rules.included(b"/usr/lib/python3/x.pyc")
+    assert rules.included(b"/etc/ssl/x.pyc")  # the include came first
+    assert not rules.included(b"/usr/share/foo/docs/x")
+    assert rules.included(b"/usr/share/foo/man/x")
+    assert rules.included(b"/bootx") and not rules.included(b"/boot/vmlinuz")
+    assert Rules.build([], [], use_defaults=False).included(b"/etc/passwd")
 
 
 def test_dry_run_changes_nothing(tmp_path: Path) -> None:
