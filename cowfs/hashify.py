@@ -6,7 +6,7 @@ Linux-VServer's vhashify. Three phases:
    that the include/exclude rules allow, and the store for what it holds;
 2. group files whose inodes could be shared: equal size, mode, owner, mtime
    (unless ignored) and extended attributes, then equal content (the store's hash,
-   hashed in worker threads only where a group has a partner);
+   hashed only where a group has a partner, big files in worker threads);
 3. for each group, take the store's entry (or make one of the group's inodes
    the entry: mark it, link it into the store) and replace every other name by
    a link to it: re-checked right before (inode, size, mtime, ctime unchanged
