@@ -6,7 +6,8 @@ slots 1 and 2: their dpkg/apt files differ in mtime) and a `cp -a` of the first.
 For each tool, with a warm page cache: the time to find duplicates (a dry run,
 best of three), then the time to link them on a fresh copy of the guests (best
 of --repeat copies), the files it linked and the bytes it saved (`du` of the
-three trees before and after, which counts each inode once). Run as root:  .venv/bin/python bench/hashify_bench.py [--markdown]
+three trees before and after, which counts each inode once).
+Run as root:  .venv/bin/python bench/hashify_bench.py [--markdown]
 """
 
 from __future__ import annotations
