@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from contextd.config import GuestConfig, NetConfig
+from contextd.config import GuestConfig, Interface, NetConfig
 from cowfs.errors import CowfsError
 from native import syscalls as sc
 
@@ -83,13 +83,7 @@ def plug(config: GuestConfig, pid: int) -> None:
             guest.link("set", index=_index(guest, "lo"), state="up")
             eth = _index(guest, GUEST_INTERFACE)
             for address in net.addresses:
-                guest.addr(
-                    "add",
-                    index=eth,
-                    address=str(address.ip),
-                    prefixlen=address.network.prefixlen,
-                    flags=_IFA_F_NODAD if address.version == 6 else 0,
-                )
+                _add_address(guest, eth, address)
             guest.link("set", index=eth, state="up")
             routed: set[int] = set()
             for address in net.addresses:
@@ -161,15 +155,20 @@ def _ensure_bridge(host: IPRoute, net: NetConfig) -> int:
             raise NetworkError(
                 f"bridge {net.bridge} (not made by contextd) lacks the address {address}"
             )
-        host.addr(
-            "add",
-            index=index,
-            address=str(address.ip),
-            prefixlen=address.network.prefixlen,
-            flags=_IFA_F_NODAD if address.version == 6 else 0,
-        )
+        _add_address(host, index, address)
     host.link("set", index=index, state="up")
     return index
+
+
+def _add_address(ipr: IPRoute, index: int, address: Interface) -> None:
+    # IPv6 without duplicate address detection: usable at once, not "tentative".
+    ipr.addr(
+        "add",
+        index=index,
+        address=str(address.ip),
+        prefixlen=address.network.prefixlen,
+        flags=_IFA_F_NODAD if address.version == 6 else 0,
+    )
 
 
 def _index(ipr: IPRoute, name: str) -> int:

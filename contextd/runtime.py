@@ -379,5 +379,5 @@ def status(config: GuestConfig) -> Status:
         net_mode=config.net.mode,
         bridge=config.net.bridge if config.net.mode == "isolated" else None,
         addresses=[str(a) for a in config.net.addresses],
-        traffic=asdict(counters) if running and counters else None,
+        traffic=asdict(counters) if counters else None,
     )

@@ -37,7 +37,7 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 class Rule:
     """One include or exclude pattern."""
 
-    __slots__ = ("_regex", "include", "pattern", "regex_source")
+    __slots__ = ("include", "pattern", "regex_source")
 
     def __init__(self, include: bool, pattern: str):
         self.include = include
@@ -45,11 +45,6 @@ class Rule:
         body = fnmatch.translate(pattern.rstrip("/") or "/")
         # fnmatch.translate gives "(?s:...)\\Z"; also match anything below the path.
         self.regex_source = body[:-2].encode("utf-8", "surrogateescape") + rb"(?:/.*)?\Z"
-        self._regex = re.compile(self.regex_source, re.S)
-
-    def matches(self, path: bytes) -> bool:
-        """True if path (guest-absolute) is the pattern or lies below it."""
-        return self._regex.match(path) is not None
 
     def literal_prefix(self) -> str:
         """The pattern up to its first wildcard."""
@@ -105,12 +100,8 @@ class Rules:
     def included(self, path: bytes) -> bool:
         """True if hashify may unify the file at path."""
         match = self._any.match(path)
-        if match is None:
-            return True
-        for name, include in self._verdicts.items():
-            if match.group(name) is not None:
-                return include
-        raise AssertionError("a rule matched but no rule group did")
+        # The rule's group closes last, after any group inside its pattern.
+        return True if match is None else self._verdicts[match.lastgroup or ""]
 
     def may_descend(self, directory: bytes) -> bool:
         """False if nothing under directory can be included (the walk may skip it)."""
