@@ -27,6 +27,7 @@ from cowfs.inodes import InodeTable, Node
 from cowfs.limits import DiskPolicy
 from cowfs.marks import fd_path, is_marked, is_reserved_name, is_reserved_xattr
 from cowfs.statedb import LimitRow
+from cowfs.uring import Ring
 from cowfs.usage import Usage
 from cowfs.workers import WorkerPool
 from native import syscalls
@@ -104,6 +105,7 @@ class CowFS(pyfuse3.Operations):
         max_fds: int = 4096,
         sync_breaks: bool = True,
         policy: DiskPolicy | None = None,
+        io_uring: bool = True,
     ):
         super().__init__()
         self.table = InodeTable(root_fd, max_fds)
@@ -119,6 +121,8 @@ class CowFS(pyfuse3.Operations):
         self.listings: dict[int, list[tuple[bytes, int]]] = {}
         self.timeout = cache_timeout
         self.workers = WorkerPool()
+        # Disk reads go to the kernel through io_uring where it allows, else to the workers.
+        self.ring = Ring.open() if io_uring else None
         self.breaker = LinkBreaker(
             self.table, self.workers, self._reopen_read_handles, self.acct, sync=sync_breaks
         )
@@ -498,13 +502,16 @@ class CowFS(pyfuse3.Operations):
         view = memoryview(buf)
         try:
             # Served from the page cache on the event loop; only a read that
-            # would wait for the disk goes to a worker thread.
+            # would wait for the disk goes to io_uring or a worker thread.
             got = os.preadv(fd, [view], off, os.RWF_NOWAIT)
         except (BlockingIOError, InterruptedError):
             got = 0
         if got < size and (got == 0 or off + got < os.fstat(fd).st_size):
             while got < size:
-                more = await self.workers.run(os.preadv, fd, [view[got:]], off + got)
+                if self.ring is not None:
+                    more = await self.ring.readinto(fd, view[got:], off + got)
+                else:
+                    more = await self.workers.run(os.preadv, fd, [view[got:]], off + got)
                 if more == 0:
                     break
                 got += more

@@ -42,6 +42,7 @@ class MountOptions:
     debug: bool = False
     max_node_fds: int | None = None
     sync_breaks: bool = True
+    io_uring: bool = True
 
 
 def default_log_file(mountpoint: str) -> Path:
@@ -145,6 +146,7 @@ def serve(
         max_fds=max_fds,
         sync_breaks=options.sync_breaks,
         policy=ledger.policy,
+        io_uring=options.io_uring,
     )
     fuse_options = set(pyfuse3.default_options)
     fuse_options |= {"allow_other", "suid", f"fsname={backing}", "subtype=cowfs"}
@@ -159,7 +161,13 @@ def serve(
     registry.write_record(
         registry.MountRecord(mountpoint, backing, os.getpid(), log_file, options.xid)
     )
-    log.info("serving %s at %s (pid %d)", backing, mountpoint, os.getpid())
+    log.info(
+        "serving %s at %s (pid %d; disk reads by %s)",
+        backing,
+        mountpoint,
+        os.getpid(),
+        "io_uring" if fs.ring is not None else "worker threads",
+    )
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -185,6 +193,8 @@ def serve(
             nursery.start_soon(stop_on_signal)
             nursery.start_soon(keep_books)
             nursery.start_soon(fs.workers.serve)
+            if fs.ring is not None:
+                nursery.start_soon(fs.ring.serve)
             ready(None)
             await pyfuse3.main(min_tasks=2, max_tasks=64)
             nursery.cancel_scope.cancel()

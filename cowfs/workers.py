@@ -21,6 +21,17 @@ import trio
 T = TypeVar("T")
 
 
+async def wait_eventfd(fd: int) -> None:
+    """Return once the (non-blocking) eventfd fd has been signalled, and reset it."""
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            os.eventfd_read(fd)
+            return
+        except BlockingIOError:
+            continue
+
+
 class WorkerPool:
     """Runs blocking functions in threads; await run(fn, *args) from trio."""
 
@@ -50,11 +61,7 @@ class WorkerPool:
     async def serve(self) -> None:
         """Hand finished results back to their tasks; run it in the mount's nursery."""
         while True:
-            await trio.lowlevel.wait_readable(self._wakeup)
-            try:
-                os.eventfd_read(self._wakeup)
-            except BlockingIOError:
-                continue
+            await wait_eventfd(self._wakeup)
             while self._done:
                 task, result = self._done.popleft()
                 trio.lowlevel.reschedule(task, result)

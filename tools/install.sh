@@ -13,6 +13,7 @@ fi
 
 packages=(
     fuse3 libfuse3-dev pkg-config gcc make patch  # FUSE; building pyfuse3 and native/
+    liburing-dev                               # native/_uring_build.py (io_uring reads)
     busybox-static attr acl libcap2-bin        # test guests; getfattr, setfacl, setcap
     debootstrap                                # real Debian guests (tools/mkguest-debian.sh)
     fuse-overlayfs jdupes rdfind hyperfine     # benchmark peers
@@ -40,8 +41,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # Reinstall only when what the install builds from has changed.
 stamp=.venv/.cowfs-installed
-want=$(cat pyproject.toml setup.py native/_build.py native/pyfuse3/cowfs.patch tools/build-pyfuse3.sh | sha256sum | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c "import native._syscalls" 2>/dev/null; then
+want=$(cat pyproject.toml setup.py native/_build.py native/_uring_build.py native/pyfuse3/cowfs.patch tools/build-pyfuse3.sh | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c "import native._syscalls, native._uring" 2>/dev/null; then
     log=.venv/install.log
     # pyfuse3 with cowfs's patch first (native/pyfuse3/README.md), then cowfs itself.
     if ! { .venv/bin/pip install --upgrade pip && tools/build-pyfuse3.sh .venv \

@@ -35,6 +35,12 @@ from cowfs.mount import MountOptions, mount, unmount
     show_default=True,
     help="fdatasync each private copy before it replaces a shared file (power-cut safety).",
 )
+@click.option(
+    "--io-uring/--no-io-uring",
+    default=True,
+    show_default=True,
+    help="Have the kernel do reads that miss the page cache (io_uring) rather than threads.",
+)
 @click.option("--debug", is_flag=True, help="Log every link break and more.")
 def mount_command(
     backing: str,
@@ -46,6 +52,7 @@ def mount_command(
     allow_devices: bool,
     max_node_fds: int | None,
     sync_breaks: bool,
+    io_uring: bool,
     debug: bool,
 ) -> None:
     """Serve the guest tree BACKING (a path, or a guest name) at MOUNTPOINT.
@@ -67,6 +74,7 @@ def mount_command(
         debug=debug,
         max_node_fds=max_node_fds,
         sync_breaks=sync_breaks,
+        io_uring=io_uring,
     )
     if "/" not in backing and not os.path.exists(backing):
         backing = resolve(backing).path  # a guest name under /var/lib/cowfs/guests

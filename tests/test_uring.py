@@ -1,0 +1,166 @@
+"""Disk reads through io_uring (cowfs/uring.py) and through the mount, on the real kernel."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import Mounts, run
+
+from cowfs.uring import Ring
+
+
+def open_ring(quick_wait_ns: int | None = None) -> Ring:
+    ring = Ring.open()
+    if ring is None:
+        pytest.skip("the kernel refuses io_uring here (cowfs falls back to worker threads)")
+    if quick_wait_ns is not None:
+        ring.quick_wait_ns = quick_wait_ns
+    return ring
+
+
+def drop_caches() -> None:
+    run("sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches")
+
+
+@pytest.mark.parametrize("quick_wait_ns", [0, 250_000], ids=["awaited", "quick-wait"])
+def test_ring_reads_what_pread_reads(tmp_path: Path, quick_wait_ns: int) -> None:
+    data = os.urandom(3 * 2**20 + 123)
+    (tmp_path / "f").write_bytes(data)
+    drop_caches()
+    ring = open_ring(quick_wait_ns)
+    offsets = [*random.Random(3).sample(range(0, len(data), 4096), 50), len(data) - 100]
+
+    async def main() -> list[bytes]:
+        fd = os.open(tmp_path / "f", os.O_RDONLY)
+        got: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ring.serve)
+            for off in offsets:
+                buf = bytearray(8192)
+                n = await ring.readinto(fd, memoryview(buf), off)
+                got.append(bytes(buf[:n]))
+            nursery.cancel_scope.cancel()
+        os.close(fd)
+        return got
+
+    try:
+        got = trio.run(main)
+    finally:
+        ring.close()
+    assert got == [data[off : off + 8192] for off in offsets]
+    assert len(got[-1]) == 100  # a short read at the end of the file
+
+
+def test_concurrent_reads_each_get_their_own_result(tmp_path: Path) -> None:
+    files = {}
+    for i in range(8):
+        files[i] = os.urandom(65536)
+        (tmp_path / f"f{i}").write_bytes(files[i])
+    drop_caches()
+    ring = open_ring()
+    results: dict[int, bytes] = {}
+
+    async def reader(i: int) -> None:
+        fd = os.open(tmp_path / f"f{i}", os.O_RDONLY)
+        buf = bytearray(65536)
+        n = await ring.readinto(fd, memoryview(buf), 0)
+        os.close(fd)
+        results[i] = bytes(buf[:n])
+
+    async def main() -> None:
+        async with trio.open_nursery() as outer:
+            outer.start_soon(ring.serve)
+            async with trio.open_nursery() as readers:
+                for i in files:
+                    readers.start_soon(reader, i)
+            outer.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        ring.close()
+    assert results == files
+
+
+def test_a_read_that_waits_does_not_stall_the_loop() -> None:
+    # A read from an empty pipe waits until someone writes: the loop must go on
+    # (here, to the task that writes) and the reader must then get the data.
+    ring = open_ring()
+    read_end, write_end = os.pipe()
+    order: list[str] = []
+
+    async def reader() -> None:
+        buf = bytearray(100)
+        n = await ring.readinto(read_end, memoryview(buf), 0)  # a pipe ignores the offset
+        order.append(f"read {bytes(buf[:n])!r}")
+
+    async def writer() -> None:
+        await trio.sleep(0.05)
+        order.append("write")
+        os.write(write_end, b"late data")
+
+    async def main() -> None:
+        async with trio.open_nursery() as outer:
+            outer.start_soon(ring.serve)
+            with trio.fail_after(5):
+                async with trio.open_nursery() as both:
+                    both.start_soon(reader)
+                    both.start_soon(writer)
+            outer.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        ring.close()
+        os.close(read_end)
+        os.close(write_end)
+    assert order == ["write", "read b'late data'"]
+
+
+def test_a_failed_read_raises_its_errno(tmp_path: Path) -> None:
+    ring = open_ring()
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ring.serve)
+            try:
+                with pytest.raises(OSError) as caught:
+                    await ring.readinto(fd, memoryview(bytearray(10)), 0)
+                assert caught.value.errno == errno.EISDIR
+            finally:
+                nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        ring.close()
+        os.close(fd)
+
+
+@pytest.mark.parametrize("option", ["--io-uring", "--no-io-uring"])
+def test_cold_reads_through_the_mount(
+    tmp_path: Path, backing: Path, mounts: Mounts, option: str
+) -> None:
+    data = os.urandom(8 * 2**20)
+    (backing / "big").write_bytes(data)
+    log = tmp_path / "mount.log"
+    mnt = mounts.mount(backing, tmp_path / "mnt", option, "--log", str(log))
+    drop_caches()
+    rng = random.Random(5)
+    fd = os.open(mnt / "big", os.O_RDONLY)
+    try:
+        for _ in range(200):
+            off = rng.randrange(0, len(data) - 4096)
+            assert os.pread(fd, 4096, off) == data[off : off + 4096]
+    finally:
+        os.close(fd)
+    drop_caches()
+    assert (mnt / "big").read_bytes() == data
+    served_by = "io_uring" if option == "--io-uring" else "worker threads"
+    assert f"disk reads by {served_by}" in log.read_text()
