@@ -10,7 +10,10 @@ Linux-VServer's vhashify. Three phases:
 3. for each group, take the store's entry (or make one of the group's inodes
    the entry: mark it, link it into the store) and replace every other name by
    a link to it: re-checked right before (inode, size, mtime, ctime unchanged
-   since hashing), linked under a temporary name, renamed over.
+   since hashing), linked under a temporary name, renamed over. The replaced
+   inode is held open across the rename and let go in another thread, where
+   the filesystem's freeing of it (most of a rename's cost) overlaps the next
+   renames.
 
 Every step is atomic, so a kill at any moment leaves each guest name on a
 complete file with its old content and metadata; temporaries a killed run
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import queue
 import stat
 import threading
 import time
@@ -69,6 +73,42 @@ class Inode:
     marked: bool = False
     xattrs: dict[bytes, bytes] | None = None
     content_hash: str | None = None
+
+
+class InodeReleaser:
+    """Closes fds in a thread: the last close of a replaced inode is where it is freed.
+
+    Freeing a file (its blocks, its inode, in the journal) took ~100 µs of
+    each rename that dropped a last link; holding the inode open across the
+    rename and closing it here lets that work overlap the next renames. On
+    three Debian guests (10k renames, 2 vCPUs) a whole run took 1.95 s with no
+    releasing thread, 1.96 s with one, 1.46-1.63 s with two, 1.44-1.82 s with three.
+    """
+
+    def __init__(self, threads: int = 2, backlog: int = 128):
+        # Bounded: never more than backlog fds waiting, whatever the fd limit.
+        self._fds: queue.Queue[int | None] = queue.Queue(maxsize=backlog)
+        self._threads = [
+            threading.Thread(target=self._close_all, name=f"hashify-release-{i}")
+            for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _close_all(self) -> None:
+        while (fd := self._fds.get()) is not None:
+            os.close(fd)
+
+    def release(self, fd: int) -> None:
+        """Close fd soon, in the releasing thread."""
+        self._fds.put(fd)
+
+    def finish(self) -> None:
+        """Wait until every fd given is closed."""
+        for _ in self._threads:
+            self._fds.put(None)
+        for thread in self._threads:
+            thread.join()
 
 
 @dataclass
@@ -454,6 +494,7 @@ class Hashify:
         report = self.report
         current: tuple[int, bytes] | None = None
         dir_fd = -1
+        releaser = InodeReleaser()
         try:
             for count, (ref, inode, entry, entry_name) in enumerate(work):
                 assert entry is not None
@@ -472,16 +513,21 @@ class Hashify:
                 if dir_fd < 0:
                     continue
                 try:
-                    if not self._unchanged(dir_fd, ref, inode, first_touch.get(id(inode))):
+                    old = self._open_unchanged(dir_fd, ref, inode, first_touch.get(id(inode)))
+                    if old is None:
                         report.skipped_changed += 1
                         continue
-                    first_touch.setdefault(id(inode), time.time_ns())
-                    self._link_over(dir_fd, ref.name, entry)
+                    try:
+                        first_touch.setdefault(id(inode), time.time_ns())
+                        self._link_over(dir_fd, ref.name, entry)
+                    finally:
+                        releaser.release(old)
                     replaced[id(inode)] += 1
                     report.actions.append((self._display(ref), entry_name))
                 except OSError as e:
                     report.errors.append(f"{self._display(ref)}: {e.strerror}")
         finally:
+            releaser.finish()
             if dir_fd >= 0:
                 os.close(dir_fd)
 
@@ -491,14 +537,29 @@ class Hashify:
         return syscalls.open_beneath(self._root_fds[guest], directory.lstrip(b"/"), _DIR)
 
     @staticmethod
-    def _unchanged(dir_fd: int, ref: FileRef, inode: Inode, touched_at: int | None) -> bool:
-        """True if ref's name still reaches the inode as it was hashed.
+    def _open_unchanged(
+        dir_fd: int, ref: FileRef, inode: Inode, touched_at: int | None
+    ) -> int | None:
+        """An O_PATH fd on ref's inode if its name still reaches it as it was hashed, else None."""
+        fd = os.open(ref.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            unchanged = Hashify._unchanged(os.fstat(fd), inode, touched_at)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not unchanged:
+            os.close(fd)
+            return None
+        return fd
+
+    @staticmethod
+    def _unchanged(now: os.stat_result, inode: Inode, touched_at: int | None) -> bool:
+        """True if now describes the inode as it was hashed.
 
         Our own renames change the ctime of an inode with several names: once
         we touched it, a later ctime is ours (mode, owner, size, mtime must
         still be as hashed).
         """
-        now = os.stat(ref.name, dir_fd=dir_fd, follow_symlinks=False)
         was = inode.st
         if (now.st_ino, now.st_size, now.st_mtime_ns, now.st_mode, now.st_uid, now.st_gid) != (
             was.st_ino,
