@@ -9,6 +9,8 @@ _CONTROL = {i: f"\\x{i:02x}" for i in range(32)} | {9: "\\t", 10: "\\n", 13: "\\
 
 def display_path(path: str | bytes) -> str:
     """path with invalid UTF-8 and control characters backslash-escaped (one line, printable)."""
+    if isinstance(path, str) and path.isascii() and path.isprintable() and "\\" not in path:
+        return path  # nearly every path: nothing to escape
     raw = path if isinstance(path, bytes) else os.fsencode(path)
     text = raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
     return text.translate(_CONTROL)
