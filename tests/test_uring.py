@@ -162,5 +162,29 @@ def test_cold_reads_through_the_mount(
         os.close(fd)
     drop_caches()
     assert (mnt / "big").read_bytes() == data
-    served_by = "io_uring" if option == "--io-uring" else "worker threads"
+    probe = Ring.open() if option == "--io-uring" else None
+    served_by = "io_uring" if probe is not None else "worker threads"  # the fallback, if refused
+    if probe is not None:
+        probe.close()
     assert f"disk reads by {served_by}" in log.read_text()
+
+
+def test_where_the_kernel_refuses_io_uring_reads_go_to_threads(
+    tmp_path: Path, backing: Path, mounts: Mounts
+) -> None:
+    switch = Path("/proc/sys/kernel/io_uring_disabled")
+    if not switch.exists():
+        pytest.skip("this kernel has no kernel.io_uring_disabled switch (before 6.6)")
+    data = os.urandom(2**20)
+    (backing / "f").write_bytes(data)
+    log = tmp_path / "mount.log"
+    before = switch.read_text()
+    switch.write_text("2\n")  # io_uring_setup fails with EPERM for everyone
+    try:
+        assert Ring.open() is None
+        mnt = mounts.mount(backing, tmp_path / "mnt", "--log", str(log))
+    finally:
+        switch.write_text(before)
+    drop_caches()
+    assert (mnt / "f").read_bytes() == data
+    assert "disk reads by worker threads" in log.read_text()
