@@ -9,14 +9,16 @@ Even so, putting a task to sleep and waking it again costs trio ~60 µs on the
 development VM, as much as the disk read itself. So when no other read is in
 flight, the loop first waits for the kernel a short while (``QUICK_WAIT_NS``):
 a read that completes within it is answered at once, and a slower one costs the
-mount that much stall at most before it is awaited like any other. Where io_uring
-is not available (an old kernel, or
-disabled by sysctl or seccomp), ``Ring.open`` returns None and the caller keeps
-using its worker threads.
+mount that much stall at most before it is awaited like any other.
+
+Where io_uring is not available (an old kernel, or disabled by sysctl or
+seccomp), ``Ring.open`` logs why and returns None, and the caller keeps using
+its worker threads.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -25,6 +27,8 @@ import trio
 
 from cowfs.workers import wait_eventfd
 from native._uring import ffi, lib  # type: ignore[import-not-found]
+
+log = logging.getLogger(__name__)
 
 _REAP_BATCH = 64
 
@@ -57,6 +61,7 @@ class Ring:
         handle = lib.cowfs_ring_open(entries, wakeup, err)
         if handle == ffi.NULL:
             os.close(wakeup)
+            log.info("io_uring unavailable: %s", os.strerror(err[0]))
             return None
         return cls(handle, wakeup)
 
@@ -71,17 +76,18 @@ class Ring:
         quick = bool(self.quick_wait_ns) and len(self._waiting) == 1
         if quick:
             lib.cowfs_ring_notify(self._ring, 0)
-        rc = lib.cowfs_ring_read(self._ring, fd, buffer, len(view), offset, tag)
-        if rc < 0:
-            del self._waiting[tag]
+        try:
+            rc = lib.cowfs_ring_read(self._ring, fd, buffer, len(view), offset, tag)
+            if rc < 0:
+                del self._waiting[tag]
+                raise OSError(-rc, os.strerror(-rc))
+            if quick:
+                lib.cowfs_ring_wait(self._ring, self.quick_wait_ns)
+        finally:
             if quick:
                 lib.cowfs_ring_notify(self._ring, 1)
-            raise OSError(-rc, os.strerror(-rc))
-        result: int | None = None
-        if quick:
-            lib.cowfs_ring_wait(self._ring, self.quick_wait_ns)
-            lib.cowfs_ring_notify(self._ring, 1)
-            result = self._reap(own=tag)
+        # Reaped after notifications are back on: a later completion wakes serve().
+        result = self._reap(own=tag) if quick else None
         if result is None:
             # Not cancellable: the kernel owns the buffer until the completion arrives.
             result = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
