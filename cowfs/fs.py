@@ -95,6 +95,9 @@ class CowFS(pyfuse3.Operations):
     """A guest root served from a backing tree, with copy-on-write for shared inodes."""
 
     supports_dot_lookup = False
+    # File handles are the backing files' descriptors (see open): the patched pyfuse3
+    # answers a read whose data is in the page cache without calling read().
+    read_fh_directly = True
     enable_writeback_cache = False  # limits and quota must fail the write(2) itself
     enable_acl = True  # the kernel then checks POSIX ACLs too
 
@@ -127,6 +130,7 @@ class CowFS(pyfuse3.Operations):
             self.table, self.workers, self._reopen_read_handles, self.acct, sync=sync_breaks
         )
         self._nowait_writes = True
+        self.handler_reads = 0
 
     # -- helpers ----------------------------------------------------------
 
@@ -497,12 +501,14 @@ class CowFS(pyfuse3.Operations):
     @_errors_to_errno
     async def read(self, fh: int, off: int, size: int) -> memoryview:  # type: ignore[override]
         # pyfuse3 takes any buffer here, and a view saves copying the data once more.
+        self.handler_reads += 1
         fd = self.files[fh].fd
         buf = bytearray(size)
         view = memoryview(buf)
         try:
-            # Served from the page cache on the event loop; only a read that
-            # would wait for the disk goes to io_uring or a worker thread.
+            # pyfuse3 has found the data not (or only partly) cached, but it may be
+            # by now: served on the event loop if so; a read that would wait for
+            # the disk goes to io_uring or a worker thread.
             got = os.preadv(fd, [view], off, os.RWF_NOWAIT)
         except (BlockingIOError, InterruptedError):
             got = 0

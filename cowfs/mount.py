@@ -213,11 +213,15 @@ def serve(
             except sqlite3.Error as e:
                 log.error("state database: %s; usage will be recomputed", e)
             recovery.mark_clean(root_fd)
+        direct_reads = getattr(pyfuse3, "direct_reads", lambda: 0)()
         log.info(
-            "stopped serving %s (%d link breaks, %d node reopens)",
+            "stopped serving %s (%d link breaks, %d node reopens; reads: %d from the"
+            " page cache by pyfuse3, %d by cowfs)",
             mountpoint,
             fs.breaker.breaks,
             fs.table.reopens,
+            direct_reads,
+            fs.handler_reads,
         )
 
 

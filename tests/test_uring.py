@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,42 @@ def test_where_the_kernel_refuses_io_uring_reads_go_to_threads(
     drop_caches()
     assert (mnt / "f").read_bytes() == data
     assert "disk reads by worker threads" in log.read_text()
+
+
+def test_reads_from_the_page_cache_and_from_the_disk_agree(
+    tmp_path: Path, backing: Path, mounts: Mounts
+) -> None:
+    # pyfuse3 (patched) answers a read itself when the backing file's pages are
+    # cached, and calls cowfs's read handler otherwise: the same bytes either way,
+    # also for ranges only partly cached and at the end of the file.
+    data = os.urandom(3 * 2**20 + 777)
+    (backing / "f").write_bytes(data)
+    log = tmp_path / "mount.log"
+    mnt = mounts.mount(backing, tmp_path / "mnt", "--log", str(log))
+    drop_caches()
+    with open(backing / "f", "rb") as warm:  # cache the first MiB and scattered pages
+        warm.read(2**20)
+        for page in range(300, 700, 7):
+            warm.seek(page * 4096)
+            warm.read(4096)
+    rng = random.Random(9)
+    fd = os.open(mnt / "f", os.O_RDONLY)
+    try:
+        for _ in range(3):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # empty the mount's cache
+            for _ in range(100):
+                off, size = rng.randrange(0, len(data)), rng.choice([100, 4096, 70000])
+                assert os.pread(fd, size, off) == data[off : off + size]
+            assert os.pread(fd, 4096, len(data) - 77) == data[-77:]
+            assert os.pread(fd, 4096, len(data) + 10) == b""
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        drop_caches()
+        assert os.pread(fd, len(data) + 1, 0) == data
+    finally:
+        os.close(fd)
+    mounts.umount(mnt)
+    counts = re.search(
+        r"reads: (\d+) from the page cache by pyfuse3, (\d+) by cowfs", log.read_text()
+    )
+    assert counts is not None
+    assert int(counts[1]) > 0 and int(counts[2]) > 0  # both ways were taken
