@@ -354,3 +354,45 @@ def test_hashified_guests_read_the_same_through_cowfs_and_writes_stay_private(
         f.write(b"guest 0 patched libc")
     assert (mnt1 / "usr/lib/libc.so").read_bytes()[:20] != b"guest 0 patched libc"
     assert (guests[2] / "usr/lib/libc.so").read_bytes()[:20] != b"guest 0 patched libc"
+
+
+def test_many_small_files_hashed_in_two_processes_link_the_same(tmp_path: Path) -> None:
+    """Past _FORK_MIN small candidates a forked child hashes half: its results and errors count."""
+    from cowfs import hashify as hashify_module
+
+    per_guest = hashify_module._FORK_MIN  # two guests: twice the threshold
+    guests = [tmp_path / "g0", tmp_path / "g1"]
+    for g in guests:
+        for d in range(per_guest // 100):
+            sub = g / f"d{d}"
+            sub.mkdir(parents=True)
+            for f in range(100):
+                (sub / f"f{f}").write_bytes(f"small file {d}/{f}\n".encode() * 3)
+                os.utime(sub / f"f{f}", ns=(10**18, 10**18))
+    # Many victims, so that both the parent's and the child's share hold some.
+    victims = [guests[1] / f"d{d}" / f"f{f}" for d in range(per_guest // 100) for f in (7, 8, 51)]
+    before = manifest(guests)
+    total = 2 * per_guest
+
+    def delete_victims_after_the_scan(phase: str, report: hashify_module.HashifyReport) -> None:
+        if phase == "scanning" and report.files_scanned == total:
+            for victim in victims:
+                victim.unlink(missing_ok=True)
+
+    options = hashify_module.HashifyOptions(store=tmp_path / "store")
+    report = hashify_module.hashify(list(map(str, guests)), options, delete_victims_after_the_scan)
+    assert report.candidates == total
+    assert report.files_hashed == total - len(victims)
+    assert sorted(report.errors) == sorted(
+        f"{os.path.realpath(v)}: No such file or directory" for v in victims
+    )
+    after = manifest(guests)
+    for path, seen in before.items():
+        if not any(os.fsencode(v) == path for v in victims):
+            assert after[path] == seen
+    shared = [
+        (guests[0] / rel).stat().st_ino == (guests[1] / rel).stat().st_ino
+        for rel in (p.relative_to(guests[0]) for p in guests[0].rglob("f*"))
+        if guests[1] / rel not in victims
+    ]
+    assert all(shared) and len(shared) == per_guest - len(victims)
