@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import pyfuse3
+import trio
 from pyfuse3 import FUSEError
 
 from cowfs.accounting import Accountant, last_link
@@ -131,6 +132,15 @@ class CowFS(pyfuse3.Operations):
         )
         self._nowait_writes = True
         self.handler_reads = 0
+        self.after_init: Callable[[], None] | None = None
+
+    def init(self) -> None:
+        """Schedule after_init for once the kernel has applied the INIT reply."""
+        # Called while the INIT request is answered: the kernel sets up the
+        # connection (its read-ahead among it) when the reply is written, after
+        # this returns, so after_init runs on the event loop's next pass.
+        if self.after_init is not None:
+            trio.lowlevel.current_trio_token().run_sync_soon(self.after_init)
 
     # -- helpers ----------------------------------------------------------
 

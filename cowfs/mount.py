@@ -97,7 +97,8 @@ def _node_fd_budget(requested: int | None) -> int:
 
 
 def _raise_read_ahead(mountpoint: str) -> None:
-    # The FUSE connection's bdi defaults to 128 KiB; 1 MiB doubles cached sequential reads.
+    # The FUSE connection's bdi defaults to 128 KiB; with 1 MiB a 512 MiB file whose
+    # backing is in the page cache read through the mount in 0.13-0.14 s instead of 0.19 s.
     # Not os.stat(mountpoint): that would wait for this very process to answer.
     try:
         path = f"/sys/class/bdi/{registry.device_of(mountpoint)}/read_ahead_kb"
@@ -148,6 +149,14 @@ def serve(
         policy=ledger.policy,
         io_uring=options.io_uring,
     )
+
+    def initialized() -> None:
+        # The kernel sets the connection's read-ahead from the INIT reply: raised
+        # after it, and only then is the mount ready for its users.
+        _raise_read_ahead(mountpoint)
+        ready(None)
+
+    fs.after_init = initialized
     fuse_options = set(pyfuse3.default_options)
     fuse_options |= {"allow_other", "suid", f"fsname={backing}", "subtype=cowfs"}
     fuse_options.add("dev" if options.allow_devices else "nodev")
@@ -157,7 +166,6 @@ def serve(
         ready(f"mount of {mountpoint} failed: {e}")
         recovery.mark_clean(root_fd)
         return
-    _raise_read_ahead(mountpoint)
     registry.write_record(
         registry.MountRecord(mountpoint, backing, os.getpid(), log_file, options.xid)
     )
@@ -195,7 +203,6 @@ def serve(
             nursery.start_soon(fs.workers.serve)
             if fs.ring is not None:
                 nursery.start_soon(fs.ring.serve)
-            ready(None)
             await pyfuse3.main(min_tasks=2, max_tasks=64)
             nursery.cancel_scope.cancel()
 

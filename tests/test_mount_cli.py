@@ -21,6 +21,9 @@ def test_mount_is_ready_on_return_and_umount_waits(tmp_path: Path, backing: Path
     out = cowfs("mount", "--log", tmp_path / "log", backing, mnt).stdout
     pid = int(out.rsplit("pid ", 1)[1].rstrip(")\n"))
     try:
+        # Ready means initialized: read-ahead raised after the kernel set it from INIT.
+        device = run("findmnt", "-n", "-o", "MAJ:MIN", mnt).stdout.strip()
+        assert Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text() == "1024\n"
         assert (mnt / "hello").read_text() == "hi"  # no waiting: ready on return
         assert "fuse.cowfs" in run("findmnt", "-n", "-o", "FSTYPE", mnt).stdout
         options = run("findmnt", "-n", "-o", "OPTIONS", mnt).stdout
