@@ -125,7 +125,8 @@ class CowFS(pyfuse3.Operations):
         self.listings: dict[int, list[tuple[bytes, int]]] = {}
         self.timeout = cache_timeout
         self.workers = WorkerPool()
-        # Disk reads go to the kernel through io_uring where it allows, else to the workers.
+        # Disk reads, and writes that may wait, go to the kernel through io_uring
+        # where it allows, else to the workers.
         self.ring = Ring.open() if io_uring else None
         self.breaker = LinkBreaker(
             self.table, self.workers, self._reopen_read_handles, self.acct, sync=sync_breaks
@@ -551,7 +552,10 @@ class CowFS(pyfuse3.Operations):
         if written < len(buf):
             # Only the rest: with O_APPEND the offset is ignored and all would go again.
             rest = memoryview(buf)[written:]
-            written += await self.workers.run(os.pwrite, fd, rest, off + written)
+            if self.ring is not None:
+                written += await self.ring.write(fd, rest, off + written)
+            else:
+                written += await self.workers.run(os.pwrite, fd, rest, off + written)
         self.acct.after_change(fd, before)
         return written
 

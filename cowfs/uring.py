@@ -1,9 +1,10 @@
-"""Reads that wait for the disk, done by the kernel through io_uring, awaited from trio.
+"""Reads and writes that may wait for the disk, done by the kernel through io_uring.
 
-A read that misses the page cache must not stall the mount's event loop. Handing it
-to a worker thread (cowfs/workers.py) costs two thread wake-ups and a GIL hand-off
-a read; io_uring lets the kernel do the read on its own and post the result to an
-eventfd that the loop watches.
+A read that misses the page cache must not stall the mount's event loop, nor a
+write on a filesystem that cannot promise not to wait (ext4 refuses RWF_NOWAIT
+for buffered writes). Handing one to a worker thread (cowfs/workers.py) costs two
+thread wake-ups and a GIL hand-off; io_uring lets the kernel do it on its own and
+post the result to an eventfd that the loop watches.
 
 Even so, putting a task to sleep and waking it again costs trio ~60 µs on the
 development VM, as much as the disk read itself. So when no other read is in
@@ -36,13 +37,13 @@ _REAP_BATCH = 64
 # a few times a solid-state disk's random-read latency.
 QUICK_WAIT_NS = 250_000
 
-# Buffers of reads still in flight when a ring was closed: the kernel may still
-# write into them, so they are never freed.
+# Buffers of requests still in flight when a ring was closed: the kernel may still
+# use them, so they are never freed.
 _orphaned: list[Any] = []
 
 
 class Ring:
-    """An io_uring whose reads are awaited by trio tasks; run serve() in the nursery."""
+    """An io_uring whose reads and writes are awaited by trio tasks; run serve() in the nursery."""
 
     def __init__(self, handle: Any, wakeup: int, quick_wait_ns: int = QUICK_WAIT_NS):
         self._ring = handle
@@ -68,8 +69,17 @@ class Ring:
     async def readinto(self, fd: int, view: memoryview, offset: int) -> int:
         """pread(fd) into view at offset, done by the kernel; the number of bytes read."""
         buffer = ffi.from_buffer("char[]", view, require_writable=True)
+        return await self._run(lib.cowfs_ring_read, fd, buffer, len(view), offset)
+
+    async def write(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        """pwrite(fd) of data at offset, done by the kernel; the number of bytes written."""
+        buffer = ffi.from_buffer("char[]", data)
+        return await self._run(lib.cowfs_ring_write, fd, buffer, len(buffer), offset)
+
+    async def _run(self, submit: Any, fd: int, buffer: Any, length: int, offset: int) -> int:
         tag = self._next_tag
         self._next_tag += 1
+        # The buffer stays referenced here until the kernel is done with it.
         self._waiting[tag] = (trio.lowlevel.current_task(), buffer)
         # Alone, wait a little for the kernel, with the eventfd silenced so that
         # a completion reaped here does not wake the loop again for nothing.
@@ -77,7 +87,7 @@ class Ring:
         if quick:
             lib.cowfs_ring_notify(self._ring, 0)
         try:
-            rc = lib.cowfs_ring_read(self._ring, fd, buffer, len(view), offset, tag)
+            rc = submit(self._ring, fd, buffer, length, offset, tag)
             if rc < 0:
                 del self._waiting[tag]
                 raise OSError(-rc, os.strerror(-rc))
@@ -96,13 +106,13 @@ class Ring:
         return result
 
     async def serve(self) -> None:
-        """Wake the tasks whose reads completed, as the eventfd says they have."""
+        """Wake the tasks whose reads and writes completed, as the eventfd says they have."""
         while True:
             await wait_eventfd(self._wakeup)
             self._reap()
 
     def _reap(self, own: int = -1) -> int | None:
-        """Wake the tasks of every completed read; the result of read own, if it is done."""
+        """Wake the tasks of every completed request; the result of request own, if it is done."""
         mine = None
         while True:
             count = lib.cowfs_ring_reap(self._ring, self._tags, self._results, _REAP_BATCH)

@@ -1,7 +1,8 @@
-"""cffi builder for ``native._uring``: the few io_uring calls cowfs's reads need.
+"""cffi builder for ``native._uring``: the few io_uring calls cowfs's reads and writes need.
 
-cowfs hands a read that would wait for the disk to the kernel through io_uring
-instead of to a worker thread: the kernel completes it asynchronously and posts
+cowfs hands a read that would wait for the disk, and a write the filesystem
+cannot promise to do without waiting, to the kernel through io_uring instead
+of to a worker thread: the kernel completes it asynchronously and posts
 the result to an eventfd that the trio loop watches, so no Python thread has to
 wake up and take the GIL (a thread hand-off cost ~100 µs a read on the
 development VM). liburing (Debian's liburing-dev) sets the ring up; the Python
@@ -18,6 +19,8 @@ ffibuilder.cdef(
     struct cowfs_ring *cowfs_ring_open(unsigned entries, int eventfd, int *err);
     int cowfs_ring_read(struct cowfs_ring *r, int fd, void *buf, unsigned len,
                         uint64_t offset, uint64_t tag);
+    int cowfs_ring_write(struct cowfs_ring *r, int fd, const void *buf, unsigned len,
+                         uint64_t offset, uint64_t tag);
     int cowfs_ring_wait(struct cowfs_ring *r, long timeout_ns);
     int cowfs_ring_notify(struct cowfs_ring *r, int enabled);
     int cowfs_ring_reap(struct cowfs_ring *r, uint64_t *tags, int *results, int max);
@@ -62,6 +65,19 @@ ffibuilder.set_source(
         return rc < 0 ? rc : 0;
     }
 
+    /* Queue and submit one write; its completion carries tag. 0 or -errno. */
+    static int cowfs_ring_write(struct cowfs_ring *r, int fd, const void *buf, unsigned len,
+                                uint64_t offset, uint64_t tag)
+    {
+        struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+        int rc;
+        if (!sqe) return -EBUSY;
+        io_uring_prep_write(sqe, fd, buf, len, offset);
+        io_uring_sqe_set_data64(sqe, tag);
+        rc = io_uring_submit(&r->ring);
+        return rc < 0 ? rc : 0;
+    }
+
     /* Block up to timeout_ns for a completion: 0 once one is there, -ETIME if none
        came, -EOPNOTSUPP on kernels before 5.11 (no timed wait without a timeout SQE). */
     static int cowfs_ring_wait(struct cowfs_ring *r, long timeout_ns)
@@ -78,7 +94,7 @@ ffibuilder.set_source(
         return io_uring_cq_eventfd_toggle(&r->ring, enabled);
     }
 
-    /* Up to max completions: their tags and results (bytes read or -errno). */
+    /* Up to max completions: their tags and results (bytes read or written, or -errno). */
     static int cowfs_ring_reap(struct cowfs_ring *r, uint64_t *tags, int *results, int max)
     {
         struct io_uring_cqe *cqe;

@@ -228,3 +228,68 @@ def test_reads_from_the_page_cache_and_from_the_disk_agree(
     )
     assert counts is not None
     assert int(counts[1]) > 0 and int(counts[2]) > 0  # both ways were taken
+
+
+def test_ring_writes_what_pwrite_writes(tmp_path: Path) -> None:
+    ring = open_ring()
+    chunks = [(off, os.urandom(size)) for off, size in [(0, 5000), (4096, 100), (2**20, 3), (7, 1)]]
+    expected = bytearray(2**20 + 3)
+    for off, data in chunks:
+        expected[off : off + len(data)] = data
+
+    async def main() -> list[int]:
+        fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+        appending = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        readonly = os.open(tmp_path / "f", os.O_RDONLY)
+        written = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ring.serve)
+            try:
+                for off, data in chunks:
+                    written.append(await ring.write(fd, memoryview(data), off))
+                for line in (b"first\n", b"second\n"):  # O_APPEND: the offset is ignored
+                    written.append(await ring.write(appending, line, 0))
+                with pytest.raises(OSError) as caught:
+                    await ring.write(readonly, b"no", 0)
+                assert caught.value.errno == errno.EBADF
+            finally:
+                nursery.cancel_scope.cancel()
+                for f in (fd, appending, readonly):
+                    os.close(f)
+        return written
+
+    try:
+        written = trio.run(main)
+    finally:
+        ring.close()
+    assert written == [len(data) for _, data in chunks] + [6, 7]
+    assert (tmp_path / "f").read_bytes() == bytes(expected)
+    assert (tmp_path / "log").read_bytes() == b"first\nsecond\n"
+
+
+@pytest.mark.parametrize("option", ["--io-uring", "--no-io-uring"])
+def test_writes_through_the_mount(
+    tmp_path: Path, backing: Path, mounts: Mounts, option: str
+) -> None:
+    # ext4 refuses RWF_NOWAIT for buffered writes, so there every write goes to
+    # io_uring (or, without it, to a worker thread): the same file either way.
+    mnt = mounts.mount(backing, tmp_path / "mnt", option)
+    rng = random.Random(11)
+    expected = bytearray()
+    fd = os.open(mnt / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+    appending = os.open(mnt / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for _ in range(300):
+            off = rng.randrange(0, 2**20)
+            data = rng.randbytes(rng.randrange(1, 20000))
+            assert os.pwrite(fd, data, off) == len(data)
+            expected[len(expected) : off] = bytes(max(0, off - len(expected)))
+            expected[off : off + len(data)] = data
+            os.write(appending, b"%d\n" % off)
+    finally:
+        os.close(fd)
+        os.close(appending)
+    assert (backing / "f").read_bytes() == bytes(expected)
+    assert (mnt / "f").read_bytes() == bytes(expected)
+    lines = (backing / "log").read_bytes().splitlines()
+    assert len(lines) == 300

@@ -39,7 +39,8 @@ from cowfs.mount import MountOptions, mount, unmount
     "--io-uring/--no-io-uring",
     default=True,
     show_default=True,
-    help="Have the kernel do reads that miss the page cache (io_uring) rather than threads.",
+    help="Have the kernel do reads that miss the page cache and writes that may wait"
+    " (io_uring) rather than threads.",
 )
 @click.option("--debug", is_flag=True, help="Log every link break and more.")
 def mount_command(
