@@ -52,30 +52,33 @@ ffibuilder.set_source(
         return r;
     }
 
-    /* Queue and submit one read; its completion carries tag. 0 or -errno. */
-    static int cowfs_ring_read(struct cowfs_ring *r, int fd, void *buf, unsigned len,
-                               uint64_t offset, uint64_t tag)
+    /* Queue and submit one read (write=0) or write; its completion carries tag.
+       0 or -errno. */
+    static int cowfs_ring_submit(struct cowfs_ring *r, int write, int fd, void *buf,
+                                 unsigned len, uint64_t offset, uint64_t tag)
     {
         struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
         int rc;
         if (!sqe) return -EBUSY;
-        io_uring_prep_read(sqe, fd, buf, len, offset);
+        if (write)
+            io_uring_prep_write(sqe, fd, buf, len, offset);
+        else
+            io_uring_prep_read(sqe, fd, buf, len, offset);
         io_uring_sqe_set_data64(sqe, tag);
         rc = io_uring_submit(&r->ring);
         return rc < 0 ? rc : 0;
     }
 
-    /* Queue and submit one write; its completion carries tag. 0 or -errno. */
+    static int cowfs_ring_read(struct cowfs_ring *r, int fd, void *buf, unsigned len,
+                               uint64_t offset, uint64_t tag)
+    {
+        return cowfs_ring_submit(r, 0, fd, buf, len, offset, tag);
+    }
+
     static int cowfs_ring_write(struct cowfs_ring *r, int fd, const void *buf, unsigned len,
                                 uint64_t offset, uint64_t tag)
     {
-        struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
-        int rc;
-        if (!sqe) return -EBUSY;
-        io_uring_prep_write(sqe, fd, buf, len, offset);
-        io_uring_sqe_set_data64(sqe, tag);
-        rc = io_uring_submit(&r->ring);
-        return rc < 0 ? rc : 0;
+        return cowfs_ring_submit(r, 1, fd, (void *)buf, len, offset, tag);
     }
 
     /* Block up to timeout_ns for a completion: 0 once one is there, -ETIME if none
