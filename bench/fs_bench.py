@@ -5,11 +5,14 @@ Every figure is printed as seconds and as a ratio to the native backing
 directory (lower is better). Run as root:  .venv/bin/python bench/fs_bench.py
 Options: --files N (tree size, default 50000), --big-mib N (default 1024),
 --workdir DIR (default /var/tmp/cowfs-bench), --markdown (a table for RESULTS.md).
+Everything runs in a fresh ext4 mounted at the work directory (bench/scratch.py
+says why); --no-scratch runs in the work directory's own filesystem.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -18,6 +21,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from scratch import scratch_fs
 
 COWFS = str(Path(sys.executable).parent / "cowfs")
 
@@ -279,6 +284,11 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=50000)
     parser.add_argument("--big-mib", type=int, default=1024)
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/cowfs-bench"))
+    parser.add_argument(
+        "--no-scratch",
+        action="store_true",
+        help="run in --workdir's own filesystem, not a fresh scratch ext4 mounted there",
+    )
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--only", nargs="*", help="contenders to run (native always runs)")
     args = parser.parse_args()
@@ -288,21 +298,30 @@ def main() -> None:
     if work.exists():
         for m in sorted(work.glob("*/mnt"), reverse=True):
             subprocess.run(["umount", "-l", str(m)], stderr=subprocess.DEVNULL, check=False)
+        if work.is_mount():
+            subprocess.run(["umount", "-l", str(work)], check=False)
         shutil.rmtree(work)
-    base = work / "base"
-    base.mkdir(parents=True)
-    print(f"building a {args.files}-file tree in {base}", file=sys.stderr, flush=True)
-    make_tree(base, args.files)
-    make_shared(base, 1000)
-    classes = [Native, Overlay, FuseOverlay, Cowfs, CowfsNoSync]
-    contenders = [
-        cls(work, base)
-        for cls in classes
-        if cls is Native or not args.only or cls.name in args.only
-    ]
-    results = run_benchmarks(contenders, args.big_mib)
-    print(report(results, args.markdown))
-    shutil.rmtree(work, ignore_errors=True)
+    with contextlib.ExitStack() as scratch:
+        if not args.no_scratch:
+            # Five big files and six copies of the tree, with room to spare.
+            scratch.enter_context(scratch_fs(work, size_gib=5 * args.big_mib // 1024 + 5))
+        base = work / "base"
+        base.mkdir(parents=True)
+        print(f"building a {args.files}-file tree in {base}", file=sys.stderr, flush=True)
+        make_tree(base, args.files)
+        make_shared(base, 1000)
+        classes = [Native, Overlay, FuseOverlay, Cowfs, CowfsNoSync]
+        contenders = [
+            cls(work, base)
+            for cls in classes
+            if cls is Native or not args.only or cls.name in args.only
+        ]
+        results = run_benchmarks(contenders, args.big_mib)
+        print(report(results, args.markdown))
+        if args.no_scratch:
+            shutil.rmtree(work, ignore_errors=True)
+    if not args.no_scratch:
+        work.rmdir()
 
 
 if __name__ == "__main__":

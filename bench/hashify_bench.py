@@ -7,12 +7,14 @@ For each tool, with a warm page cache: the time to find duplicates (a dry run,
 best of three), then the time to link them on a fresh copy of the guests (best
 of --repeat copies), the files it linked and the bytes it saved (`du` of the
 three trees before and after, which counts each inode once).
-Run as root:  .venv/bin/python bench/hashify_bench.py [--markdown]
+Run as root:  .venv/bin/python bench/hashify_bench.py [--markdown]. Everything runs
+in a fresh ext4 mounted at the work directory (bench/scratch.py says why).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -20,6 +22,8 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from scratch import scratch_fs
 
 ROOT = Path(__file__).resolve().parent.parent
 COWFS = str(Path(sys.executable).parent / "cowfs")
@@ -135,6 +139,11 @@ TOOLS: list[Tool] = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/cowfs-hashify-bench"))
+    parser.add_argument(
+        "--no-scratch",
+        action="store_true",
+        help="run in --workdir's own filesystem, not a fresh scratch ext4 mounted there",
+    )
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument(
         "--repeat", type=int, default=2, help="link trials per tool, on fresh copies (best kept)"
@@ -143,8 +152,22 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("hashify_bench.py: run as root")
     work: Path = args.workdir
+    if work.is_mount():
+        subprocess.run(["umount", "-l", str(work)], check=False)
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    with contextlib.ExitStack() as scratch:
+        if not args.no_scratch:
+            scratch.enter_context(scratch_fs(work, size_gib=8))
+        work.mkdir(parents=True, exist_ok=True)
+        measure_all(work, args)
+        if args.no_scratch:
+            shutil.rmtree(work, ignore_errors=True)
+    if not args.no_scratch:
+        work.rmdir()
+
+
+def measure_all(work: Path, args: argparse.Namespace) -> None:
+    """Build the guests under work, time every tool, print the table."""
     pristine = [work / "pristine" / n for n in ("deb1", "deb2", "copy1")]
     print("building guests (debootstrap is cached per machine)", file=sys.stderr, flush=True)
     sh([str(ROOT / "tools" / "mkguest-debian.sh"), str(pristine[0]), "1"])
@@ -196,7 +219,6 @@ def main() -> None:
         print(header)
         for name, f, lk, n, s in rows:
             print(f"{name:40s} find {f:6.2f}s  link {lk:6.2f}s  {n:6d} files  {s / 2**20:7.1f} MiB")
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
