@@ -4,7 +4,8 @@
 Every figure is printed as seconds and as a ratio to the native backing
 directory (lower is better). Run as root:  .venv/bin/python bench/fs_bench.py
 Options: --files N (tree size, default 50000), --big-mib N (default 1024),
---workdir DIR (default /var/tmp/cowfs-bench), --markdown (a table for RESULTS.md).
+--workdir DIR (default /var/tmp/cowfs-bench), --rounds N (every contender N
+times in turn, medians reported), --markdown (a table for RESULTS.md).
 Everything runs in a fresh ext4 mounted at the work directory (bench/scratch.py
 says why); --no-scratch runs in the work directory's own filesystem.
 """
@@ -16,6 +17,7 @@ import contextlib
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -240,17 +242,25 @@ def measure(root: Path, big_mib: int, only: tuple[str, ...] = ()) -> dict[str, f
     return r
 
 
-def run_benchmarks(contenders: list[Contender], big_mib: int) -> dict[str, dict[str, float]]:
-    """measure() on each contender, set up and torn down in turn."""
-    results: dict[str, dict[str, float]] = {}
-    for c in contenders:
-        print(f"--- {c.name}", file=sys.stderr, flush=True)
-        c.setup()
-        try:
-            results[c.name] = measure(c.root, big_mib, c.only)
-        finally:
-            c.teardown()
-    return results
+def run_benchmarks(
+    contenders: list[Contender], big_mib: int, rounds: int = 1
+) -> dict[str, dict[str, float]]:
+    """measure() on each contender, set up and torn down in turn; medians over rounds."""
+    runs: dict[str, list[dict[str, float]]] = {c.name: [] for c in contenders}
+    for round_number in range(rounds):
+        for c in contenders:
+            print(f"--- {c.name} (round {round_number + 1})", file=sys.stderr, flush=True)
+            c.setup()
+            try:
+                runs[c.name].append(measure(c.root, big_mib, c.only))
+            finally:
+                c.teardown()
+            if round_number + 1 < rounds:
+                shutil.rmtree(c.work)  # the next round starts from a fresh copy
+    return {
+        name: {row: statistics.median(r[row] for r in results) for row in results[0]}
+        for name, results in runs.items()
+    }
 
 
 def report(results: dict[str, dict[str, float]], markdown: bool) -> str:
@@ -289,6 +299,9 @@ def main() -> None:
         action="store_true",
         help="run in --workdir's own filesystem, not a fresh scratch ext4 mounted there",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run every contender N times; medians reported"
+    )
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--only", nargs="*", help="contenders to run (native always runs)")
     args = parser.parse_args()
@@ -316,7 +329,7 @@ def main() -> None:
             for cls in classes
             if cls is Native or not args.only or cls.name in args.only
         ]
-        results = run_benchmarks(contenders, args.big_mib)
+        results = run_benchmarks(contenders, args.big_mib, args.rounds)
         print(report(results, args.markdown))
         if args.no_scratch:
             shutil.rmtree(work, ignore_errors=True)
