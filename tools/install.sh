@@ -53,3 +53,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -
     fi
     echo "$want" > "$stamp"
 fi
+# Bytecode for the project's own modules, written even where PYTHONDONTWRITEBYTECODE
+# is set: without it every cowfs and contextd command compiles its modules anew
+# (20-40 ms of each start here). Up-to-date files are skipped.
+.venv/bin/python -m compileall -q cowfs contextd native >/dev/null
