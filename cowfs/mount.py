@@ -154,7 +154,10 @@ def serve(
         # The kernel sets the connection's read-ahead from the INIT reply: raised
         # after it, and only then is the mount ready for its users.
         _raise_read_ahead(mountpoint)
-        ready(None)
+        try:
+            ready(None)
+        except OSError as e:  # the mount command is gone: the mount serves all the same
+            log.warning("could not tell the mount command the mount is ready: %s", e)
 
     fs.after_init = initialized
     fuse_options = set(pyfuse3.default_options)
