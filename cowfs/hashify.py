@@ -6,8 +6,8 @@ Linux-VServer's vhashify. Three phases:
    that the include/exclude rules allow, and the store for what it holds;
 2. group files whose inodes could be shared: equal size, mode, owner, mtime
    (unless ignored) and extended attributes, then equal content (the store's hash,
-   hashed only where a group has a partner: big files in worker threads, small
-   ones split between this process and a forked child on another CPU);
+   hashed only where a group has a partner, split by cost between this process
+   and a forked child on another CPU);
 3. for each group, take the store's entry (or make one of the group's inodes
    the entry: mark it, link it into the store) and replace every other name by
    a link to it: re-checked right before (inode, size, mtime, ctime unchanged
@@ -50,8 +50,11 @@ from native import syscalls
 Key = tuple[int, int]  # (st_dev, st_ino)
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 _HASH_THREADS = max(1, (os.cpu_count() or 2) - 1)  # beside the main thread
-_BIG_FILE = 64 << 10  # hashed in worker threads
-_FORK_MIN = 2000  # small files to hash before a child process pays for its fork
+_BIG_FILE = 64 << 10  # hashed in worker threads when there is no child process
+_FORK_MIN = 2000  # files to hash before a child process pays for its fork
+# What hashing a file costs beside reading its bytes, as bytes read: ~12 µs of
+# system calls and Python, in which blake3 reads ~50 KiB of cached data here.
+_FILE_COST = 64 << 10
 
 
 @dataclass(slots=True)
@@ -322,6 +325,18 @@ class _ChildHasher:
         return True
 
 
+def _split_by_cost(inodes: list[Inode]) -> tuple[list[Inode], list[Inode]]:
+    """Two shares of about equal hashing cost: a file costs its size plus _FILE_COST bytes."""
+    shares: tuple[list[Inode], list[Inode]] = ([], [])
+    loads = [0, 0]
+    # Largest first, each to the lighter share: the last, smallest files even it out.
+    for inode in sorted(inodes, key=lambda i: i.st.st_size, reverse=True):
+        lighter = 0 if loads[0] <= loads[1] else 1
+        shares[lighter].append(inode)
+        loads[lighter] += inode.st.st_size + _FILE_COST
+    return shares
+
+
 @contextlib.contextmanager
 def _cyclic_gc_paused() -> Iterator[None]:
     """No cyclic garbage collection while the scan's objects pile up.
@@ -470,24 +485,49 @@ class Hashify:
         return result
 
     def _hash_all(self, inodes: list[Inode], progress: Progress | None) -> None:
-        """Hash inodes: big files in worker threads, small ones here and in a forked child.
-
-        Reading and hashing a big file releases the GIL for nearly all of its
-        time; a small file is mostly Python per-file work, and threads fighting
-        over the GIL for those measured slower than one thread alone, so a
-        child process takes half of them to the other CPU.
-        """
-        big = iter([i for i in inodes if i.st.st_size >= _BIG_FILE])
-        small = [i for i in inodes if i.st.st_size < _BIG_FILE]
-        child = _ChildHasher.start(self, small[1::2]) if len(small) >= _FORK_MIN else None
-        mine = small[::2] if child is not None else small
-        lock = threading.Lock()
+        """Hash inodes, shared with a forked child on another CPU where there is one."""
         errors: list[str] = []
 
         def hash_one(inode: Inode) -> None:
             error = self._hash_or_error(inode)
             if error is not None:
                 errors.append(error)
+
+        def report_progress() -> None:
+            if progress is not None:
+                self.report.files_hashed = sum(1 for i in inodes if i.content_hash)
+                progress("hashing", self.report)
+
+        mine, theirs = _split_by_cost(inodes) if len(inodes) >= _FORK_MIN else (inodes, [])
+        child = _ChildHasher.start(self, theirs) if theirs else None
+        if child is None:
+            self._hash_with_threads(inodes, hash_one, report_progress)
+        else:
+            # One thread per process: a thread hashing big files beside this
+            # per-file loop cost it a GIL hand-off at nearly every system call.
+            for count, inode in enumerate(mine):
+                hash_one(inode)
+                if count % 4096 == 4095:
+                    report_progress()
+            if not child.collect(errors):
+                for inode in theirs:  # the child failed: its share is hashed here
+                    hash_one(inode)
+        self.report.errors += errors
+        hashed = [i for i in inodes if i.content_hash is not None]
+        self.report.files_hashed = len(hashed)
+        self.report.bytes_hashed = sum(i.st.st_size for i in hashed)
+
+    @staticmethod
+    def _hash_with_threads(
+        inodes: list[Inode], hash_one: Callable[[Inode], None], report_progress: Callable[[], None]
+    ) -> None:
+        """Big files in worker threads, small ones in this thread (no second CPU or few files).
+
+        Reading and hashing a big file releases the GIL for nearly all of its
+        time, so its disk reads overlap this thread's per-file work.
+        """
+        big = iter([i for i in inodes if i.st.st_size >= _BIG_FILE])
+        lock = threading.Lock()
 
         def hash_big() -> None:
             while True:
@@ -497,30 +537,19 @@ class Hashify:
                     return
                 hash_one(inode)
 
-        def report_progress() -> None:
-            if progress is not None:
-                self.report.files_hashed = sum(1 for i in inodes if i.content_hash)
-                progress("hashing", self.report)
-
         threads = [threading.Thread(target=hash_big, daemon=True) for _ in range(_HASH_THREADS)]
         for thread in threads:
             thread.start()
-        for count, inode in enumerate(mine):
+        small = (i for i in inodes if i.st.st_size < _BIG_FILE)
+        for count, inode in enumerate(small):
             hash_one(inode)
             if count % 4096 == 4095:
                 report_progress()
-        if child is not None and not child.collect(errors):
-            for inode in small[1::2]:  # the child failed: its share is hashed here
-                hash_one(inode)
         hash_big()  # then help with the big ones
         for thread in threads:
             while thread.is_alive():
                 thread.join(0.2)
                 report_progress()
-        self.report.errors += errors
-        hashed = [i for i in inodes if i.content_hash is not None]
-        self.report.files_hashed = len(hashed)
-        self.report.bytes_hashed = sum(i.st.st_size for i in hashed)
 
     def _store_xattrs(self, entry: StoreEntry) -> dict[bytes, bytes] | None:
         try:

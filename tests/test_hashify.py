@@ -357,7 +357,7 @@ def test_hashified_guests_read_the_same_through_cowfs_and_writes_stay_private(
 
 
 def test_many_small_files_hashed_in_two_processes_link_the_same(tmp_path: Path) -> None:
-    """Past _FORK_MIN small candidates a forked child hashes half: its results and errors count."""
+    """Past _FORK_MIN candidates a forked child hashes about half: its results and errors count."""
     from cowfs import hashify as hashify_module
 
     per_guest = hashify_module._FORK_MIN  # two guests: twice the threshold
