@@ -132,9 +132,17 @@ def test_hashify_unifies_only_true_duplicates(tmp_path: Path) -> None:
 def test_second_run_changes_nothing(tmp_path: Path) -> None:
     guests = synthetic_guests(tmp_path)
     store = tmp_path / "store"
-    cowfs("hashify", "--store", store, *guests)
+    first = json.loads(cowfs("hashify", "--json", "--store", store, *guests).stdout)
+    # The store's figures, counted without a second walk, as the store's own count says.
+    entries = [p for p in store.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert first["store_entries"] == len(entries) == first["new_store_entries"] > 0
+    assert first["store_bytes"] == sum(p.stat().st_blocks * 512 for p in entries)
     inodes = {p: p.stat().st_ino for g in guests for p in g.rglob("*") if p.is_file()}
     second = json.loads(cowfs("hashify", "--json", "--store", store, *guests).stdout)
+    assert (second["store_entries"], second["store_bytes"]) == (
+        first["store_entries"],
+        first["store_bytes"],
+    )
     assert second["unified_files"] == 0 and second["bytes_saved"] == 0
     assert second["new_store_entries"] == 0 and second["files_hashed"] == 0
     assert second["already_unified"] > 0
