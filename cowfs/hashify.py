@@ -474,16 +474,16 @@ class Hashify:
         )
         for entry in entries:
             store_by_cheap[_cheap_key(entry.st, with_mtime)].append(entry)
-        to_hash = [
-            inode
+        wanted = [
+            cheap
             for cheap, members in by_cheap.items()
             if len(members) > 1 or cheap in store_by_cheap
-            for inode in members
         ]
+        to_hash = [inode for cheap in wanted for inode in by_cheap[cheap]]
         self.report.candidates = sum(len(i.refs) for i in to_hash)
         self._hash_all(to_hash, progress)
         store_index: dict[tuple[MetaKey, str], StoreEntry] = {}
-        for cheap in {_cheap_key(i.st, with_mtime) for i in to_hash}:
+        for cheap in wanted:
             for entry in store_by_cheap.get(cheap, ()):
                 xattrs = self._store_xattrs(entry)
                 if xattrs is not None:
