@@ -13,7 +13,6 @@ says why); --no-scratch runs in the work directory's own filesystem.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
 import shutil
@@ -24,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from scratch import scratch_fs
+from scratch import add_scratch_option, work_directory
 
 COWFS = str(Path(sys.executable).parent / "cowfs")
 
@@ -294,11 +293,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=50000)
     parser.add_argument("--big-mib", type=int, default=1024)
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/cowfs-bench"))
-    parser.add_argument(
-        "--no-scratch",
-        action="store_true",
-        help="run in --workdir's own filesystem, not a fresh scratch ext4 mounted there",
-    )
+    add_scratch_option(parser)
     parser.add_argument(
         "--rounds", type=int, default=1, help="run every contender N times; medians reported"
     )
@@ -311,15 +306,10 @@ def main() -> None:
     if work.exists():
         for m in sorted(work.glob("*/mnt"), reverse=True):
             subprocess.run(["umount", "-l", str(m)], stderr=subprocess.DEVNULL, check=False)
-        if work.is_mount():
-            subprocess.run(["umount", "-l", str(work)], check=False)
-        shutil.rmtree(work)
-    with contextlib.ExitStack() as scratch:
-        if not args.no_scratch:
-            # Five big files and six copies of the tree, with room to spare.
-            scratch.enter_context(scratch_fs(work, size_gib=5 * args.big_mib // 1024 + 5))
+    # Five big files and six copies of the tree, with room to spare.
+    with work_directory(work, 5 * args.big_mib // 1024 + 5, scratch=not args.no_scratch):
         base = work / "base"
-        base.mkdir(parents=True)
+        base.mkdir()
         print(f"building a {args.files}-file tree in {base}", file=sys.stderr, flush=True)
         make_tree(base, args.files)
         make_shared(base, 1000)
@@ -331,10 +321,6 @@ def main() -> None:
         ]
         results = run_benchmarks(contenders, args.big_mib, args.rounds)
         print(report(results, args.markdown))
-        if args.no_scratch:
-            shutil.rmtree(work, ignore_errors=True)
-    if not args.no_scratch:
-        work.rmdir()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ in a fresh ext4 mounted at the work directory (bench/scratch.py says why).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from scratch import scratch_fs
+from scratch import add_scratch_option, work_directory
 
 ROOT = Path(__file__).resolve().parent.parent
 COWFS = str(Path(sys.executable).parent / "cowfs")
@@ -139,11 +138,7 @@ TOOLS: list[Tool] = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/cowfs-hashify-bench"))
-    parser.add_argument(
-        "--no-scratch",
-        action="store_true",
-        help="run in --workdir's own filesystem, not a fresh scratch ext4 mounted there",
-    )
+    add_scratch_option(parser)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument(
         "--repeat", type=int, default=2, help="link trials per tool, on fresh copies (best kept)"
@@ -151,19 +146,8 @@ def main() -> None:
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("hashify_bench.py: run as root")
-    work: Path = args.workdir
-    if work.is_mount():
-        subprocess.run(["umount", "-l", str(work)], check=False)
-    shutil.rmtree(work, ignore_errors=True)
-    with contextlib.ExitStack() as scratch:
-        if not args.no_scratch:
-            scratch.enter_context(scratch_fs(work, size_gib=8))
-        work.mkdir(parents=True, exist_ok=True)
+    with work_directory(args.workdir, 8, scratch=not args.no_scratch) as work:
         measure_all(work, args)
-        if args.no_scratch:
-            shutil.rmtree(work, ignore_errors=True)
-    if not args.no_scratch:
-        work.rmdir()
 
 
 def measure_all(work: Path, args: argparse.Namespace) -> None:

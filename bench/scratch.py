@@ -14,8 +14,10 @@ host filesystem), kept for the next run, and made a new filesystem
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -46,3 +48,30 @@ def scratch_fs(mountpoint: Path, size_gib: int, image: Path = IMAGE) -> Iterator
     finally:
         os.sync()
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def add_scratch_option(parser: argparse.ArgumentParser) -> None:
+    """The --no-scratch option of every benchmark that uses work_directory()."""
+    parser.add_argument(
+        "--no-scratch",
+        action="store_true",
+        help="run in --workdir's own filesystem, not a fresh scratch ext4 mounted there",
+    )
+
+
+@contextlib.contextmanager
+def work_directory(path: Path, size_gib: int, scratch: bool = True) -> Iterator[Path]:
+    """path, empty: a fresh scratch ext4 mounted there, or a plain directory; gone afterwards."""
+    if path.is_mount():  # left by a killed run
+        subprocess.run(["umount", "-l", str(path)], check=False)
+    shutil.rmtree(path, ignore_errors=True)
+    if scratch:
+        with scratch_fs(path, size_gib):
+            yield path
+        path.rmdir()
+    else:
+        path.mkdir(parents=True)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
