@@ -4,7 +4,8 @@ The break of a node whose backing inode carries the COW mark:
 
 1. make an unnamed private copy (O_TMPFILE) in the directory of the guest's
    name: content (reflink where possible, else in-kernel copy keeping holes),
-   owner, mode, xattrs but the mark, timestamps; synced to disk;
+   owner, mode, xattrs but the mark, timestamps; its data made durable no
+   later than the rename (durability.py);
 2. link it under a hidden temporary name and rename that over the guest's
    name, so the name always reaches a complete file, old or new;
 3. re-point the node (and the guest's open read-only handles) to the copy.
@@ -29,6 +30,7 @@ from collections.abc import Callable
 import trio
 
 from cowfs.accounting import Accountant
+from cowfs.durability import CopySync, make_durable
 from cowfs.inodes import InodeTable, Node
 from cowfs.marks import clear_mark, fd_path, is_marked, temp_name
 from cowfs.metadata import copy_data, copy_metadata
@@ -41,14 +43,18 @@ ReopenHandles = Callable[[Node, int], None]
 
 
 def make_private_copy(
-    dir_fd: int, src_fd: int, st: os.stat_result, with_data: bool, sync: bool = True
+    dir_fd: int,
+    src_fd: int,
+    st: os.stat_result,
+    with_data: bool,
+    durability: CopySync = CopySync.FULL,
 ) -> int:
     """An unnamed copy of src (O_PATH fd) in directory dir_fd, without the mark; an O_RDWR fd.
 
-    Copied data is synced before the copy can replace the original (sync=True),
-    so that not even a power cut can leave the guest's name on a file whose
-    data never reached the disk. A reflink or an empty copy needs no sync: the
-    filesystem's journal orders it before the rename.
+    Copied data is made durable as durability says before the copy can replace
+    the original, so that not even a power cut can leave the guest's name on a
+    file whose data never reached the disk. A reflink or an empty copy needs
+    nothing: the filesystem's journal orders it before the rename.
 
     Blocking: run it in a worker thread.
     """
@@ -63,8 +69,8 @@ def make_private_copy(
             finally:
                 os.close(src)
         copy_metadata(src_fd, copy_fd, st)
-        if copied and sync:
-            os.fdatasync(copy_fd)
+        if copied:
+            make_durable(copy_fd, durability)
     except BaseException:
         os.close(copy_fd)
         raise
@@ -103,12 +109,12 @@ class LinkBreaker:
         workers: WorkerPool,
         reopen_handles: ReopenHandles,
         acct: Accountant,
-        sync: bool = True,
+        durability: CopySync = CopySync.FULL,
     ):
         self.table = table
         self.workers = workers
         self.acct = acct
-        self.sync = sync
+        self.durability = durability
         self.reopen_handles = reopen_handles
         self.breaks = 0
 
@@ -139,7 +145,7 @@ class LinkBreaker:
         home = node.parent if node.parent is not None else self.table.root
         with self.table.pinned(home, node):
             copy_fd = await self.workers.run(
-                make_private_copy, home.fd, node.fd, st, with_data, self.sync
+                make_private_copy, home.fd, node.fd, st, with_data, self.durability
             )
         try:
             # Back on the event loop: no other request runs until we are done,

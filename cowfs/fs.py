@@ -22,6 +22,7 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
+from cowfs import durability
 from cowfs.accounting import Accountant, last_link
 from cowfs.cow import LinkBreaker
 from cowfs.inodes import InodeTable, Node
@@ -129,7 +130,11 @@ class CowFS(pyfuse3.Operations):
         # where it allows, else to the workers.
         self.ring = Ring.open() if io_uring else None
         self.breaker = LinkBreaker(
-            self.table, self.workers, self._reopen_read_handles, self.acct, sync=sync_breaks
+            self.table,
+            self.workers,
+            self._reopen_read_handles,
+            self.acct,
+            durability.for_backing(root_fd, sync_breaks),
         )
         self._nowait_writes = True
         self.handler_reads = 0

@@ -173,11 +173,12 @@ def serve(
         registry.MountRecord(mountpoint, backing, os.getpid(), log_file, options.xid)
     )
     log.info(
-        "serving %s at %s (pid %d; disk reads by %s)",
+        "serving %s at %s (pid %d; disk reads by %s; private copies' data %s)",
         backing,
         mountpoint,
         os.getpid(),
         "io_uring" if fs.ring is not None else "worker threads",
+        fs.breaker.durability.value,
     )
 
     async def run() -> None:

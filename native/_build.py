@@ -20,6 +20,7 @@ ffibuilder.cdef(
                   const struct timespec times[2], int flags);
     int fallocate(int fd, int mode, long offset, long len);
     int syncfs(int fd);
+    int sync_file_range(int fd, int64_t offset, int64_t nbytes, unsigned int flags);
     int native_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode,
                        uint64_t resolve);
     int unshare(int flags);

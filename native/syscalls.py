@@ -121,6 +121,16 @@ def syncfs(fd: int) -> None:
     _check(lib.syncfs(fd))
 
 
+SYNC_FILE_RANGE_WAIT_BEFORE = 1
+SYNC_FILE_RANGE_WRITE = 2
+SYNC_FILE_RANGE_WAIT_AFTER = 4
+
+
+def sync_file_range(fd: int, offset: int, nbytes: int, flags: int) -> None:
+    """sync_file_range(2): write (and wait for) a range of fd's data, not its metadata."""
+    _check(lib.sync_file_range(fd, offset, nbytes, flags))
+
+
 RESOLVE_IN_ROOT = 0x10
 
 

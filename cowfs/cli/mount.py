@@ -33,7 +33,8 @@ from cowfs.mount import MountOptions, mount, unmount
     "--sync-breaks/--no-sync-breaks",
     default=True,
     show_default=True,
-    help="fdatasync each private copy before it replaces a shared file (power-cut safety).",
+    help="Make a private copy's data durable before it replaces a shared file (power-cut "
+    "safety): written before the rename where the journal orders them, else fdatasync.",
 )
 @click.option(
     "--io-uring/--no-io-uring",
