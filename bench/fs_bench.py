@@ -244,10 +244,16 @@ def measure(root: Path, big_mib: int, only: tuple[str, ...] = ()) -> dict[str, f
 def run_benchmarks(
     contenders: list[Contender], big_mib: int, rounds: int = 1
 ) -> dict[str, dict[str, float]]:
-    """measure() on each contender, set up and torn down in turn; medians over rounds."""
+    """measure() on each contender, set up and torn down in turn; medians over rounds.
+
+    Odd rounds go through the contenders in reverse order: a warm sequential
+    read was measured faster on whichever FUSE filesystem had filled its page
+    cache last (memory placement in this VM, both ways round), and an even
+    number of rounds gives each order the same weight.
+    """
     runs: dict[str, list[dict[str, float]]] = {c.name: [] for c in contenders}
     for round_number in range(rounds):
-        for c in contenders:
+        for c in contenders if round_number % 2 == 0 else contenders[::-1]:
             print(f"--- {c.name} (round {round_number + 1})", file=sys.stderr, flush=True)
             c.setup()
             try:
