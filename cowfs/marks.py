@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 
 XATTR_PREFIX = b"trusted.cowfs."
 COW_MARK = b"trusted.cowfs.cow"
@@ -28,7 +27,7 @@ _MARK_VALUE = b"1"
 
 def temp_name() -> bytes:
     """A fresh hidden name for a file cowfs is putting in place."""
-    return TEMP_PREFIX + secrets.token_hex(8).encode()
+    return TEMP_PREFIX + os.urandom(8).hex().encode()
 
 
 def is_reserved_xattr(name: bytes) -> bool:

@@ -7,7 +7,6 @@ authority on what is mounted; the record adds the pid and the backing tree.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -30,6 +29,10 @@ class MountRecord:
 
 
 def _record_path(mountpoint: str) -> Path:
+    # Imported here: loading OpenSSL's hashes costs every command that only
+    # reads the records (hashify checks them first) ~2 ms.
+    import hashlib
+
     digest = hashlib.sha256(mountpoint.encode()).hexdigest()[:16]
     return run_dir() / "mounts" / f"{digest}.json"
 
