@@ -390,6 +390,9 @@ class Hashify:
             self.store = Store.open(options.store, create=not options.dry_run)
         self._root_fds: dict[int, int] = {}
         self._new_entries: list[StoreEntry] = []
+        # What the scan found, kept after run(): freeing it is the owner's
+        # choice (the command line exits without freeing it object by object).
+        self.found: dict[Key, Inode] = {}
 
     def run(self, progress: Progress | None = None) -> HashifyReport:
         """All three phases; the report."""
@@ -404,6 +407,7 @@ class Hashify:
                 store_inodes = {(e.st.st_dev, e.st.st_ino): e for e in entries}
                 scan = _Scan(self.roots, self.options, report)
                 scan.run(set(store_inodes), progress)
+                self.found = scan.inodes
                 if not self.options.dry_run:
                     self._remove_leftovers(scan.leftovers)
                     self.store.sweep_temporaries()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from typing import NoReturn
 
 import click
 
@@ -23,6 +25,20 @@ _COMMANDS = {
     "quota": ("limits", "quota_group"),
     "du": ("du", "du_command"),
 }
+
+
+def exit_at_once(status: int = 0) -> NoReturn:
+    """End the process now, its output flushed, without the interpreter's teardown.
+
+    For a command that ends holding a large object graph: hashify's scan of
+    three Debian guests is some 300,000 objects, which the interpreter's exit
+    would free one by one (~12 ms of a 0.37 s dry run); the kernel frees the
+    process at once. No atexit handler runs: only for a command's last line,
+    with nothing left open that needs closing.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 class _Group(click.Group):

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import click
 
+from cowfs.cli import exit_at_once
 from cowfs.cli.display import display_path
 from cowfs.cli.progress import ProgressLine
 from cowfs.excludes import DEFAULT_EXCLUDES, Rules
-from cowfs.hashify import HashifyOptions, HashifyReport, hashify
+from cowfs.hashify import Hashify, HashifyOptions, HashifyReport
 from cowfs.store import Store, default_store
 from cowfs.units import format_bytes, parse_size
 
@@ -116,8 +117,14 @@ def hashify_command(
             f" {report.unified_files} unified"
         )
 
-    report = hashify(list(guests), options, progress)
+    run = Hashify(list(guests), options)
+    report = run.run(progress)
     line.done()
+    _print_report(report, as_json, verbose, dry_run)
+    exit_at_once()  # with run's scan still in memory: see exit_at_once
+
+
+def _print_report(report: HashifyReport, as_json: bool, verbose: bool, dry_run: bool) -> None:
     if as_json:
         data = report.as_dict()
         if not verbose and not dry_run:
