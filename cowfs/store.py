@@ -44,7 +44,7 @@ from cowfs.paths import state_root
 
 FORMAT = 1
 HASH = "blake3"  # what new stores use
-HASHES: dict[str, Callable[[], Any]] = {"blake3": blake3.blake3, "sha256": hashlib.sha256}
+HASHES: dict[str, Callable[..., Any]] = {"blake3": blake3.blake3, "sha256": hashlib.sha256}
 META_FILE = ".cowfs-store.json"
 _READ_CHUNK = 1 << 20
 
@@ -178,6 +178,10 @@ class Store:
     def hash_fd(self, fd: int, size_hint: int = _READ_CHUNK) -> str:
         """The content hash of an open file, as this store names entries."""
         return hash_fd(fd, size_hint, self.algorithm)
+
+    def hash_bytes(self, content: bytes | memoryview) -> str:
+        """The content hash of a file's whole content, as this store names entries."""
+        return str(HASHES[self.algorithm](content).hexdigest())
 
     def path_of(self, entry_name: str) -> Path:
         """Host path of an entry."""

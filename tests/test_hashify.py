@@ -404,3 +404,30 @@ def test_many_small_files_hashed_in_two_processes_link_the_same(tmp_path: Path) 
         if guests[1] / rel not in victims
     ]
     assert all(shared) and len(shared) == per_guest - len(victims)
+
+
+def test_clone_files_unified_without_their_template(tmp_path: Path) -> None:
+    """A clone's files are marked, with a link in a template hashify is not given: still eligible.
+
+    Marked inodes are shared already, each name independent, so the clone's
+    names may move to the store; an unmarked inode with a name hashify does not
+    see is left alone (it would be split from that name).
+    """
+    template, other, third = tmp_path / "template", tmp_path / "other", tmp_path / "third"
+    for guest in (template, other, third):
+        (guest / "usr").mkdir(parents=True)
+        (guest / "usr" / "lib.so").write_bytes(b"library code " * 100)
+        os.utime(guest / "usr" / "lib.so", ns=(10**18, 10**18))
+    clone = tmp_path / "clone"
+    cowfs("clone", template, clone)
+    os.link(clone / "usr" / "lib.so", clone / "usr" / "lib-alias.so")
+    os.link(third / "usr" / "lib.so", tmp_path / "outside-link")  # a name hashify won't see
+    report = json.loads(
+        cowfs("hashify", "--json", "--store", tmp_path / "store", clone, other, third).stdout
+    )
+    assert report["unified_files"] == 3  # the clone's two names and other's
+    shared = (clone / "usr" / "lib.so").stat().st_ino
+    assert (clone / "usr" / "lib-alias.so").stat().st_ino == shared
+    assert (other / "usr" / "lib.so").stat().st_ino == shared
+    assert (third / "usr" / "lib.so").stat().st_ino == (tmp_path / "outside-link").stat().st_ino
+    assert (third / "usr" / "lib.so").stat().st_ino != shared

@@ -1,0 +1,73 @@
+"""native FileProbe: hashify's one-call open, fstat, xattr listing and read of a small file."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from native.syscalls import FileProbe
+
+READ = os.O_RDONLY | os.O_NOFOLLOW
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "small").write_bytes(b"hello world")
+    (tmp_path / "d" / "empty").write_bytes(b"")
+    (tmp_path / "d" / "fits").write_bytes(b"x" * 15)
+    (tmp_path / "d" / "full").write_bytes(b"y" * 16)
+    os.symlink("small", tmp_path / "d" / "link")
+    return tmp_path
+
+
+def test_small_file_read_whole_with_its_stat(tree: Path) -> None:
+    probe = FileProbe(16)
+    dirfd = os.open(tree, os.O_PATH)
+    try:
+        found = probe.probe(dirfd, b"d/small", READ)
+        st = os.stat(tree / "d" / "small")
+        assert (found.dev, found.ino, found.size) == (st.st_dev, st.st_ino, st.st_size)
+        assert (found.mtime_ns, found.ctime_ns) == (st.st_mtime_ns, st.st_ctime_ns)
+        assert found.content_len == 11
+        assert bytes(probe.content[: found.content_len]) == b"hello world"
+        assert probe.probe(dirfd, b"d/empty", READ).content_len == 0
+        # Up to capacity - 1 bytes are read; a file that fills the buffer is not.
+        assert probe.probe(dirfd, b"d/fits", READ).content_len == 15
+        assert probe.probe(dirfd, b"d/full", READ).content_len == -1
+    finally:
+        os.close(dirfd)
+
+
+def test_xattr_names_listed_or_flagged_when_they_do_not_fit(tree: Path) -> None:
+    target = tree / "d" / "small"
+    os.setxattr(target, "user.first", b"1")
+    os.setxattr(target, "user.second", b"2")
+    dirfd = os.open(tree, os.O_PATH)
+    try:
+        probe = FileProbe(64)
+        assert probe.probe(dirfd, b"d/empty", READ).names_len == 0
+        assert probe.names() == []
+        probe.probe(dirfd, b"d/small", READ)
+        assert sorted(probe.names()) == [b"user.first", b"user.second"]
+        tight = FileProbe(64, names_capacity=8)
+        assert tight.probe(dirfd, b"d/small", READ).names_len == -1
+    finally:
+        os.close(dirfd)
+
+
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [(b"d/link", errno.ELOOP), (b"../etc/passwd", errno.EXDEV), (b"d/none", errno.ENOENT)],
+)
+def test_symlinks_escapes_and_missing_files_refused(tree: Path, path: bytes, code: int) -> None:
+    dirfd = os.open(tree, os.O_PATH)
+    try:
+        with pytest.raises(OSError) as raised:
+            FileProbe(64).probe(dirfd, path, READ)
+        assert raised.value.errno == code
+    finally:
+        os.close(dirfd)
