@@ -4,7 +4,8 @@
 For each: the time from the start command to the guest's init running (it
 prints "ready"), and from the stop command to nothing left; then memory per
 idle guest (proportional set size of every process a guest costs: for contextd
-the guest's processes, its cowfs FUSE process and its console logger) and 20
+the guest's processes, its cowfs FUSE process and its console logger, and the
+fork server they come from once for all guests) and 20
 guests at once. Run as root:  .venv/bin/python bench/contextd_bench.py [--markdown]
 """
 
@@ -55,6 +56,22 @@ def descendants(pid: int) -> list[int]:
         current = todo.pop()
         found.append(current)
         todo += children.get(current, [])
+    return found
+
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+def holding_open(path: Path) -> list[int]:
+    """The processes with an fd open on path."""
+    found = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
+                found.append(int(fd_dir.parent.name))
+        except OSError:
+            continue
     return found
 
 
@@ -110,11 +127,22 @@ class Contextd:
         )
         mount_record = [json.loads(p.read_text()) for p in Path("/run/cowfs/mounts").glob("*.json")]
         procs |= {r["pid"] for r in mount_record if r["mountpoint"].endswith(f"/roots/{name}")}
-        logger = subprocess.run(
-            ["pgrep", "-f", f"{name}.console.log"], capture_output=True, text=True
-        ).stdout.split()
-        procs |= {int(p) for p in logger}
+        procs |= set(holding_open(self.work / "log" / f"{name}.console.log"))  # its logger
         return sorted(procs)
+
+    def shared_pids(self) -> list[int]:
+        """Processes that serve every guest: the fork server (contextd.forkserver)."""
+        # The FUSE servers it forked passed to the daemon too, with its command line.
+        records = Path("/run/cowfs/mounts").glob("*.json")
+        mounts = {json.loads(record.read_text())["pid"] for record in records}
+        return [
+            pid
+            for pid in descendants(self.daemon.pid)
+            if pid != self.daemon.pid
+            and pid not in mounts
+            and _ppid(pid) == self.daemon.pid
+            and b"contextd.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
 
     def close(self) -> None:
         self.daemon.send_signal(signal.SIGTERM)
@@ -203,7 +231,7 @@ def main() -> None:
         running = sum(
             json.loads(contextd.cmd("status", n, "--json"))["state"] == "running" for n in names
         )
-        memory = pss_kib([p for n in names for p in contextd.pids(n)])
+        memory = pss_kib([p for n in names for p in contextd.pids(n)] + contextd.shared_pids())
         began = time.perf_counter()
         for name in names:
             contextd.stop(name)

@@ -15,7 +15,12 @@ MAX_LOG = 8 << 20  # keep the log below this size: older half dropped
 
 
 def main() -> None:
-    path = sys.argv[1]
+    """python -m contextd.console LOGFILE."""
+    copy_to_log(sys.argv[1])
+
+
+def copy_to_log(path: str) -> None:
+    """Copy stdin to the log file at path until end of file, keeping it under MAX_LOG."""
     out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     while chunk := os.read(0, 65536):
         os.write(out, chunk)

@@ -19,17 +19,18 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
-import subprocess
-import sys
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from contextd import network
 from contextd.cgroups import Cgroup
 from contextd.config import GuestConfig
+from contextd.forkserver import ForkServer, ForkServerError
 from contextd.paths import log_dir, run_dir
 from cowfs import registry
 from cowfs.errors import CowfsError
@@ -99,9 +100,12 @@ def is_running(state: RunState) -> bool:
         return f.read().rpartition(")")[2].split()[0] != "Z"
 
 
-# Console loggers this process started, by guest: stop waits for them (they end
-# with the guest's last process) so that none is left a zombie.
-_console_loggers: dict[str, subprocess.Popen[bytes]] = {}
+# Where guests' helper processes come from (see contextd.forkserver).
+helpers = ForkServer()
+
+# Console loggers started for guests, as pidfds, by guest: stop waits for them
+# (they end with the guest's last process).
+_console_loggers: dict[str, int] = {}
 
 
 class _Undo:
@@ -151,28 +155,7 @@ def start(config: GuestConfig) -> RunState:
         mountpoint = run_dir() / "roots" / config.name
         mountpoint.mkdir(parents=True, exist_ok=True)
         _apply_disk_limits(config)
-        # A fresh process mounts: contextd's own threads must not be forked.
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "cowfs",
-                "mount",
-                "--xid",
-                str(config.xid),
-                "--log",
-                str(log_dir() / f"{config.name}.cowfs.log"),
-                config.root,
-                str(mountpoint),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise GuestError(
-                f"guest {config.name}: {result.stderr.strip().removeprefix('cowfs: error: ')}"
-            )
+        _mount_root(config, str(mountpoint))
         undo.push("cowfs mount", lambda: unmount(str(mountpoint), lazy=True))
         cgroup = Cgroup(config.name)
         if cgroup.exists():
@@ -184,13 +167,13 @@ def start(config: GuestConfig) -> RunState:
         console_log.parent.mkdir(parents=True, exist_ok=True)
         console_r, console_w = os.pipe2(os.O_CLOEXEC)
         try:
-            _console_loggers[config.name] = subprocess.Popen(
-                [sys.executable, "-m", "contextd.console", str(console_log)],
-                stdin=console_r,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            with _devnull() as null:
+                logger = helpers.run("console", {"log": str(console_log)}, [console_r, null, null])
+            with contextlib.suppress(ProcessLookupError):  # gone already: nothing to wait for
+                _console_loggers[config.name] = os.pidfd_open(logger)
+        except ForkServerError as e:
+            os.close(console_w)
+            raise GuestError(f"guest {config.name}: console logger not started: {e}") from None
         finally:
             os.close(console_r)
         undo.push("network", lambda: network.unplug(config))
@@ -220,6 +203,43 @@ def _kill_and_remove(cgroup: Cgroup) -> None:
     cgroup.remove()
 
 
+@contextlib.contextmanager
+def _devnull() -> Iterator[int]:
+    fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _mount_root(config: GuestConfig, mountpoint: str) -> None:
+    """Mount the guest's cowfs root at mountpoint (a FUSE server forked by the fork server)."""
+    # Not forked from contextd itself: its threads must not be forked.
+    answer_r, answer_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        with _devnull() as null:
+            args = {
+                "backing": config.root,
+                "mountpoint": mountpoint,
+                "xid": config.xid,
+                "log": str(log_dir() / f"{config.name}.cowfs.log"),
+            }
+            helpers.run("mount", args, [null, answer_w, answer_w])
+    except ForkServerError as e:
+        os.close(answer_r)
+        raise GuestError(f"guest {config.name}: root not mounted: {e}") from None
+    finally:
+        os.close(answer_w)
+    with os.fdopen(answer_r) as answer:  # until the job ends
+        output = answer.read().strip()
+    try:
+        reply = json.loads(output.splitlines()[0])
+    except (IndexError, ValueError):
+        raise GuestError(f"guest {config.name}: root not mounted: {output}") from None
+    if "error" in reply:
+        raise GuestError(f"guest {config.name}: {reply['error']}")
+
+
 def _spawn(config: GuestConfig, mountpoint: str, console_w: int, cgroup: Cgroup) -> int:
     request: dict[str, object] = {
         "root": mountpoint,
@@ -228,23 +248,28 @@ def _spawn(config: GuestConfig, mountpoint: str, console_w: int, cgroup: Cgroup)
         "environment": config.environment,
         "capabilities": config.capabilities,
         "net": config.net.mode,
+        "console_fd": 3,
     }
-    request["console_fd"] = console_w
-    helper = subprocess.Popen(
-        [sys.executable, "-m", "contextd.spawn"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        pass_fds=(console_w,),
-        text=True,
-    )
-    assert helper.stdin is not None and helper.stdout is not None
+    ours, theirs = socket.socketpair()
+    errors_r, errors_w = os.pipe2(os.O_CLOEXEC)
     try:
-        helper.stdin.write(json.dumps(request) + "\n")
-        helper.stdin.flush()
-        line = helper.stdout.readline().strip()
+        helpers.run("spawn", {}, [theirs.fileno(), theirs.fileno(), errors_w, console_w])
+    except ForkServerError as e:
+        ours.close()
+        os.close(errors_r)
+        raise GuestError(f"guest {config.name}: context not created: {e}") from None
+    finally:
+        theirs.close()
+        os.close(errors_w)
+    to_helper = ours.makefile("w")
+    from_helper = ours.makefile("r")
+    try:
+        to_helper.write(json.dumps(request) + "\n")
+        to_helper.flush()
+        line = from_helper.readline().strip()
         if not line.isdigit():
-            problem = helper.stderr.read().strip() if helper.stderr else ""
+            with os.fdopen(os.dup(errors_r)) as errors:
+                problem = errors.read().strip()
             raise GuestError(f"guest {config.name}: context not created: {problem}")
         pid = int(line)
         try:
@@ -254,17 +279,19 @@ def _spawn(config: GuestConfig, mountpoint: str, console_w: int, cgroup: Cgroup)
         except BaseException:
             os.kill(pid, signal.SIGKILL)
             raise
-        helper.stdin.write("go\n")
-        helper.stdin.flush()
-        result = helper.stdout.readline().strip()
+        to_helper.write("go\n")
+        to_helper.flush()
+        result = from_helper.readline().strip()
         if result != "ok":
             raise GuestError(
                 f"guest {config.name}: init did not start: {result.removeprefix('error: ')}"
             )
         return pid
     finally:
-        helper.stdin.close()
-        helper.wait()
+        to_helper.close()
+        from_helper.close()
+        ours.close()
+        os.close(errors_r)
 
 
 def stop(config: GuestConfig, timeout: float | None = None) -> None:
@@ -306,11 +333,18 @@ def _reap(name: str, state: RunState | None) -> None:
             os.waitpid(state.init_pid, os.WNOHANG)
     logger = _console_loggers.pop(name, None)
     if logger is not None:
+        # The fork server's child, not ours: wait for it to end (it does with
+        # the guest's last process), so that the log is complete once stop returns.
         try:
-            logger.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            logger.kill()
-            logger.wait()
+            if not select.select([logger], [], [], 5)[0]:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(logger, signal.SIGKILL)
+                select.select([logger], [], [], 5)
+            # Ours to reap if the fork server died before it: we are the subreaper.
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PIDFD, logger, os.WEXITED | os.WNOHANG)
+        finally:
+            os.close(logger)
 
 
 @dataclass

@@ -289,4 +289,6 @@ async def serve(config_dir: Path, task_status: Any = trio.TASK_STATUS_IGNORED) -
     listeners = [trio.SocketListener(listener)]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_reap_children)
+        # Ready before the first start asks for it (it imports for ~0.3 s).
+        nursery.start_soon(trio.to_thread.run_sync, runtime.helpers.start)
         await trio.serve_listeners(lambda stream: _serve_client(daemon, stream), listeners)

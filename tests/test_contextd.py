@@ -391,3 +391,59 @@ def test_debian_guest_boots_and_serves(ctx: Contextd, tmp_path: Path) -> None:
     assert _fetch(f"http://127.0.0.1:{port}/").startswith("debian 12")
     ctx("stop", "deb", "--timeout", "2")
     assert left_behind("deb", ctx) == []
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+def _children(pid: int) -> list[int]:
+    # Of every thread: the fork server was started from a worker thread.
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def _holding_open(path: Path) -> list[int]:
+    found = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) == str(path) for fd in fd_dir.iterdir()):
+                found.append(int(fd_dir.parent.name))
+    return found
+
+
+def test_helpers_forked_from_a_fork_server_that_is_replaced_if_it_dies(
+    ctx: Contextd, guest_tree: Path
+) -> None:
+    for name in ("first", "second"):
+        ctx("create", name, "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("start", "first")
+    assert ctx.proc is not None
+    mounts = [json.loads(p.read_text()) for p in Path("/run/cowfs/mounts").glob("*.json")]
+    fuse = next(m["pid"] for m in mounts if m["mountpoint"].endswith("/roots/first"))
+    servers = [
+        pid
+        for pid in _children(ctx.proc.pid)
+        if b"contextd.forkserver" in _cmdline(pid) and pid != fuse
+    ]
+    assert len(servers) == 1, servers
+    # The guest's FUSE server was forked there (no `cowfs mount` process of its own)
+    # and passed to the daemon; its console logger is the fork server's child.
+    assert b"contextd.forkserver" in _cmdline(fuse) and _parent(fuse) == ctx.proc.pid
+    (logger,) = _holding_open(ctx.base / "log" / "first.console.log")
+    assert _parent(logger) == servers[0]
+    os.kill(servers[0], signal.SIGKILL)
+    ctx("start", "second")  # a new fork server
+    assert "booted" in ctx("logs", "second").stdout
+    assert json.loads(ctx("status", "second", "--json").stdout)["state"] == "running"
+    # The first guest's logger outlived its fork server; stop still collects it.
+    ctx("stop", "first", "--timeout", "1")
+    ctx("stop", "second", "--timeout", "1")
+    assert left_behind("first", ctx) == [] and left_behind("second", ctx) == []
