@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import sys
 import time
@@ -14,7 +13,6 @@ import click
 
 from contextd import __version__
 from contextd.client import request
-from contextd.config import config_dir
 from cowfs.errors import CowfsError
 from cowfs.units import format_bytes
 
@@ -50,8 +48,12 @@ def main() -> None:
 )
 def serve(config_dir: Path | None, log_file: Path | None) -> None:
     """Run the daemon: the control socket, autostart, adoption of running guests."""
+    # Imported here, not at the top: the client's commands start faster without them.
+    import logging
+
     import trio
 
+    from contextd.config import config_dir as default_config_dir
     from contextd.server import JsonFormatter
     from contextd.server import serve as run_server
 
@@ -60,7 +62,7 @@ def serve(config_dir: Path | None, log_file: Path | None) -> None:
     )
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    directory = config_dir or _config_dir()
+    directory = config_dir or default_config_dir()
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -72,10 +74,6 @@ def serve(config_dir: Path | None, log_file: Path | None) -> None:
                     return
 
     trio.run(run)
-
-
-def _config_dir() -> Path:
-    return config_dir()
 
 
 @main.command()

@@ -305,8 +305,10 @@ def stop(config: GuestConfig, timeout: float | None = None) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(state.init_pid, config.stop_signal)
         deadline = time.monotonic() + timeout
+        pause = 0.001  # init mostly ends within a few ms: look again soon, then less often
         while time.monotonic() < deadline and cgroup.pids():
-            time.sleep(0.05)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
     cgroup.kill_all()
     _reap(config.name, state)
     mountpoint = state.mountpoint if state else str(run_dir() / "roots" / config.name)

@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import resource
+import select
 import signal
 import sqlite3
 import sys
@@ -335,10 +336,8 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
     if record is None or record.pid <= 0:
         return
     deadline = time.monotonic() + timeout
-    while _alive(record.pid):
-        if time.monotonic() > deadline:
-            raise CowfsError(f"{mountpoint}: unmounted, but pid {record.pid} still runs")
-        time.sleep(0.02)
+    if not _wait_ended(record.pid, timeout):
+        raise CowfsError(f"{mountpoint}: unmounted, but pid {record.pid} still runs")
     _reap_if_ours(record.pid, deadline)
 
 
@@ -353,10 +352,14 @@ def _reap_if_ours(pid: int, deadline: float) -> None:
             time.sleep(0.01)
 
 
-def _alive(pid: int) -> bool:
+def _wait_ended(pid: int, timeout: float) -> bool:
+    """Wait until process pid and all its threads have ended; False if timeout passed first."""
+    # A pidfd is readable from the moment the whole process has exited: no polling.
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([pidfd], [], [], timeout)[0])
+    finally:
+        os.close(pidfd)
