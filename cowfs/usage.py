@@ -10,13 +10,13 @@ inode with several names in the guest counts once.
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from cowfs.marks import COW_MARK, fd_path, is_reserved_name
+from cowfs.marks import COW_MARK, is_reserved_name
+from native.syscalls import has_xattr_at
 
 OwnerKey = tuple[str, int]  # ("user", uid) or ("group", gid)
 
@@ -55,23 +55,18 @@ def is_shared(st: os.stat_result, marked: bool) -> bool:
     return marked and st.st_nlink > 1 and stat.S_ISREG(st.st_mode)
 
 
-def _marked_at(dir_fd: int, name: bytes) -> bool:
-    try:
-        os.getxattr(f"{fd_path(dir_fd)}/{os.fsdecode(name)}", COW_MARK, follow_symlinks=False)
-    except OSError as e:
-        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
-            return False
-        raise
-    return True
-
-
 def scan(root: str, shared: dict[tuple[int, int], int] | None = None) -> Usage:
     """The usage of the backing tree at root, counted from scratch (fd-relative, no symlinks).
 
     If shared is given, every shared inode's (dev, ino) is added to it with its bytes.
     """
     usage = Usage()
+    known_shared = shared if shared is not None else {}
     seen: set[tuple[int, int]] = set()
+    # Private usage by (uid, gid), handed to usage.charge at the end: one dict
+    # update per file instead of a call updating two owners.
+    private: dict[tuple[int, int], list[int]] = defaultdict(lambda: [0, 0])
+    is_dir, is_reg = stat.S_ISDIR, stat.S_ISREG
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     root_fd = os.open(root, flags)
     st = os.fstat(root_fd)
@@ -87,25 +82,27 @@ def scan(root: str, shared: dict[tuple[int, int], int] | None = None) -> Usage:
                 if is_reserved_name(name):
                     continue
                 st = entry.stat(follow_symlinks=False)
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    continue
-                if st.st_nlink > 1:
-                    seen.add(key)
-                if stat.S_ISDIR(st.st_mode):
-                    pending.append(os.open(name, flags, dir_fd=dir_fd))
                 nbytes = st.st_blocks * 512
-                if (
-                    st.st_nlink > 1
-                    and stat.S_ISREG(st.st_mode)
-                    and ((shared is not None and key in shared) or _marked_at(dir_fd, name))
-                ):
-                    usage.shared_bytes += nbytes
-                    usage.shared_inodes += 1
-                    if shared is not None:
-                        shared[key] = nbytes
-                else:
-                    usage.charge(st.st_uid, st.st_gid, nbytes, 1)
+                mode = st.st_mode
+                if is_dir(mode):
+                    pending.append(os.open(name, flags, dir_fd=dir_fd))
+                elif st.st_nlink > 1:  # counted once, and maybe shared
+                    key = (st.st_dev, st.st_ino)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    if is_reg(mode) and (
+                        key in known_shared or has_xattr_at(dir_fd, name, COW_MARK)
+                    ):
+                        usage.shared_bytes += nbytes
+                        usage.shared_inodes += 1
+                        known_shared[key] = nbytes
+                        continue
+                owner = private[(st.st_uid, st.st_gid)]
+                owner[0] += nbytes
+                owner[1] += 1
         finally:
             os.close(dir_fd)
+    for (uid, gid), (nbytes, inodes) in private.items():
+        usage.charge(uid, gid, nbytes, inodes)
     return usage

@@ -122,6 +122,11 @@ def syncfs(fd: int) -> None:
     _check(lib.syncfs(fd))
 
 
+def has_xattr_at(dirfd: int, name: bytes, xattr: bytes) -> bool:
+    """True if dirfd/name (a symlink itself, not followed) has the extended attribute xattr."""
+    return bool(_check(lib.native_has_xattr_at(dirfd, name, xattr), name))
+
+
 class FileProbe:
     """Opens, stats, lists the xattr names of and reads a small file in one call.
 

@@ -1,4 +1,4 @@
-"""native FileProbe: hashify's one-call open, fstat, xattr listing and read of a small file."""
+"""native helpers: hashify's FileProbe (open, stat, xattr names, read at once), has_xattr_at."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from native.syscalls import FileProbe
+from native.syscalls import FileProbe, has_xattr_at
 
 READ = os.O_RDONLY | os.O_NOFOLLOW
 
@@ -69,5 +69,19 @@ def test_symlinks_escapes_and_missing_files_refused(tree: Path, path: bytes, cod
         with pytest.raises(OSError) as raised:
             FileProbe(64).probe(dirfd, path, READ)
         assert raised.value.errno == code
+    finally:
+        os.close(dirfd)
+
+
+def test_has_xattr_at_looks_at_the_name_itself(tree: Path) -> None:
+    os.setxattr(tree / "d" / "small", "user.mark", b"1")
+    dirfd = os.open(tree / "d", os.O_PATH | os.O_DIRECTORY)
+    try:
+        assert has_xattr_at(dirfd, b"small", b"user.mark")
+        assert not has_xattr_at(dirfd, b"small", b"user.other")
+        assert not has_xattr_at(dirfd, b"empty", b"user.mark")
+        assert not has_xattr_at(dirfd, b"link", b"user.mark")  # the symlink, not its target
+        with pytest.raises(FileNotFoundError):
+            has_xattr_at(dirfd, b"none", b"user.mark")
     finally:
         os.close(dirfd)
