@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fs_bench import create_delete, make_tree
+from scratch import add_scratch_option, work_directory
 
 COWFS = str(Path(sys.executable).parent / "cowfs")
 
@@ -58,12 +58,17 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=20000)
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/cowfs-acct-bench"))
     parser.add_argument("--markdown", action="store_true")
+    add_scratch_option(parser)
     args = parser.parse_args()
     work: Path = args.workdir
     for m in work.glob("mnt-*"):
         subprocess.run(["umount", "-l", str(m)], check=False, stderr=subprocess.DEVNULL)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    with work_directory(work, 2, scratch=not args.no_scratch):
+        measure(work, args)
+
+
+def measure(work: Path, args: argparse.Namespace) -> None:
+    """Both guests' write-path work, then the reports; the tables."""
     os.environ["COWFS_ROOT"] = str(work / "root")
     base = work / "base"
     make_tree(base, args.files)
@@ -141,7 +146,6 @@ def main() -> None:
             a, b = rows["no limits"][row], rows["limits + quota"][row]
             print(f"{row:32s} {a:8.3f}s {b:8.3f}s  {b / a:.2f}x")
         print(f"du -s {du_s:.3f}s   cowfs du {cowfs_du:.3f}s   {cowfs_du / du_s:.2f}x")
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
