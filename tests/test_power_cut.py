@@ -33,6 +33,8 @@ MKFS = {
     "ext4": (["mkfs.ext4", "-q", "-F", "-E", "nodiscard"], "noauto_da_alloc", 128),
     "ext4-nojournal": (["mkfs.ext4", "-q", "-F", "-E", "nodiscard", "-O", "^has_journal"], "", 128),
     "xfs": (["mkfs.xfs", "-q", "-f", "-K"], "", 320),  # mkfs.xfs wants 300 MB at least
+    # Without reflinks xfs copies too: its data then go through writeback as on ext4.
+    "xfs-noreflink": (["mkfs.xfs", "-q", "-f", "-K", "-m", "reflink=0"], "", 320),
 }
 
 
@@ -110,7 +112,7 @@ def _states(template: Path, guest: Path) -> tuple[int, int, list[str]]:
     return private, shared, broken
 
 
-@pytest.mark.parametrize("loop_fs", ["ext4", "xfs"], indirect=True)
+@pytest.mark.parametrize("loop_fs", ["ext4", "xfs", "xfs-noreflink"], indirect=True)
 def test_power_cut_after_breaks_leaves_old_or_new(loop_fs: Path, mounts: Mounts) -> None:
     guest = _cut_power_after_breaks(loop_fs, mounts)
     private, shared, broken = _states(loop_fs / "template", guest)
@@ -122,7 +124,9 @@ def test_power_cut_after_breaks_leaves_old_or_new(loop_fs: Path, mounts: Mounts)
 @pytest.mark.parametrize("loop_fs", ["ext4"], indirect=True)
 def test_power_cut_without_sync_breaks_can_lose_a_copy(loop_fs: Path, mounts: Mounts) -> None:
     # What --no-sync-breaks trades away, and proof that the test above can fail:
-    # the renames are durable, the copies' data were never written.
+    # the renames are durable, the copies' data were never written. (On xfs
+    # without reflinks the copies' data had reached the disk anyway in this
+    # test, synced or not: the loss shows on ext4.)
     guest = _cut_power_after_breaks(loop_fs, mounts, "--no-sync-breaks")
     _, _, broken = _states(loop_fs / "template", guest)
     assert broken
