@@ -157,6 +157,9 @@ def start(config: GuestConfig) -> RunState:
         _apply_disk_limits(config)
         _mount_root(config, str(mountpoint))
         undo.push("cowfs mount", lambda: unmount(str(mountpoint), lazy=True))
+        # The console logger (started below) ends once nothing of the guest holds
+        # its pipe: waited for after the cgroup's processes are killed.
+        undo.push("console logger", lambda: _end_logger(config.name))
         cgroup = Cgroup(config.name)
         if cgroup.exists():
             cgroup.kill_all()
@@ -333,10 +336,15 @@ def _reap(name: str, state: RunState | None) -> None:
     if state is not None:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(state.init_pid, os.WNOHANG)
+    _end_logger(name)
+
+
+def _end_logger(name: str) -> None:
+    """Wait for a guest's console logger to end (it does with the guest's last process)."""
     logger = _console_loggers.pop(name, None)
     if logger is not None:
-        # The fork server's child, not ours: wait for it to end (it does with
-        # the guest's last process), so that the log is complete once stop returns.
+        # The fork server's child, not ours: wait through its pidfd, so that the
+        # log is complete once stop returns.
         try:
             if not select.select([logger], [], [], 5)[0]:
                 with contextlib.suppress(ProcessLookupError):

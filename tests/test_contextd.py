@@ -447,3 +447,20 @@ def test_helpers_forked_from_a_fork_server_that_is_replaced_if_it_dies(
     ctx("stop", "first", "--timeout", "1")
     ctx("stop", "second", "--timeout", "1")
     assert left_behind("first", ctx) == [] and left_behind("second", ctx) == []
+
+
+def test_a_start_that_fails_is_undone(ctx: Contextd, guest_tree: Path) -> None:
+    ctx("create", "broken", "--from", str(guest_tree), "--init", "/bin/no-such-init")
+    assert ctx.proc is not None
+    ctx("create", "warm", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("start", "warm")  # the fork server and the daemon's own fds settle first
+    ctx("stop", "warm")
+    fds_before = len(os.listdir(f"/proc/{ctx.proc.pid}/fd"))
+    for _ in range(3):
+        result = ctx("start", "broken", check=False)
+        assert result.returncode == 1 and "init did not start" in result.stderr
+        assert result.stderr.count("\n") == 1
+    # Mount, cgroup, state and console logger undone; nothing left open in the daemon.
+    assert left_behind("broken", ctx) == []
+    assert _holding_open(ctx.base / "log" / "broken.console.log") == []
+    assert len(os.listdir(f"/proc/{ctx.proc.pid}/fd")) == fds_before
