@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
-import marshal
 import os
 import queue
 import stat
@@ -41,6 +40,7 @@ from pathlib import Path
 from cowfs import registry
 from cowfs.errors import CowfsError
 from cowfs.excludes import Rules
+from cowfs.forked import ForkedCall
 from cowfs.marks import COW_MARK, is_reserved_name, is_reserved_xattr, temp_name
 from cowfs.metadata import read_xattrs
 from cowfs.store import MetaKey, Store, StoreEntry, meta_key
@@ -284,66 +284,44 @@ class _Scan:
 
 
 class _ChildHasher:
-    """Hashes a share of the small files in a forked child process, on another CPU.
+    """Hashes a share of the small files in a forked child process (cowfs.forked).
 
-    The child inherits the scan (nothing is sent to it), hashes its share with
-    the parent's own code, and sends back only what hashing found, marshalled
-    through a pipe. It leaves with os._exit: no atexit handlers, no flushing of
-    the parent's buffers, no database closed under the parent. A child that
-    fails in any way sends nothing usable, and the parent hashes its share.
+    The child hashes its share with the parent's own code and sends back only
+    what hashing found. A child that fails in any way sends nothing usable, and
+    the parent hashes its share.
     """
 
-    def __init__(self, pid: int, read_fd: int, inodes: list[Inode]):
-        self.pid = pid
-        self.read_fd = read_fd
+    def __init__(self, call: ForkedCall, inodes: list[Inode]):
+        self.call = call
         self.inodes = inodes
 
     @classmethod
     def start(cls, hashify: Hashify, inodes: list[Inode]) -> _ChildHasher | None:
         """Fork a child hashing inodes; None where this process has one CPU."""
-        if len(os.sched_getaffinity(0)) < 2:
-            return None
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        try:
-            pid = os.fork()
-        except OSError:  # out of processes or memory: this process hashes everything
-            os.close(read_fd)
-            os.close(write_fd)
-            return None
-        if pid == 0:  # the child: never returns
-            status = 1
-            try:
-                os.close(read_fd)
-                results: list[tuple[bool, dict[bytes, bytes] | None, str | None, str | None]] = []
-                for inode in inodes:
-                    error = hashify._hash_or_error(inode)
-                    results.append((inode.marked, inode.xattrs, inode.content_hash, error))
-                with open(write_fd, "wb") as pipe:
-                    pipe.write(marshal.dumps(results))
-                status = 0
-            finally:
-                os._exit(status)
-        os.close(write_fd)
-        return cls(pid, read_fd, inodes)
+        call = ForkedCall.start(_hash_share, hashify, inodes)
+        return cls(call, inodes) if call is not None else None
 
     def collect(self, errors: list[str]) -> bool:
         """Wait for the child and take over its results and errors; False if it failed."""
-        with open(self.read_fd, "rb") as pipe:
-            data = pipe.read()
-        _, status = os.waitpid(self.pid, 0)
-        if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
-            return False
-        try:
-            results = marshal.loads(data)
-        except (EOFError, ValueError, TypeError):
-            return False
-        if len(results) != len(self.inodes):
+        ok, results = self.call.result()
+        if not ok or not isinstance(results, list) or len(results) != len(self.inodes):
             return False
         for inode, (marked, xattrs, content_hash, error) in zip(self.inodes, results, strict=True):
             inode.marked, inode.xattrs, inode.content_hash = marked, xattrs, content_hash
             if error is not None:
                 errors.append(error)
         return True
+
+
+def _hash_share(
+    hashify: Hashify, inodes: list[Inode]
+) -> list[tuple[bool, dict[bytes, bytes] | None, str | None, str | None]]:
+    """In the child: what hashing each inode found (mark, xattrs, hash, error)."""
+    results = []
+    for inode in inodes:
+        error = hashify._hash_or_error(inode)
+        results.append((inode.marked, inode.xattrs, inode.content_hash, error))
+    return results
 
 
 def _split_by_cost(inodes: list[Inode]) -> tuple[list[Inode], list[Inode]]:

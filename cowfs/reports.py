@@ -10,7 +10,7 @@ from cowfs import registry
 from cowfs.guests import Guest, owner_name
 from cowfs.statedb import StateDB, UsageRow
 from cowfs.store import META_FILE, Store
-from cowfs.usage import scan
+from cowfs.usage import scan, scan_many
 
 
 def _grace_left(since: float | None, grace: int, now: float) -> float | None:
@@ -94,11 +94,10 @@ def disk_usage(
     exact (a mounted guest's own counters are kept by its mount).
     """
     figures = []
-    shared: dict[tuple[int, int], int] = {}
-    for guest in guests:
+    usages, shared = scan_many([guest.path for guest in guests])
+    for guest, usage in zip(guests, usages, strict=True):
         row = db.guest(guest.path, guest.name)
         assert row is not None
-        usage = scan(guest.path, shared)
         if recalc and not registry.mounts_serving(guest.path):
             db.write_usage(
                 row.id,

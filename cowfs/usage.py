@@ -15,6 +15,7 @@ import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from cowfs.forked import ForkedCall
 from cowfs.marks import COW_MARK, is_reserved_name
 from native.syscalls import has_xattr_at
 
@@ -105,4 +106,56 @@ def scan(root: str, shared: dict[tuple[int, int], int] | None = None) -> Usage:
             os.close(dir_fd)
     for (uid, gid), (nbytes, inodes) in private.items():
         usage.charge(uid, gid, nbytes, inodes)
+    return usage
+
+
+Shared = dict[tuple[int, int], int]  # (st_dev, st_ino) -> bytes of a shared inode
+_Portable = tuple[int, int, int, int, dict[OwnerKey, tuple[int, int]]]
+
+
+def scan_many(roots: list[str]) -> tuple[list[Usage], Shared]:
+    """scan() of each root, and every shared inode of them all with its bytes.
+
+    A tree's scan keeps one CPU busy (system calls and this loop). With more
+    than one root and CPU, the roots are dealt out to this process and forked
+    children (cowfs.forked), one per CPU; a child that fails has its roots
+    scanned here. Within a share, later scans skip the mark lookups of the
+    shared inodes the earlier ones found.
+    """
+    count = min(len(roots), len(os.sched_getaffinity(0)))
+    shares = [list(range(first, len(roots), count)) for first in range(count)]
+    children = [(share, ForkedCall.start(_scan_share, roots, share)) for share in shares[1:]]
+    results: dict[int, Usage] = {}
+    shared: Shared = {}
+    for index in shares[0]:
+        results[index] = scan(roots[index], shared)
+    for share, call in children:
+        ok, data = call.result() if call is not None else (False, None)
+        if ok and data is not None:
+            portable, theirs = data
+            for index, usage_data in zip(share, portable, strict=True):
+                results[index] = _from_portable(usage_data)
+            shared.update(theirs)
+        else:
+            for index in share:
+                results[index] = scan(roots[index], shared)
+    return [results[index] for index in range(len(roots))], shared
+
+
+def _scan_share(roots: list[str], share: list[int]) -> tuple[list[_Portable], Shared]:
+    """In a child: the usage of roots[i] for i in share, as plain data, and their shared inodes."""
+    shared: Shared = {}
+    portable = []
+    for index in share:
+        usage = scan(roots[index], shared)
+        totals = (usage.bytes, usage.inodes, usage.shared_bytes, usage.shared_inodes)
+        portable.append((*totals, usage.owner_table()))
+    return portable, shared
+
+
+def _from_portable(data: _Portable) -> Usage:
+    nbytes, inodes, shared_bytes, shared_inodes, owners = data
+    usage = Usage(nbytes, inodes, shared_bytes, shared_inodes)
+    for key, (owner_bytes, owner_inodes) in owners.items():
+        usage.owners[key] = [owner_bytes, owner_inodes]
     return usage

@@ -330,3 +330,35 @@ def test_du_agrees_with_du_and_reports_sharing(
     assert host["saved_bytes"] == host["apparent_bytes"] - all_du > 0
     text = cowfs("du", guest).stdout
     assert "host:" in text and "saved" in text
+
+
+def test_guests_scanned_at_once_count_as_scanned_one_by_one(
+    guest: Path, guest_tree: Path, tmp_path: Path
+) -> None:
+    """scan_many deals the guests out to forked children: the figures must not change."""
+    from cowfs.usage import scan, scan_many
+
+    second = tmp_path / "second"
+    cowfs("clone", guest_tree, second)
+    (second / "own").write_bytes(os.urandom(50_000))
+    os.chown(second / "own", 1000, 1001)
+    # Shared with a tree not scanned: an inode only this guest's scan finds shared.
+    (second / "unified").write_bytes(os.urandom(30_000))
+    os.setxattr(second / "unified", "trusted.cowfs.cow", b"1")
+    os.link(second / "unified", tmp_path / "elsewhere")
+    roots = [str(guest), str(second), str(guest_tree)]
+    together, shared_together = scan_many(roots)
+    shared_alone: dict[tuple[int, int], int] = {}
+    alone = [scan(root, shared_alone) for root in roots]
+    for usage, expected in zip(together, alone, strict=True):
+        assert (usage.bytes, usage.inodes, usage.shared_bytes, usage.shared_inodes) == (
+            expected.bytes,
+            expected.inodes,
+            expected.shared_bytes,
+            expected.shared_inodes,
+        )
+        assert usage.owner_table() == expected.owner_table()
+    assert together[1].owner_table()[("user", 1000)][0] >= 50_000
+    assert shared_together == shared_alone
+    unified = os.stat(second / "unified")
+    assert (unified.st_dev, unified.st_ino) in shared_together
