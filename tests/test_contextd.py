@@ -464,3 +464,25 @@ def test_a_start_that_fails_is_undone(ctx: Contextd, guest_tree: Path) -> None:
     assert left_behind("broken", ctx) == []
     assert _holding_open(ctx.base / "log" / "broken.console.log") == []
     assert len(os.listdir(f"/proc/{ctx.proc.pid}/fd")) == fds_before
+
+
+def test_guests_started_and_stopped_at_once(ctx: Contextd, guest_tree: Path) -> None:
+    # Concurrent starts share the fork server: each gets its own mount, logger and context.
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [f"many{i}" for i in range(6)]
+    for name in names:
+        ctx("create", name, "--from", str(guest_tree), "--init", SLEEPER)
+    with ThreadPoolExecutor(len(names)) as pool:
+        list(pool.map(lambda name: ctx("start", name), names))
+    for name in names:
+        status = json.loads(ctx("status", name, "--json").stdout)
+        assert status["state"] == "running" and status["processes"] == 1
+        assert "booted" in ctx("logs", name).stdout
+    mounts = [json.loads(p.read_text()) for p in Path("/run/cowfs/mounts").glob("*.json")]
+    served = {m["mountpoint"].rpartition("/")[2] for m in mounts}
+    assert set(names) <= served
+    with ThreadPoolExecutor(len(names)) as pool:
+        list(pool.map(lambda name: ctx("stop", name, "--timeout", "1"), names))
+    for name in names:
+        assert left_behind(name, ctx) == []
