@@ -235,8 +235,9 @@ def _mount_root(config: GuestConfig, mountpoint: str) -> None:
         os.close(answer_w)
     with os.fdopen(answer_r) as answer:  # until the job ends
         output = answer.read().strip()
+    # Its answer is its last line; anything before it went to its stderr.
     try:
-        reply = json.loads(output.splitlines()[0])
+        reply = json.loads(output.splitlines()[-1])
     except (IndexError, ValueError):
         raise GuestError(f"guest {config.name}: root not mounted: {output}") from None
     if "error" in reply:

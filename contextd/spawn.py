@@ -1,15 +1,17 @@
 """The helper that creates a guest's context: ``python -m contextd.spawn``.
 
-Run by contextd as a fresh process (no threads, no event loop), it unshares the
-namespaces, forks the guest's PID 1 and reports on stdout:
+Run in a process of its own (forked by contextd's fork server: no threads, no
+event loop), it unshares the namespaces, forks the guest's PID 1 and reports
+on stdout:
 
     <- stdin:  one JSON line: root, hostname, init, environment, capabilities, net
     -> stdout: the new PID 1's pid (as the host sees it)
     <- stdin:  "go" once contextd has put that pid into the guest's cgroup
     -> stdout: "ok" once init is exec'd, or "error: ..." (nothing is left running)
 
-The guest's console (stdout and stderr of init) is the fd named console_fd. The helper exits; PID 1
-is inherited by the host's init, so a guest outlives contextd.
+The guest's console (stdout and stderr of init) is the fd named console_fd. The
+helper exits; PID 1 passes to contextd, its subreaper while it runs (else to
+the host's init), so a guest outlives contextd.
 """
 
 from __future__ import annotations
