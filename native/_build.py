@@ -43,6 +43,7 @@ ffibuilder.cdef(
     int native_capset(struct native_cap_data data[2]);
 
     int native_has_xattr_at(int dirfd, const char *name, const char *xattr);
+    int native_has_xattr_via_proc(int dirfd, const char *name, const char *xattr);
 
     struct native_probe {
         uint64_t dev; uint64_t ino; int64_t size; int64_t mtime_ns; int64_t ctime_ns;
@@ -134,32 +135,39 @@ ffibuilder.set_source(
     #endif
     struct native_xattr_args { uint64_t value; uint32_t size; uint32_t flags; };
 
-    static int native_has_xattr_at(int dirfd, const char *name, const char *xattr)
+    static int native_xattr_answer(long got)
     {
-        static int have_getxattrat = 1;
-        char value[1];
-        long got = -1;
-        if (have_getxattrat) {
-            struct native_xattr_args args = { (uint64_t)(uintptr_t)value, 0, 0 };
-            got = syscall(SYS_getxattrat, dirfd, name, AT_SYMLINK_NOFOLLOW, xattr, &args,
-                          sizeof(args));
-            if (got < 0 && errno == ENOSYS)
-                have_getxattrat = 0;
-        }
-        if (!have_getxattrat) {
-            char path[64 + 4096];
-            if (snprintf(path, sizeof(path), "/proc/self/fd/%d/%s", dirfd, name)
-                >= (int)sizeof(path)) {
-                errno = ENAMETOOLONG;
-                return -1;
-            }
-            got = lgetxattr(path, xattr, value, 0);
-        }
         if (got >= 0)
             return 1;
         if (errno == ENODATA || errno == ENOTSUP || errno == EPERM)
             return 0;
         return -1;
+    }
+
+    /* The same through the /proc/self/fd path of dirfd: for kernels before 6.13. */
+    static int native_has_xattr_via_proc(int dirfd, const char *name, const char *xattr)
+    {
+        char path[64 + 4096];
+        if (snprintf(path, sizeof(path), "/proc/self/fd/%d/%s", dirfd, name)
+            >= (int)sizeof(path)) {
+            errno = ENAMETOOLONG;
+            return -1;
+        }
+        return native_xattr_answer(lgetxattr(path, xattr, NULL, 0));
+    }
+
+    static int native_has_xattr_at(int dirfd, const char *name, const char *xattr)
+    {
+        static int have_getxattrat = 1;
+        if (have_getxattrat) {
+            struct native_xattr_args args = { 0, 0, 0 };  /* size 0: only whether it exists */
+            long got = syscall(SYS_getxattrat, dirfd, name, AT_SYMLINK_NOFOLLOW, xattr, &args,
+                               sizeof(args));
+            if (got >= 0 || errno != ENOSYS)
+                return native_xattr_answer(got);
+            have_getxattrat = 0;
+        }
+        return native_has_xattr_via_proc(dirfd, name, xattr);
     }
 
     struct native_probe {

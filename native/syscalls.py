@@ -127,6 +127,11 @@ def has_xattr_at(dirfd: int, name: bytes, xattr: bytes) -> bool:
     return bool(_check(lib.native_has_xattr_at(dirfd, name, xattr), name))
 
 
+def has_xattr_via_proc(dirfd: int, name: bytes, xattr: bytes) -> bool:
+    """has_xattr_at through /proc/self/fd: what it does on kernels without getxattrat(2)."""
+    return bool(_check(lib.native_has_xattr_via_proc(dirfd, name, xattr), name))
+
+
 class FileProbe:
     """Opens, stats, lists the xattr names of and reads a small file in one call.
 

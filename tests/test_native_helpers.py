@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from native.syscalls import FileProbe, has_xattr_at
+from native.syscalls import FileProbe, has_xattr_at, has_xattr_via_proc
 
 READ = os.O_RDONLY | os.O_NOFOLLOW
 
@@ -73,15 +74,19 @@ def test_symlinks_escapes_and_missing_files_refused(tree: Path, path: bytes, cod
         os.close(dirfd)
 
 
-def test_has_xattr_at_looks_at_the_name_itself(tree: Path) -> None:
+@pytest.mark.parametrize("lookup", [has_xattr_at, has_xattr_via_proc])
+def test_has_xattr_at_looks_at_the_name_itself(
+    tree: Path, lookup: Callable[[int, bytes, bytes], bool]
+) -> None:
+    # has_xattr_via_proc is what has_xattr_at falls back to before Linux 6.13.
     os.setxattr(tree / "d" / "small", "user.mark", b"1")
     dirfd = os.open(tree / "d", os.O_PATH | os.O_DIRECTORY)
     try:
-        assert has_xattr_at(dirfd, b"small", b"user.mark")
-        assert not has_xattr_at(dirfd, b"small", b"user.other")
-        assert not has_xattr_at(dirfd, b"empty", b"user.mark")
-        assert not has_xattr_at(dirfd, b"link", b"user.mark")  # the symlink, not its target
+        assert lookup(dirfd, b"small", b"user.mark")
+        assert not lookup(dirfd, b"small", b"user.other")
+        assert not lookup(dirfd, b"empty", b"user.mark")
+        assert not lookup(dirfd, b"link", b"user.mark")  # the symlink, not its target
         with pytest.raises(FileNotFoundError):
-            has_xattr_at(dirfd, b"none", b"user.mark")
+            lookup(dirfd, b"none", b"user.mark")
     finally:
         os.close(dirfd)
