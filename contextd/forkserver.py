@@ -35,6 +35,7 @@ import contextlib
 import fcntl
 import gc
 import json
+import logging
 import os
 import signal
 import socket
@@ -43,6 +44,8 @@ import sys
 import threading
 from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 _MAX_REQUEST = 65536
 _MAX_FDS = 8
@@ -198,6 +201,8 @@ class ForkServer:
     def _ensure_running(self) -> socket.socket:
         if self._socket is not None and self._process is not None and self._process.poll() is None:
             return self._socket
+        if self._process is not None:
+            log.warning("fork server (pid %d) ended: starting another", self._process.pid)
         self._close()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -212,6 +217,7 @@ class ForkServer:
             theirs.close()
         ours.set_inheritable(False)
         self._socket = ours
+        log.info("fork server started (pid %d)", self._process.pid)
         return ours
 
     def run(self, job: str, args: dict[str, Any], fds: list[int]) -> int:

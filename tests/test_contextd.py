@@ -441,6 +441,7 @@ def test_helpers_forked_from_a_fork_server_that_is_replaced_if_it_dies(
     assert _parent(logger) == servers[0]
     os.kill(servers[0], signal.SIGKILL)
     ctx("start", "second")  # a new fork server
+    assert f"fork server (pid {servers[0]}) ended: starting another" in ctx.log()
     assert "booted" in ctx("logs", "second").stdout
     assert json.loads(ctx("status", "second", "--json").stdout)["state"] == "running"
     # The first guest's logger outlived its fork server; stop still collects it.
