@@ -6,13 +6,17 @@ import errno
 import os
 import random
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import trio
 from conftest import Mounts, run
 
 from cowfs.uring import Ring
+
+T = TypeVar("T")
 
 
 def open_ring(quick_wait_ns: int | None = None) -> Ring:
@@ -22,6 +26,23 @@ def open_ring(quick_wait_ns: int | None = None) -> Ring:
     if quick_wait_ns is not None:
         ring.quick_wait_ns = quick_wait_ns
     return ring
+
+
+def run_served(ring: Ring, work: Callable[[], Awaitable[T]]) -> T:
+    """work() in trio while ring.serve() answers its requests; the ring closed after."""
+
+    async def main() -> T:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ring.serve)
+            try:
+                return await work()
+            finally:
+                nursery.cancel_scope.cancel()
+
+    try:
+        return trio.run(main)
+    finally:
+        ring.close()
 
 
 def drop_caches() -> None:
@@ -36,23 +57,17 @@ def test_ring_reads_what_pread_reads(tmp_path: Path, quick_wait_ns: int) -> None
     ring = open_ring(quick_wait_ns)
     offsets = [*random.Random(3).sample(range(0, len(data), 4096), 50), len(data) - 100]
 
-    async def main() -> list[bytes]:
+    async def read_all() -> list[bytes]:
         fd = os.open(tmp_path / "f", os.O_RDONLY)
         got: list[bytes] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(ring.serve)
-            for off in offsets:
-                buf = bytearray(8192)
-                n = await ring.readinto(fd, memoryview(buf), off)
-                got.append(bytes(buf[:n]))
-            nursery.cancel_scope.cancel()
+        for off in offsets:
+            buf = bytearray(8192)
+            n = await ring.readinto(fd, memoryview(buf), off)
+            got.append(bytes(buf[:n]))
         os.close(fd)
         return got
 
-    try:
-        got = trio.run(main)
-    finally:
-        ring.close()
+    got = run_served(ring, read_all)
     assert got == [data[off : off + 8192] for off in offsets]
     assert len(got[-1]) == 100  # a short read at the end of the file
 
@@ -73,18 +88,12 @@ def test_concurrent_reads_each_get_their_own_result(tmp_path: Path) -> None:
         os.close(fd)
         results[i] = bytes(buf[:n])
 
-    async def main() -> None:
-        async with trio.open_nursery() as outer:
-            outer.start_soon(ring.serve)
-            async with trio.open_nursery() as readers:
-                for i in files:
-                    readers.start_soon(reader, i)
-            outer.cancel_scope.cancel()
+    async def read_all() -> None:
+        async with trio.open_nursery() as readers:
+            for i in files:
+                readers.start_soon(reader, i)
 
-    try:
-        trio.run(main)
-    finally:
-        ring.close()
+    run_served(ring, read_all)
     assert results == files
 
 
@@ -105,19 +114,15 @@ def test_a_read_that_waits_does_not_stall_the_loop() -> None:
         order.append("write")
         os.write(write_end, b"late data")
 
-    async def main() -> None:
-        async with trio.open_nursery() as outer:
-            outer.start_soon(ring.serve)
-            with trio.fail_after(5):
-                async with trio.open_nursery() as both:
-                    both.start_soon(reader)
-                    both.start_soon(writer)
-            outer.cancel_scope.cancel()
+    async def both() -> None:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                nursery.start_soon(writer)
 
     try:
-        trio.run(main)
+        run_served(ring, both)
     finally:
-        ring.close()
         os.close(read_end)
         os.close(write_end)
     assert order == ["write", "read b'late data'"]
@@ -127,20 +132,14 @@ def test_a_failed_read_raises_its_errno(tmp_path: Path) -> None:
     ring = open_ring()
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
 
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(ring.serve)
-            try:
-                with pytest.raises(OSError) as caught:
-                    await ring.readinto(fd, memoryview(bytearray(10)), 0)
-                assert caught.value.errno == errno.EISDIR
-            finally:
-                nursery.cancel_scope.cancel()
+    async def read_a_directory() -> None:
+        with pytest.raises(OSError) as caught:
+            await ring.readinto(fd, memoryview(bytearray(10)), 0)
+        assert caught.value.errno == errno.EISDIR
 
     try:
-        trio.run(main)
+        run_served(ring, read_a_directory)
     finally:
-        ring.close()
         os.close(fd)
 
 
@@ -237,31 +236,25 @@ def test_ring_writes_what_pwrite_writes(tmp_path: Path) -> None:
     for off, data in chunks:
         expected[off : off + len(data)] = data
 
-    async def main() -> list[int]:
+    async def write_all() -> list[int]:
         fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o644)
         appending = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         readonly = os.open(tmp_path / "f", os.O_RDONLY)
         written = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(ring.serve)
-            try:
-                for off, data in chunks:
-                    written.append(await ring.write(fd, memoryview(data), off))
-                for line in (b"first\n", b"second\n"):  # O_APPEND: the offset is ignored
-                    written.append(await ring.write(appending, line, 0))
-                with pytest.raises(OSError) as caught:
-                    await ring.write(readonly, b"no", 0)
-                assert caught.value.errno == errno.EBADF
-            finally:
-                nursery.cancel_scope.cancel()
-                for f in (fd, appending, readonly):
-                    os.close(f)
+        try:
+            for off, data in chunks:
+                written.append(await ring.write(fd, memoryview(data), off))
+            for line in (b"first\n", b"second\n"):  # O_APPEND: the offset is ignored
+                written.append(await ring.write(appending, line, 0))
+            with pytest.raises(OSError) as caught:
+                await ring.write(readonly, b"no", 0)
+            assert caught.value.errno == errno.EBADF
+        finally:
+            for f in (fd, appending, readonly):
+                os.close(f)
         return written
 
-    try:
-        written = trio.run(main)
-    finally:
-        ring.close()
+    written = run_served(ring, write_all)
     assert written == [len(data) for _, data in chunks] + [6, 7]
     assert (tmp_path / "f").read_bytes() == bytes(expected)
     assert (tmp_path / "log").read_bytes() == b"first\nsecond\n"
