@@ -30,6 +30,7 @@ import enum
 import glob
 import os
 
+from cowfs import registry
 from native import syscalls
 
 
@@ -60,10 +61,11 @@ def for_backing(fd: int, sync: bool = True) -> CopySync:
     """The strongest-for-its-cost mode for the filesystem fd is on (NONE if not sync)."""
     if not sync:
         return CopySync.NONE
-    mount = mount_of(os.fstat(fd).st_dev)
-    if mount is None:
+    dev = os.fstat(fd).st_dev
+    mounted = registry.filesystem_of(dev)
+    if mounted is None:
         return CopySync.FULL
-    fstype, source_device, super_options = mount
+    fstype, super_options = mounted
     if fstype in ("xfs", "btrfs"):
         return CopySync.ORDERED
     # ext4 without a journal (mkfs -O ^has_journal; this VM's root filesystem has
@@ -72,32 +74,18 @@ def for_backing(fd: int, sync: bool = True) -> CopySync:
     if (
         fstype in ("ext4", "ext3")
         and "journal_async_commit" not in super_options
-        and has_internal_journal(source_device)
+        and has_internal_journal(dev)
     ):
         return CopySync.ORDERED
     return CopySync.FULL
 
 
-def mount_of(dev: int) -> tuple[str, str, set[str]] | None:
-    """(fstype, block device name, super options) of the mounted filesystem with st_dev dev."""
-    wanted = f"{os.major(dev)}:{os.minor(dev)}"
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            if fields[2].decode() != wanted:
-                continue
-            rest = fields[fields.index(b"-") + 1 :]
-            fstype, options = rest[0].decode(), rest[2].decode() if len(rest) > 2 else ""
-            try:
-                device = os.path.basename(os.readlink(f"/sys/dev/block/{wanted}"))
-            except OSError:  # not a block device (tmpfs, FUSE, NFS, ...)
-                device = ""
-            return fstype, device, set(options.split(","))
-    return None
-
-
-def has_internal_journal(device: str) -> bool:
-    """True if jbd2 runs a journal kept inside block device `device` (ext3/ext4)."""
+def has_internal_journal(dev: int) -> bool:
+    """True if jbd2 runs a journal kept inside block device dev (ext3/ext4)."""
+    try:
+        device = os.path.basename(os.readlink(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
+    except OSError:  # not a block device (tmpfs, FUSE, NFS, ...)
+        return False
     # jbd2 names an internal journal "<device>-<journal inode>" (loop0-8, vda1-8);
     # an external one by its own device, without the inode.
-    return bool(device) and bool(glob.glob(f"/proc/fs/jbd2/{glob.escape(device)}-*"))
+    return bool(glob.glob(f"/proc/fs/jbd2/{glob.escape(device)}-*"))

@@ -129,6 +129,7 @@ class CowFS(pyfuse3.Operations):
         # Disk reads, and writes that may wait, go to the kernel through io_uring
         # where it allows, else to the workers.
         self.ring = Ring.open() if io_uring else None
+        self.disk: Ring | WorkerPool = self.ring or self.workers
         self.breaker = LinkBreaker(
             self.table,
             self.workers,
@@ -530,10 +531,7 @@ class CowFS(pyfuse3.Operations):
             got = 0
         if got < size and (got == 0 or off + got < os.fstat(fd).st_size):
             while got < size:
-                if self.ring is not None:
-                    more = await self.ring.readinto(fd, view[got:], off + got)
-                else:
-                    more = await self.workers.run(os.preadv, fd, [view[got:]], off + got)
+                more = await self.disk.readinto(fd, view[got:], off + got)
                 if more == 0:
                     break
                 got += more
@@ -557,10 +555,7 @@ class CowFS(pyfuse3.Operations):
         if written < len(buf):
             # Only the rest: with O_APPEND the offset is ignored and all would go again.
             rest = memoryview(buf)[written:]
-            if self.ring is not None:
-                written += await self.ring.write(fd, rest, off + written)
-            else:
-                written += await self.workers.run(os.pwrite, fd, rest, off + written)
+            written += await self.disk.write(fd, rest, off + written)
         self.acct.after_change(fd, before)
         return written
 

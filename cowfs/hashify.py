@@ -361,6 +361,17 @@ def _cyclic_gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _as_scanned(inode: Inode, ino: int, size: int, mtime_ns: int, ctime_ns: int) -> bool:
+    """True if a file found for hashing is the inode the scan saw, unchanged since."""
+    was = inode.st
+    return (ino, size, mtime_ns, ctime_ns) == (
+        was.st_ino,
+        was.st_size,
+        was.st_mtime_ns,
+        was.st_ctime_ns,
+    )
+
+
 def _cheap_key(st: os.stat_result, with_mtime: bool) -> tuple[int, int, int, int, int | None]:
     return (st.st_size, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns if with_mtime else None)
 
@@ -438,12 +449,7 @@ class Hashify:
         fd = self._open_ref(inode.refs[0], os.O_RDONLY | os.O_NOATIME)
         try:
             st = os.fstat(fd)
-            if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
-                inode.st.st_ino,
-                inode.st.st_size,
-                inode.st.st_mtime_ns,
-                inode.st.st_ctime_ns,
-            ):
+            if not _as_scanned(inode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
                 return  # changed since the scan: leave it alone
             # A real fd: f*xattr calls, no /proc path lookups.
             names = [os.fsencode(n) for n in os.listxattr(fd)]
@@ -466,13 +472,7 @@ class Hashify:
             ref.path.lstrip(b"/"),
             os.O_RDONLY | os.O_NOATIME | os.O_NOFOLLOW,
         )
-        st = inode.st
-        if (found.ino, found.size, found.mtime_ns, found.ctime_ns) != (
-            st.st_ino,
-            st.st_size,
-            st.st_mtime_ns,
-            st.st_ctime_ns,
-        ):
+        if not _as_scanned(inode, found.ino, found.size, found.mtime_ns, found.ctime_ns):
             return True  # changed since the scan: leave it alone
         if found.content_len != found.size or found.names_len < 0:
             return False

@@ -92,6 +92,18 @@ def device_of(mountpoint: str) -> str:
     return device
 
 
+def filesystem_of(dev: int) -> tuple[str, set[str]] | None:
+    """(type, superblock options) of the mounted filesystem whose st_dev is dev, if any."""
+    wanted = f"{os.major(dev)}:{os.minor(dev)}"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if left.split()[2] == wanted:
+                fstype, _source, *options = right.split()
+                return fstype, set(options[0].split(",")) if options else set()
+    return None
+
+
 def cowfs_mounts() -> list[MountRecord]:
     """Live cowfs mounts of this namespace, with their records where they have one."""
     records = []

@@ -73,6 +73,14 @@ class WorkerPool:
             lambda _: trio.lowlevel.Abort.FAILED
         )
 
+    async def readinto(self, fd: int, view: memoryview, offset: int) -> int:
+        """preadv(fd) into view at offset in a worker; as Ring.readinto."""
+        return await self.run(os.preadv, fd, [view], offset)
+
+    async def write(self, fd: int, data: bytes | memoryview, offset: int) -> int:
+        """pwrite(fd) of data at offset in a worker; as Ring.write."""
+        return await self.run(os.pwrite, fd, data, offset)
+
     def close(self) -> None:
         """Stop the threads (after the jobs already queued)."""
         for _ in self._threads:

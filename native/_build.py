@@ -184,11 +184,8 @@ ffibuilder.set_source(
                                  size_t buf_len, char *names, size_t names_len,
                                  struct native_probe *out)
     {
-        struct native_open_how how = {
-            (uint64_t)(flags | O_CLOEXEC), 0,
-            0x08 | 0x04 | 0x02  /* RESOLVE_BENEATH | NO_SYMLINKS | NO_MAGICLINKS */
-        };
-        int fd = syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
+        /* RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS, as open_beneath */
+        int fd = native_openat2(dirfd, path, (uint64_t)(flags | O_CLOEXEC), 0, 0x08 | 0x04 | 0x02);
         if (fd < 0)
             return -1;
         struct stat st;
