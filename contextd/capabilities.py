@@ -16,11 +16,15 @@ CAPABILITIES: dict[str, int] = {
     "PERFMON": 38, "BPF": 39, "CHECKPOINT_RESTORE": 40,
 }  # fmt: skip
 
-# util-vserver's secure default: what a guest's root may still do.
+# What a guest's root may still do: util-vserver's default set without SYS_PTRACE
+# and DAC_READ_SEARCH, which Docker's default set drops too (docs/contextd.md,
+# "Security model", compares the three). SYS_PTRACE would let a guest trace
+# processes that are not its own to trace; DAC_READ_SEARCH opens files by handle
+# (open_by_handle_at, the "shocker" escape), and DAC_OVERRIDE already covers
+# what it adds to reading and searching.
 DEFAULT_KEEP: tuple[str, ...] = (
-    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETUID",
-    "SETGID", "NET_BIND_SERVICE", "SYS_CHROOT", "SYS_PTRACE", "SYS_TTY_CONFIG", "LEASE",
-    "SETFCAP", "AUDIT_WRITE",
+    "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETUID", "SETGID",
+    "NET_BIND_SERVICE", "SYS_CHROOT", "SYS_TTY_CONFIG", "LEASE", "SETFCAP", "AUDIT_WRITE",
 )  # fmt: skip
 
 
@@ -52,12 +56,3 @@ def drop_all_but(keep: list[str] | tuple[str, ...]) -> None:
     syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
     effective, permitted, _inheritable = syscalls.capget()
     syscalls.capset(effective & keep_mask, permitted & keep_mask, 0)
-
-
-def bounding_set_of(pid: int) -> int:
-    """CapBnd of a process, from /proc."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("CapBnd:"):
-                return int(line.split()[1], 16)
-    raise ValueError(f"no CapBnd for pid {pid}")

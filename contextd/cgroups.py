@@ -1,9 +1,18 @@
-"""A guest's cgroup: limits, accounting, freezing and killing everything in it.
+"""A guest's cgroup: limits, accounting, device access, freezing and killing everything in it.
 
 Cgroup v1 (one hierarchy per controller, as on this project's machines) and
 v2 (one unified hierarchy) where its controllers are enabled. Each guest gets
-``contextd/NAME`` in every hierarchy used; its processes are the union of
-``cgroup.procs`` there, which fork cannot escape.
+``contextd/NAME`` in every hierarchy used, with two children:
+
+    contextd/NAME          memory and CPU limits, the accounting `status` shows
+    contextd/NAME/guest    the guest's processes: pids limit, device list, freezer
+    contextd/NAME/cowfs    the guest's FUSE server
+
+so that what a guest makes its FUSE server do (memory for its directories,
+CPU for its requests) is charged to the guest and bounded by its limits, while
+the guest's pids limit, device list and freezer never touch the server that
+answers for its root. The guest's processes are the union of
+``guest/cgroup.procs`` there, which fork cannot escape.
 """
 
 from __future__ import annotations
@@ -16,12 +25,29 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from contextd import procfs
 from contextd.config import Limits
 
 CGROUP_ROOT = Path(os.environ.get("CONTEXTD_CGROUP_ROOT", "/sys/fs/cgroup"))
 PARENT = "contextd"
-V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer")
+GUEST = "guest"
+FUSE_SERVER = "cowfs"
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "devices")
 _CFS_PERIOD_US = 100_000
+
+# The only devices a guest may open or create (cgroup v1 devices.allow syntax):
+# the nodes contextd makes in its /dev, and its own ptys.
+ALLOWED_DEVICES = (
+    "c 1:3 rwm",  # null
+    "c 1:5 rwm",  # zero
+    "c 1:7 rwm",  # full
+    "c 1:8 rwm",  # random
+    "c 1:9 rwm",  # urandom
+    "c 5:0 rwm",  # tty
+    "c 5:1 rwm",  # console
+    "c 5:2 rwm",  # ptmx
+    "c 136:* rwm",  # the ptys of its devpts
+)
 
 
 @dataclass
@@ -56,6 +82,12 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def join(directories: list[Path]) -> None:
+    """Move the calling process into each of these cgroup directories."""
+    for directory in directories:
+        _write(directory / "cgroup.procs", "0")
+
+
 class Cgroup:
     """The cgroup(s) of one guest."""
 
@@ -71,10 +103,21 @@ class Cgroup:
                 if (CGROUP_ROOT / c / "cgroup.procs").exists()
             }
 
-    def _dir(self, controller: str) -> Path | None:
-        if self.unified:
-            return self.dirs["unified"]
-        return self.dirs.get(controller)
+    def _children_of(self, controller: str) -> list[Path]:
+        return [self.dirs[controller] / GUEST, self.dirs[controller] / FUSE_SERVER]
+
+    def _children(self, child: str) -> dict[str, Path]:
+        return {controller: d / child for controller, d in self.dirs.items()}
+
+    @property
+    def guest_dirs(self) -> list[Path]:
+        """Where the guest's processes go (one directory per hierarchy)."""
+        return list(self._children(GUEST).values())
+
+    @property
+    def fuse_server_dirs(self) -> list[Path]:
+        """Where the guest's FUSE server goes (one directory per hierarchy)."""
+        return list(self._children(FUSE_SERVER).values())
 
     def exists(self) -> bool:
         """True if the guest's cgroup is there."""
@@ -90,13 +133,29 @@ class Cgroup:
         for directory in self.dirs.values():
             directory.mkdir(parents=True, exist_ok=True)
         try:
+            if self.unified:
+                _write(self.dirs["unified"] / "cgroup.subtree_control", "+memory +cpu +pids")
+            for directory in self.guest_dirs + self.fuse_server_dirs:
+                directory.mkdir(exist_ok=True)
+            self._restrict_devices()
             self.apply(limits)
         except BaseException:
             self.remove()
             raise
 
+    def _restrict_devices(self) -> None:
+        if self.unified:
+            return  # cgroup v2 has no devices files: see docs/contextd.md, "Security model"
+        if "devices" not in self.dirs:
+            raise OSError(errno.ENOENT, "no cgroup v1 devices hierarchy: cannot limit devices")
+        guest = self.dirs["devices"] / GUEST
+        _write(guest / "devices.deny", "a")
+        for rule in ALLOWED_DEVICES:
+            _write(guest / "devices.allow", rule)
+
     def apply(self, limits: Limits) -> None:
-        """Set the guest's limits."""
+        """Set the guest's limits: memory and CPU for the guest and its FUSE server together,
+        pids for the guest's own processes."""
         if self.unified:
             d = self.dirs["unified"]
             if limits.memory is not None:
@@ -104,7 +163,7 @@ class Cgroup:
                 with contextlib.suppress(OSError):
                     _write(d / "memory.swap.max", "0")
             if limits.pids is not None:
-                _write(d / "pids.max", str(limits.pids))
+                _write(d / GUEST / "pids.max", str(limits.pids))
             if limits.cpu_weight is not None:
                 _write(d / "cpu.weight", str(limits.cpu_weight))
             if limits.cpu_quota is not None:
@@ -118,7 +177,7 @@ class Cgroup:
             with contextlib.suppress(OSError):
                 _write(d / "memory.swappiness", "0")
         if limits.pids is not None and "pids" in self.dirs:
-            _write(self.dirs["pids"] / "pids.max", str(limits.pids))
+            _write(self.dirs["pids"] / GUEST / "pids.max", str(limits.pids))
         if "cpu" in self.dirs:
             if limits.cpu_weight is not None:
                 _write(
@@ -133,28 +192,30 @@ class Cgroup:
 
     def add(self, pid: int) -> None:
         """Move a process into the guest's cgroup(s)."""
-        for directory in self.dirs.values():
+        for directory in self.guest_dirs:
             _write(directory / "cgroup.procs", str(pid))
 
     def pids(self) -> set[int]:
-        """Every live process in the guest's cgroup(s) (zombies waiting to be reaped are dead)."""
-        result: set[int] = set()
-        for directory in self.dirs.values():
-            text = _read(directory / "cgroup.procs")
-            if text:
-                result.update(int(p) for p in text.split())
-        return {pid for pid in result if not _zombie(pid)}
+        """Every live process of the guest (zombies waiting to be reaped are dead)."""
+        return _live_pids(self.guest_dirs)
+
+    def fuse_server_pids(self) -> set[int]:
+        """The guest's FUSE server, while it runs."""
+        return _live_pids(self.fuse_server_dirs)
 
     def _freeze(self, frozen: bool) -> None:
         if self.unified:
             with contextlib.suppress(OSError):
-                _write(self.dirs["unified"] / "cgroup.freeze", "1" if frozen else "0")
+                _write(self.dirs["unified"] / GUEST / "cgroup.freeze", "1" if frozen else "0")
         elif "freezer" in self.dirs:
             with contextlib.suppress(OSError):
-                _write(self.dirs["freezer"] / "freezer.state", "FROZEN" if frozen else "THAWED")
+                _write(
+                    self.dirs["freezer"] / GUEST / "freezer.state",
+                    "FROZEN" if frozen else "THAWED",
+                )
 
     def kill_all(self, timeout: float = 10.0) -> None:
-        """SIGKILL every process in the guest, frozen first so that none forks away."""
+        """SIGKILL every process of the guest, frozen first so that none forks away."""
         deadline = time.monotonic() + timeout
         while True:
             pids = self.pids()
@@ -172,8 +233,8 @@ class Cgroup:
                 )
 
     def remove(self) -> None:
-        """Remove the (empty) cgroup(s)."""
-        for directory in self.dirs.values():
+        """Remove the (empty) cgroup(s), children first."""
+        for directory in [*self.guest_dirs, *self.fuse_server_dirs, *self.dirs.values()]:
             for _ in range(50):
                 try:
                     directory.rmdir()
@@ -186,7 +247,7 @@ class Cgroup:
                     time.sleep(0.02)
 
     def stats(self) -> Stats:
-        """Processes, memory, CPU time and limit hits."""
+        """Processes, memory, CPU time and limit hits (memory and CPU: the FUSE server's too)."""
         memory = cpu_user = cpu_sys = pids_hits = mem_hits = None
         if self.unified:
             d = self.dirs["unified"]
@@ -198,7 +259,7 @@ class Cgroup:
                     cpu_user = int(value) / 1e6
                 elif key == "system_usec":
                     cpu_sys = int(value) / 1e6
-            pids_hits = _event(d / "pids.events", "max")
+            pids_hits = _event(d / GUEST / "pids.events", "max")
             mem_hits = max(
                 _event(d / "memory.events", "max") or 0,
                 _event(d / "memory.events", "oom_kill") or 0,
@@ -207,10 +268,14 @@ class Cgroup:
             if "memory" in self.dirs:
                 text = _read(self.dirs["memory"] / "memory.usage_in_bytes")
                 memory = int(text) if text else None
-                # Hits: allocations refused at the limit, or processes the OOM killer took.
+                # Hits: allocations refused at the limit, or processes the OOM killer took
+                # (v1 counts a kill in the victim's own cgroup only: the guest's or cowfs's).
                 text = _read(self.dirs["memory"] / "memory.failcnt")
                 failed = int(text) if text else 0
-                killed = _event(self.dirs["memory"] / "memory.oom_control", "oom_kill") or 0
+                killed = sum(
+                    _event(d / "memory.oom_control", "oom_kill") or 0
+                    for d in (self.dirs["memory"], *self._children_of("memory"))
+                )
                 mem_hits = max(failed, killed)
             if "cpuacct" in self.dirs:
                 hz = os.sysconf("SC_CLK_TCK")
@@ -221,16 +286,17 @@ class Cgroup:
                     elif key == "system":
                         cpu_sys = int(value) / hz
             if "pids" in self.dirs:
-                pids_hits = _event(self.dirs["pids"] / "pids.events", "max")
+                pids_hits = _event(self.dirs["pids"] / GUEST / "pids.events", "max")
         return Stats(len(self.pids()), memory, cpu_user, cpu_sys, pids_hits, mem_hits)
 
 
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError):
-        return True
+def _live_pids(directories: list[Path]) -> set[int]:
+    result: set[int] = set()
+    for directory in directories:
+        text = _read(directory / "cgroup.procs")
+        if text:
+            result.update(int(p) for p in text.split())
+    return {pid for pid in result if procfs.is_alive(pid)}
 
 
 def _event(path: Path, key: str) -> int | None:

@@ -217,62 +217,73 @@ def list_command() -> None:
         click.echo(f"{g['name']} {g['state']}")
 
 
-def _running(name: str) -> dict[str, Any]:
-    info = request("status", name=name)
-    if info["status"]["state"] != "running":
-        raise CowfsError(f"guest {name} is not running")
-    return info
+def _target(name: str) -> Any:
+    from contextd.attach import Target
+
+    answer = request("attach", name=name)
+    return Target(
+        name=name,
+        init_pid=answer["init_pid"],
+        init_start=answer["init_start"],
+        capabilities=answer["capabilities"],
+        environment=answer["environment"],
+        cgroup_dirs=answer["cgroup_dirs"],
+    )
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec(name: str, command: tuple[str, ...]) -> None:
-    """Run COMMAND in guest NAME (contextd exec NAME -- CMD ARGS); its exit code is ours."""
-    from contextd.attach import exec_in
+    """Run COMMAND in guest NAME (contextd exec NAME -- CMD ARGS); its exit code is ours.
 
-    info = _running(name)
+    From a terminal the command gets a pty of the guest's own; otherwise pipes,
+    and what it prints to a terminal has its control characters shown, not
+    obeyed. It never gets our terminal, fds, session or keyring.
+    """
+    from contextd import attach
+
+    target = _target(name)
     sys.stdout.flush()
-    code = exec_in(
-        name,
-        info["status"]["init_pid"],
-        info["capabilities"],
-        info["environment"],
-        list(command),  # type: ignore[index, arg-type]
-    )
-    sys.exit(code)
+    sys.exit(attach.run(target, list(command), use_pty=attach.stdin_is_terminal()))
 
 
 @main.command()
 @click.argument("name")
 @click.option("--shell", default="/bin/sh", show_default=True, help="Shell to run.")
 def enter(name: str, shell: str) -> None:
-    """An interactive shell in guest NAME, on a fresh pty in a new session."""
-    from contextd.attach import enter as enter_guest
+    """An interactive shell in guest NAME, on a fresh pty of its own, in a new session."""
+    from contextd import attach
 
-    info = _running(name)
-    code = enter_guest(
-        name,
-        info["status"]["init_pid"],
-        info["capabilities"],
-        info["environment"],
-        [shell, "-l"],  # type: ignore[index, arg-type]
-    )
-    sys.exit(code)
+    sys.exit(attach.run(_target(name), [shell, "-l"], use_pty=True))
 
 
 @main.command()
 @click.argument("name")
 @click.option("-n", "--lines", type=int, default=0, help="Only the last N lines.")
-def logs(name: str, lines: int) -> None:
+@click.option(
+    "--raw",
+    is_flag=True,
+    help="Print control characters as the guest wrote them, also to a terminal"
+    " (by default a terminal gets them shown as ^X, colours excepted).",
+)
+def logs(name: str, lines: int, raw: bool) -> None:
     """The guest's console: init's output."""
+    import os
+
+    from contextd.relay import TerminalFilter
+
     path = Path(request("status", name=name)["console_log"])
     if not path.exists():
         raise CowfsError(f"guest {name} has no console log yet")
-    text = path.read_text(errors="replace")
+    data = path.read_bytes()
     if lines:
-        text = "".join(text.splitlines(keepends=True)[-lines:])
-    click.echo(text, nl=False)
+        data = b"".join(data.splitlines(keepends=True)[-lines:])
+    if not raw and os.isatty(1):
+        terminal = TerminalFilter()
+        data = terminal.feed(data) + terminal.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
 
 
 @main.command()

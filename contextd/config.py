@@ -172,6 +172,19 @@ def _signal(value: object, path: Path, key: str) -> int:
     raise _fail(path, key, f"{value!r} is not a signal")
 
 
+_NAME_RULE = (
+    "{name!r}: use lower-case letters, digits, '.', '_' and '-' (at most 63, first a letter"
+    " or digit)"
+)
+
+
+def check_name(name: object) -> str:
+    """name, if it can name a guest (it becomes a file, a directory and a cgroup name)."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"bad guest name {_NAME_RULE.format(name=name)}")
+    return name
+
+
 def parse(path: Path) -> GuestConfig:
     """Read and validate one guest configuration file."""
     try:
@@ -183,7 +196,7 @@ def parse(path: Path) -> GuestConfig:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     name = str(_take(data, "name", str, path)) if "name" in data else path.stem
     if not _NAME.match(name):
-        raise _fail(path, "name", f"{name!r}: use lower-case letters, digits, '.', '_' and '-'")
+        raise _fail(path, "name", _NAME_RULE.format(name=name))
     if "xid" not in data:
         raise _fail(path, "xid", "missing (a unique number from 2 to 65535)")
     xid = _take(data, "xid", int, path)

@@ -1,7 +1,7 @@
 """Inside a new context: the guest's root, /proc, /sys, /dev, pivot_root, hostname, capabilities.
 
 These functions run in the child that becomes the guest's PID 1 (``setup_root``)
-or in a process joining a running guest (``join``). They use only system calls
+or in a process joining a running guest (contextd.attach). They use only system calls
 (native/ and os), never threads or the event loop: they run between fork and exec.
 """
 
@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import stat
 from pathlib import Path
 
 from contextd.capabilities import drop_all_but
+from contextd.seccomp import GuestFilter
 from native import syscalls as sc
 
-# Files of /proc that would tell or let a guest do too much: covered with /dev/null.
+# Files of /proc that would tell or let a guest do too much: covered with an empty
+# read-only file.
 MASKED_PROC_FILES = (
     "kcore", "keys", "key-users", "sysrq-trigger", "timer_list", "sched_debug",
     "latency_stats", "kallsyms", "kpagecount", "kpageflags", "kpagecgroup", "config.gz",
@@ -29,8 +32,6 @@ DEVICES = (  # name, major, minor
     ("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9),
     ("tty", 5, 0),
 )  # fmt: skip
-
-NS_TYPES = ("ipc", "uts", "net", "pid", "mnt")
 
 
 def _mount(
@@ -56,11 +57,15 @@ def setup_root(root: str) -> None:
         if not path.is_dir() or path.is_symlink():
             raise RuntimeError(f"the guest has no /{sub} directory")
     proc = f"{root}/proc"
-    _mount("proc", proc, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
-    for name in MASKED_PROC_FILES:
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.isfile(f"{proc}/{name}"):
-                _mount("/dev/null", f"{proc}/{name}", None, sc.MS_BIND)
+    empty = _empty_read_only_file(proc)
+    try:
+        _mount("proc", proc, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+        for name in MASKED_PROC_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.isfile(f"{proc}/{name}"):
+                    _mount(f"/proc/self/fd/{empty}", f"{proc}/{name}", None, sc.MS_BIND)
+    finally:
+        os.close(empty)
     for name in MASKED_PROC_DIRS:
         if os.path.isdir(f"{proc}/{name}"):
             _mount(
@@ -81,6 +86,18 @@ def setup_root(root: str) -> None:
     sc.pivot_root(".", ".")  # the old root is stacked on the new one ...
     sc.umount2(".", sc.MNT_DETACH)  # ... and detached: the host's tree is gone
     os.chdir("/")
+
+
+def _empty_read_only_file(directory: str) -> int:
+    """An O_PATH fd of an empty file on a read-only tmpfs mounted on directory (then
+    covered by what is mounted there next): what masks /proc files. Reading it gives
+    nothing and opening it for writing fails with EROFS; /dev/null would take writes."""
+    flags = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+    _mount("tmpfs", directory, "tmpfs", flags, "size=4k,mode=555")
+    path = f"{directory}/empty"
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
+    _mount(None, directory, None, sc.MS_REMOUNT | sc.MS_RDONLY | flags, "size=4k,mode=555")
+    return os.open(path, os.O_PATH | os.O_CLOEXEC)
 
 
 def _make_dev(dev: str) -> None:
@@ -122,27 +139,28 @@ def close_fds(keep: tuple[int, ...] = ()) -> None:
     os.closerange(start, 1 << 20)
 
 
-def become_guest(hostname: str | None, capabilities: list[str]) -> None:
-    """The last steps before exec: hostname (new UTS namespace only) and capabilities."""
+def become_guest(hostname: str | None, capabilities: list[str], guest_filter: GuestFilter) -> None:
+    """The last steps before a process may be seen by the guest: hostname (a new UTS
+    namespace only), the seccomp filter, no securebits, only the guest's capabilities.
+
+    The filter is loaded while CAP_SYS_ADMIN is still held, so that it needs no
+    no_new_privs (which would disable setuid programs in the guest). Securebits
+    are the kernel's defaults (root is root, setuid works), never whatever the
+    admin's shell or contextd's service manager set.
+    """
     if hostname is not None:
         sc.sethostname(hostname)
+    os.umask(0o022)
+    guest_filter.load()
+    sc.prctl(sc.PR_SET_SECUREBITS, 0)
     drop_all_but(capabilities)
 
 
-def open_namespaces(pid: int) -> dict[str, int]:
-    """fds of a running guest's namespaces and root, to join it."""
-    fds = {ns: os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in NS_TYPES}
-    fds["root"] = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    return fds
-
-
-def join(fds: dict[str, int]) -> None:
-    """Enter a running guest's namespaces and root (the pid namespace applies to children)."""
-    # Nothing of the host may be traced from inside while we still hold it.
-    sc.prctl(sc.PR_SET_DUMPABLE, 0)
-    for ns in ("ipc", "uts", "net", "pid"):
-        sc.setns(fds[ns], 0)
-    sc.setns(fds["mnt"], 0)
-    os.fchdir(fds["root"])
-    os.chroot(".")
-    os.chdir("/")
+def reset_signals() -> None:
+    """Default dispositions and an empty mask, as a freshly booted program expects."""
+    for number in range(1, signal.NSIG):
+        if number in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(number, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])

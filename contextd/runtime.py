@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from contextd import network
+from contextd import network, procfs
 from contextd.cgroups import Cgroup
 from contextd.config import GuestConfig
 from contextd.forkserver import ForkServer, ForkServerError
@@ -82,22 +82,10 @@ def _drop_state(name: str) -> None:
     _state_path(name).unlink(missing_ok=True)
 
 
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (None if there is no such process)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rpartition(")")[2].split()[19])
-    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-        return None
-
-
 def is_running(state: RunState) -> bool:
     """True if the recorded init is still that process (not a recycled pid)."""
-    start = process_start_time(state.init_pid)
-    if start is None or start != state.init_start:
-        return False
-    with open(f"/proc/{state.init_pid}/stat") as f:
-        return f.read().rpartition(")")[2].split()[0] != "Z"
+    start = procfs.start_time(state.init_pid)
+    return start is not None and start == state.init_start and procfs.is_alive(state.init_pid)
 
 
 # Where guests' helper processes come from (see contextd.forkserver).
@@ -152,22 +140,21 @@ def start(config: GuestConfig) -> RunState:
         raise GuestError(f"guest {config.name}: its root {config.root} is mounted already")
     undo = _Undo()
     try:
-        mountpoint = run_dir() / "roots" / config.name
-        mountpoint.mkdir(parents=True, exist_ok=True)
-        _apply_disk_limits(config)
-        _mount_root(config, str(mountpoint))
-        undo.push("cowfs mount", lambda: unmount(str(mountpoint), lazy=True))
-        # The console logger (started below) ends once nothing of the guest holds
-        # its pipe: waited for after the cgroup's processes are killed.
-        undo.push("console logger", lambda: _end_logger(config.name))
         cgroup = Cgroup(config.name)
         if cgroup.exists():
             cgroup.kill_all()
             cgroup.remove()
         cgroup.create(config.limits)
         undo.push("cgroup", lambda: _kill_and_remove(cgroup))
-        console_log = log_dir() / f"{config.name}.console.log"
-        console_log.parent.mkdir(parents=True, exist_ok=True)
+        mountpoint = _root_only_dir(run_dir() / "roots") / config.name
+        mountpoint.mkdir(exist_ok=True)
+        _apply_disk_limits(config)
+        _mount_root(config, str(mountpoint), cgroup)
+        undo.push("cowfs mount", lambda: unmount(str(mountpoint), lazy=True))
+        # The console logger (started below) ends once nothing of the guest holds
+        # its pipe: waited for after the cgroup's processes are killed.
+        undo.push("console logger", lambda: _end_logger(config.name))
+        console_log = _root_only_dir(log_dir()) / f"{config.name}.console.log"
         console_r, console_w = os.pipe2(os.O_CLOEXEC)
         try:
             with _devnull() as null:
@@ -188,7 +175,7 @@ def start(config: GuestConfig) -> RunState:
             name=config.name,
             xid=config.xid,
             init_pid=pid,
-            init_start=process_start_time(pid) or 0,
+            init_start=procfs.start_time(pid) or 0,
             mountpoint=str(mountpoint),
             root=config.root,
             started=time.time(),
@@ -202,7 +189,11 @@ def start(config: GuestConfig) -> RunState:
 
 
 def _kill_and_remove(cgroup: Cgroup) -> None:
+    """Undo a start's cgroup: its processes, and a FUSE server a lazy unmount left running."""
     cgroup.kill_all()
+    for pid in cgroup.fuse_server_pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     cgroup.remove()
 
 
@@ -215,8 +206,18 @@ def _devnull() -> Iterator[int]:
         os.close(fd)
 
 
-def _mount_root(config: GuestConfig, mountpoint: str) -> None:
-    """Mount the guest's cowfs root at mountpoint (a FUSE server forked by the fork server)."""
+def _root_only_dir(path: Path) -> Path:
+    """path, made if missing, readable by root only: guests' roots and consoles are the
+    admin's (a host user must not reach a guest's setuid files through its mount point)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def _mount_root(config: GuestConfig, mountpoint: str, cgroup: Cgroup) -> None:
+    """Mount the guest's cowfs root at mountpoint: a FUSE server forked by the fork server
+    into the guest's cgroup, so that the guest pays for the work it makes it do."""
     # Not forked from contextd itself: its threads must not be forked.
     answer_r, answer_w = os.pipe2(os.O_CLOEXEC)
     try:
@@ -225,7 +226,8 @@ def _mount_root(config: GuestConfig, mountpoint: str) -> None:
                 "backing": config.root,
                 "mountpoint": mountpoint,
                 "xid": config.xid,
-                "log": str(log_dir() / f"{config.name}.cowfs.log"),
+                "log": str(_root_only_dir(log_dir()) / f"{config.name}.cowfs.log"),
+                "cgroup_dirs": [str(d) for d in cgroup.fuse_server_dirs],
             }
             helpers.run("mount", args, [null, answer_w, answer_w])
     except ForkServerError as e:

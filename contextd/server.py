@@ -77,10 +77,11 @@ class Daemon:
         )
         if not isinstance(verb, str) or handler is None:
             raise runtime.GuestError(f"unknown request {verb!r}")
-        name = request.get("name")
-        if name is None:
+        if request.get("name") is None:
             return await handler(request)
-        async with self.locks[str(name)]:
+        # Checked before anything is done with it: a name becomes file and cgroup names.
+        name = configs.check_name(request["name"])
+        async with self.locks[name]:
             return await handler(request)
 
     async def do_ping(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -104,6 +105,20 @@ class Daemon:
             "capabilities": config.capabilities,
             "environment": config.environment,
             "console_log": str(runtime.log_dir() / f"{config.name}.console.log"),
+        }
+
+    async def do_attach(self, request: dict[str, Any]) -> dict[str, Any]:
+        """What contextd exec and enter need to enter a running guest (contextd.attach)."""
+        config = self._config(request["name"])
+        state = runtime.load_state(config.name)
+        if state is None or not runtime.is_running(state):
+            raise runtime.GuestError(f"guest {config.name} is not running")
+        return {
+            "init_pid": state.init_pid,
+            "init_start": state.init_start,
+            "capabilities": config.capabilities,
+            "environment": config.environment,
+            "cgroup_dirs": [str(d) for d in Cgroup(config.name).guest_dirs],
         }
 
     async def do_start(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -21,14 +21,19 @@ import os
 import sys
 
 from contextd import namespace
+from contextd.seccomp import GuestFilter
 from native import syscalls as sc
 
 
 def _child(request: dict[str, object], go_r: int, err_w: int) -> None:
+    """The guest's PID 1 until it execs init: nothing else of the guest exists yet."""
     try:
+        guest_filter = GuestFilter()  # libseccomp is loaded here, while the host's root is ours
         if os.read(go_r, 16) != b"go":
             os._exit(1)
         os.close(go_r)
+        os.setsid()
+        sc.join_new_session_keyring()
         namespace.setup_root(str(request["root"]))
         null = os.open("/dev/null", os.O_RDWR)
         os.dup2(null, 0)
@@ -36,7 +41,12 @@ def _child(request: dict[str, object], go_r: int, err_w: int) -> None:
         os.dup2(console, 1)
         os.dup2(console, 2)
         namespace.close_fds(keep=(err_w,))
-        namespace.become_guest(str(request["hostname"]), list(request["capabilities"]))  # type: ignore[call-overload]
+        namespace.become_guest(
+            str(request["hostname"]),
+            list(request["capabilities"]),  # type: ignore[call-overload]
+            guest_filter,
+        )
+        namespace.reset_signals()
         env = {
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "container": "contextd",

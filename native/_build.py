@@ -32,6 +32,7 @@ ffibuilder.cdef(
     int prctl(int option, unsigned long arg2, unsigned long arg3,
               unsigned long arg4, unsigned long arg5);
     int native_pivot_root(const char *new_root, const char *put_old);
+    long native_join_session_keyring(const char *name);
 
     int native_name_to_handle(int fd, unsigned char *buf, int buflen, int *handle_type,
                               int *mount_id);
@@ -106,6 +107,13 @@ ffibuilder.set_source(
     {
         struct native_open_how how = { flags, mode, resolve };
         return syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
+    }
+
+    /* keyctl(KEYCTL_JOIN_SESSION_KEYRING): NULL makes a new anonymous keyring, so that
+       nothing of the caller's session keyring passes on to what it runs. */
+    static long native_join_session_keyring(const char *name)
+    {
+        return syscall(SYS_keyctl, 1 /* KEYCTL_JOIN_SESSION_KEYRING */, name);
     }
 
     static int native_pivot_root(const char *new_root, const char *put_old)

@@ -40,6 +40,7 @@ MNT_DETACH = 2
 
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
+PR_SET_SECUREBITS = 28
 PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -250,6 +251,11 @@ def sethostname(name: str) -> None:
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     """prctl(2)."""
     return _check(lib.prctl(option, arg2, arg3, arg4, arg5))
+
+
+def join_new_session_keyring() -> int:
+    """Give this process a new, empty, anonymous session keyring; its serial number."""
+    return _check(lib.native_join_session_keyring(_NULL))
 
 
 def capget(pid: int = 0) -> tuple[int, int, int]:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from contextd_harness import Contextd
 
 ROOT = Path(__file__).resolve().parent.parent
 COWFS = str(Path(sys.executable).parent / "cowfs")
@@ -90,6 +91,17 @@ def _traversable_tmp(tmp_path: Path) -> None:
         if directory == Path("/tmp"):
             break
         os.chmod(directory, os.stat(directory).st_mode | 0o055)
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> Iterator[Contextd]:
+    """A contextd daemon of the test's own (its own directories), stopped afterwards."""
+    daemon = Contextd(tmp_path / "contextd")
+    daemon.serve()
+    try:
+        yield daemon
+    finally:
+        daemon.cleanup()
 
 
 @pytest.fixture

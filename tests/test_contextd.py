@@ -9,22 +9,11 @@ import signal
 import socket
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import cowfs, run
 from contextd_harness import SLEEPER, Contextd
-
-
-@pytest.fixture
-def ctx(tmp_path: Path) -> Iterator[Contextd]:
-    daemon = Contextd(tmp_path / "contextd")
-    daemon.serve()
-    try:
-        yield daemon
-    finally:
-        daemon.cleanup()
 
 
 def left_behind(name: str, ctx: Contextd) -> list[str]:
@@ -112,58 +101,6 @@ def test_two_guests_on_unified_trees(ctx: Contextd, guest_tree: Path) -> None:
     assert "hello from the guest" in (guest_tree / "var" / "www" / "index.html").read_text()
 
 
-SECURITY_CHECKS = {
-    "mount": "mount -t tmpfs none /mnt",
-    "mknod": "mknod /tmp/sda b 8 0",
-    "module loading": "insmod /tmp/nothing.ko",
-    "settimeofday": "date -s '2001-01-01 00:00:00'",
-    "reboot": "reboot -f",
-    "sethostname": "hostname other",
-    "raw socket": "ping -c 1 127.0.0.1",
-    "write /proc/sys": "echo 1 > /proc/sys/kernel/panic",
-    "chown via /sys": "echo x > /sys/kernel/uevent_helper",
-}
-
-
-@pytest.mark.parametrize("attempt", sorted(SECURITY_CHECKS))
-def test_privileged_operations_fail(ctx: Contextd, guest_tree: Path, attempt: str) -> None:
-    ctx("create", "g", "--from", str(guest_tree), "--init", SLEEPER)
-    ctx("start", "g")
-    before = (time.time(), socket.gethostname())
-    result = ctx(
-        "exec",
-        "g",
-        "--",
-        "/bin/sh",
-        "-c",
-        "echo x > /tmp/nothing.ko; " + SECURITY_CHECKS[attempt],
-        check=False,
-    )
-    refused = result.returncode != 0 or "not permitted" in result.stderr
-    assert refused, f"{attempt} succeeded in the guest: {result.stdout} {result.stderr}"
-    assert abs(time.time() - before[0]) < 60 and socket.gethostname() == before[1]
-    assert ctx("exec", "g", "--", "/bin/hostname").stdout == "g\n"
-
-
-def test_capability_bounding_set_is_the_configured_one(ctx: Contextd, guest_tree: Path) -> None:
-    from contextd.capabilities import DEFAULT_KEEP, mask
-
-    ctx("create", "caps", "--from", str(guest_tree), "--init", SLEEPER)
-    ctx("start", "caps")
-    status = ctx("exec", "caps", "--", "/bin/cat", "/proc/self/status").stdout
-    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
-    assert int(fields["CapBnd"].strip(), 16) == mask(DEFAULT_KEEP)
-    assert int(fields["CapEff"].strip(), 16) == mask(DEFAULT_KEEP)
-    assert int(fields["CapAmb"].strip(), 16) == 0
-    init_status = ctx("exec", "caps", "--", "/bin/cat", "/proc/1/status").stdout
-    assert f"CapBnd:\t{mask(DEFAULT_KEEP):016x}" in init_status
-    ctx("stop", "caps")
-    ctx.configure("caps", capabilities=["CHOWN", "KILL"])
-    ctx("start", "caps")
-    status = ctx("exec", "caps", "--", "/bin/cat", "/proc/self/status").stdout
-    assert f"CapBnd:\t{mask(['CHOWN', 'KILL']):016x}" in status
-
-
 def test_isolation_from_host_and_other_guests(ctx: Contextd, guest_tree: Path) -> None:
     ctx("create", "a", "--from", str(guest_tree), "--init", SLEEPER)
     ctx("create", "b", "--from", str(guest_tree), "--init", SLEEPER)
@@ -180,51 +117,6 @@ def test_isolation_from_host_and_other_guests(ctx: Contextd, guest_tree: Path) -
     # SIGKILL to its own PID 1 from inside is ignored by the kernel: a keeps running
     assert json.loads(ctx("status", "a", "--json").stdout)["state"] == "running"
     os.kill(os.getpid(), 0)  # the test itself is alive
-
-
-def test_chroot_escape_stays_in_the_guest(ctx: Contextd, guest_tree: Path) -> None:
-    ctx("create", "esc", "--from", str(guest_tree), "--init", SLEEPER)
-    ctx("start", "esc")
-    marker = f"host-marker-{os.getpid()}"
-    Path("/tmp", marker).write_text("host")
-    try:
-        script = (
-            "mkdir -p /tmp/jail && cd / && chroot /tmp/jail /bin/busybox true 2>/dev/null; "
-            # escaperoot: chroot into a subdirectory, climb with .. past it, chroot at the top
-            "cd /tmp/jail && exec /bin/busybox chroot /tmp/jail /bin/sh -c "
-            "'cd ../../../../../../../..; /bin/busybox chroot . /bin/ls /tmp'"
-        )
-        out = ctx("exec", "esc", "--", "/bin/sh", "-c", script, check=False)
-        assert marker not in out.stdout
-        out = ctx("exec", "esc", "--", "/bin/sh", "-c", "cd /../../..; ls /tmp; ls /", check=False)
-        assert marker not in out.stdout and "bin" in out.stdout
-    finally:
-        Path("/tmp", marker).unlink()
-
-
-def test_masked_proc_and_host_fds(ctx: Contextd, guest_tree: Path) -> None:
-    ctx("create", "p", "--from", str(guest_tree), "--init", SLEEPER)
-    ctx("start", "p")
-    for path in ("/proc/kcore", "/proc/keys", "/proc/sysrq-trigger", "/proc/timer_list"):
-        out = ctx("exec", "p", "--", "/bin/sh", "-c", f"cat {path} | wc -c", check=False)
-        assert out.stdout.strip() in ("0", ""), path
-    assert (
-        ctx(
-            "exec", "p", "--", "/bin/sh", "-c", "echo c > /proc/sysrq-trigger", check=False
-        ).returncode
-        != 0
-    )
-    fds = ctx("exec", "p", "--", "/bin/sh", "-c", "ls -l /proc/1/fd /proc/self/fd").stdout
-    for line in fds.splitlines():
-        if "->" in line:
-            target = line.split("->", 1)[1].strip()
-            assert target.startswith(("/dev/", "pipe:", "socket:", "/proc/")) or target in ("/",), (
-                line
-            )
-    out = ctx("exec", "p", "--", "/bin/sh", "-c", "ls /proc/1/root/ | head -3")
-    assert "bin" in out.stdout
-    seen = ctx("exec", "p", "--", "/bin/sh", "-c", "cat /proc/1/cmdline; echo; ls /proc/1/cwd/")
-    assert "pytest" not in seen.stdout
 
 
 def test_fork_bomb_and_memory_hog_stay_inside(ctx: Contextd, guest_tree: Path) -> None:
@@ -282,6 +174,13 @@ def test_bad_input(ctx: Contextd, guest_tree: Path) -> None:
     bad.write_text('xid = 5\nroot = "/x"\nmemroy = 1\n')
     assert "broken.toml: memroy: unknown key" in ctx("status", check=False).stderr
     bad.unlink()
+    # A name is checked before anything is written (it becomes file and cgroup names).
+    before = sorted(p.name for p in ctx.base.rglob("*"))
+    for name in ("../x", "a/b", "X", "_x", "." * 3, "x" * 64):
+        result = ctx("create", name, "--from", str(guest_tree), check=False)
+        assert result.returncode == 1 and "bad guest name" in result.stderr, name
+        assert result.stderr.count("\n") == 1
+    assert sorted(p.name for p in ctx.base.rglob("*")) == before
 
 
 def test_guests_survive_the_daemon_and_are_adopted(ctx: Contextd, guest_tree: Path) -> None:

@@ -19,6 +19,7 @@ packages=(
     fuse-overlayfs jdupes rdfind hyperfine     # benchmark peers
     systemd-container                          # systemd-nspawn, a peer in bench/contextd_bench.py
     iproute2                                   # guest networking (veth, bridges)
+    libseccomp2 keyutils                       # guests' seccomp filter; keyctl for its tests
     xfsprogs btrfs-progs e2fsprogs             # loop filesystems for reflink tests and benches
     python3-venv
 )
