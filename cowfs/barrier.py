@@ -142,26 +142,34 @@ def make_private_dirs(directory: str | os.PathLike[str]) -> None:
             os.mkdir(new, 0o700)
 
 
-def _repair(path: Path, mode: int) -> str | None:
-    """Make path (followed if a symlink) mode `mode` if others may use it; what was done, or None.
+def _owned_by_root(path: Path) -> None:
+    """A CowfsError if path (followed if a symlink) exists and belongs to another user.
 
-    Refuses (CowfsError) a path owned by another user: chmod would not keep
-    its owner out, and a layout handed to a user is an admin's decision to undo.
+    chmod would not keep that owner out, and a layout handed to a user is an
+    admin's decision to undo, not cowfs's.
     """
+    try:
+        uid = os.stat(path).st_uid
+    except FileNotFoundError:
+        return
+    if uid != 0:
+        raise CowfsError(
+            f"host layout {path}: owned by uid {uid}, who can reach every guest;"
+            f" chown root:root {os.path.realpath(path)}"
+        )
+
+
+def _repair(path: Path, mode: int) -> str | None:
+    """Make path (followed if a symlink) mode `mode` if others may use it; what was done."""
     real = os.path.realpath(path)
     try:
-        st = os.stat(real)
+        old = stat.S_IMODE(os.stat(real).st_mode)
     except FileNotFoundError:
         return None
-    if st.st_uid != 0:
-        raise CowfsError(
-            f"host layout {path}: owned by uid {st.st_uid}, who can reach every guest;"
-            f" chown root:root {real}"
-        )
-    if stat.S_IMODE(st.st_mode) & 0o077 == 0:
+    if old & 0o077 == 0:
         return None
     os.chmod(real, mode)
-    return f"{real} was mode {stat.S_IMODE(st.st_mode):04o}, now {mode:04o}"
+    return f"{real} was mode {old:04o}, now {mode:04o}"
 
 
 def secure_host_layout(root: Path) -> list[str]:
@@ -170,13 +178,15 @@ def secure_host_layout(root: Path) -> list[str]:
     root and root/guests are created (0700) if missing; root/store is left
     to the first hashify (an empty directory is not a store), but repaired
     like the state database and its WAL and SHM files when present.
-    Symlinks are followed (an admin may keep the layout elsewhere); refused
-    (CowfsError): a part of the layout owned by another user.
+    Symlinks are followed (an admin may keep the layout elsewhere); refused,
+    before anything is changed (CowfsError): a part owned by another user.
     """
+    parts = [(root / name, 0o700) for name in ("", "guests", "store")]
+    parts += [(root / name, 0o600) for name in _STATE_FILES]
+    for path, _mode in parts:
+        _owned_by_root(path)
     make_private_dirs(root / "guests")
-    repairs = [_repair(root / name, 0o700) for name in ("", "guests", "store")]
-    repairs += [_repair(root / name, 0o600) for name in _STATE_FILES]
-    done = [r for r in repairs if r is not None]
+    done = [r for path, mode in parts if (r := _repair(path, mode)) is not None]
     for repair in done:
         log.warning("host layout: %s (host users could reach guests)", repair)
     return done
