@@ -391,6 +391,16 @@ def test_one_closed_directory_anywhere_above_is_enough(open_dir: Path) -> None:
 
 # -- the host layout ---------------------------------------------------------
 
+# The whole layout while a connection has the database open (WAL mode)
+ROOT_ONLY_LAYOUT = {
+    ".": "0700",
+    "guests": "0700",
+    "store": "0700",
+    "state.db": "0600",
+    "state.db-wal": "0600",
+    "state.db-shm": "0600",
+}
+
 
 def _modes(root: Path) -> dict[str, str]:
     names = ["", "guests", "store", "state.db", "state.db-wal", "state.db-shm"]
@@ -421,14 +431,7 @@ def test_the_host_layout_is_made_root_only(open_dir: Path) -> None:
     try:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("SELECT count(*) FROM guests").fetchall()
-        assert _modes(root) == {
-            ".": "0700",
-            "guests": "0700",
-            "store": "0700",
-            "state.db": "0600",
-            "state.db-wal": "0600",
-            "state.db-shm": "0600",
-        }
+        assert _modes(root) == ROOT_ONLY_LAYOUT
     finally:
         db.close()
 
@@ -448,14 +451,7 @@ def test_an_opened_host_layout_is_repaired(open_dir: Path) -> None:
         assert exposure(root / "guests" / "x") is not None  # opened, as an admin might
         done = _in_layout(root, "limit", "show")
         assert done.returncode == 0, done.stderr
-        assert _modes(root) == {
-            ".": "0700",
-            "guests": "0700",
-            "store": "0700",
-            "state.db": "0600",
-            "state.db-wal": "0600",
-            "state.db-shm": "0600",
-        }
+        assert _modes(root) == ROOT_ONLY_LAYOUT
         assert f"host layout: {root} was mode 0755, now 0700" in done.stderr
         assert f"host layout: {root / 'state.db'} was mode 0644, now 0600" in done.stderr
     finally:
