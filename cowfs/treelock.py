@@ -38,6 +38,7 @@ from types import TracebackType
 from cowfs import registry
 from cowfs.errors import CowfsError
 
+_MAX_COMMAND = 300  # characters of a holder's command line an error shows
 _OPEN_ROOT = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -158,7 +159,8 @@ def _command_line(pid: int) -> str:
             argv = f.read().rstrip(b"\0").split(b"\0")
     except OSError:
         return ""
-    return " ".join(os.fsdecode(a) for a in argv)[:200]
+    line = " ".join(os.fsdecode(a) for a in argv)
+    return line if len(line) <= _MAX_COMMAND else line[:_MAX_COMMAND] + " ..."
 
 
 def remove_tree(path: str) -> None:
