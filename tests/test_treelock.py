@@ -197,9 +197,27 @@ def test_a_clone_being_built_cannot_be_mounted(tmp_path: Path) -> None:
         (work,) = tmp_path.glob(".new.cowfs-clone-*")
         attempts.append(run(COWFS, "mount", work, mnt, check=False))
 
-    clone(str(template), str(tmp_path / "new"), mount_meanwhile)
-    assert attempts and attempts[0].returncode == 1, attempts
-    assert "in use (by pid" in attempts[0].stderr and not os.path.ismount(mnt)
+    try:
+        clone(str(template), str(tmp_path / "new"), mount_meanwhile)
+        assert attempts and attempts[0].returncode == 1, attempts
+        assert "in use (by pid" in attempts[0].stderr and not os.path.ismount(mnt)
+    finally:
+        if os.path.ismount(mnt):
+            cowfs("umount", mnt)
+
+
+def test_a_tree_around_or_inside_a_mounted_one_is_refused(
+    tmp_path: Path, guest_tree: Path, mounts: Mounts
+) -> None:
+    """The lock covers a tree's root; the mount registry covers what lies around it."""
+    mnt = tmp_path / "mnt"
+    mount(mounts, guest_tree, mnt)
+    outer = cowfs("clone", tmp_path, tmp_path.parent / f"{tmp_path.name}-copy", check=False)
+    assert outer.returncode == 1
+    assert f"in use ({guest_tree} is mounted at {mnt}); unmount it first" in outer.stderr
+    inner = cowfs("hashify", "--store", tmp_path / "store", guest_tree / "etc", check=False)
+    assert inner.returncode == 1
+    assert f"in use ({guest_tree} is mounted at {mnt}); unmount it first" in inner.stderr
 
 
 def test_delete_refuses_a_mounted_tree(
