@@ -42,6 +42,14 @@ OVERRIDE_OPTION = "--allow-reachable"
 _SEARCH_BY_OTHERS = stat.S_IXGRP | stat.S_IXOTH
 _ACL_XATTR = "system.posix_acl_access"
 _ACL_USER, _ACL_GROUP, _ACL_EXECUTE = 0x02, 0x08, 0x01
+# Directories other software relies on: an error never advises closing them.
+# fmt: off
+_SHARED_DIRS = frozenset({
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/media", "/mnt", "/opt",
+    "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/usr/local", "/var",
+    "/var/cache", "/var/lib", "/var/local", "/var/opt", "/var/tmp",
+})
+# fmt: on
 _STATE_FILES = ("state.db", "state.db-wal", "state.db-shm", "state.db-journal")
 
 
@@ -94,10 +102,11 @@ class Exposure:
 
     @property
     def remedy(self) -> str:
-        """What the admin should do, for an error message."""
-        if os.stat(self.directory).st_uid == 0:
+        """What the admin should do, for an error message: never to close a shared directory."""
+        if self.directory not in _SHARED_DIRS and os.stat(self.directory).st_uid == 0:
             return f"chmod 0700 {self.directory}"
-        return f"move it into a root-owned directory of mode 0700 (not {self.directory})"
+        example = os.path.join(self.directory if self.directory != self.path else "/", "vservers")
+        return f"move it into a directory only root may search (e.g. install -d -m 0700 {example})"
 
 
 def exposure(path: str | os.PathLike[str]) -> Exposure | None:
@@ -108,14 +117,14 @@ def exposure(path: str | os.PathLike[str]) -> Exposure | None:
     """
     real = os.path.realpath(path)
     parents = [str(p) for p in Path(real).parents]
+    if not parents:
+        return Exposure(real, real, "is the root directory")
     if not os.path.isdir(parents[0]):
         return None
-    for directory in parents:
-        if opening(directory) is None:
-            return None
-    why = opening(parents[0])
-    assert why is not None
-    return Exposure(real, parents[0], why)
+    openings = [opening(directory) for directory in parents]
+    if None in openings:
+        return None
+    return Exposure(real, parents[0], str(openings[0]))
 
 
 def refuse_reachable(what: str, path: str | os.PathLike[str], allow: bool) -> None:

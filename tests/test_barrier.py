@@ -379,6 +379,34 @@ def test_reachable_means_a_host_user_can_get_there(
         assert user is not None and _can_stat(*user, target) == "ok"
 
 
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        (
+            "/srv/guests-of-a-test/web1",  # its parent does not exist: it would be made 0700
+            None,
+        ),
+        (
+            "/srv/template-of-a-test",
+            "/srv is mode 0755: host users can reach /srv/template-of-a-test; move it into a"
+            " directory only root may search (e.g. install -d -m 0700 /srv/vservers)",
+        ),
+        (
+            "/",
+            "/ is the root directory: host users can reach /; move it into a directory only"
+            " root may search (e.g. install -d -m 0700 /vservers)",
+        ),
+    ],
+)
+def test_errors_never_advise_closing_a_shared_directory(path: str, message: str | None) -> None:
+    st = os.stat("/srv")  # as Debian ships it
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o755)
+    assert path == "/" or not os.path.exists(path)
+    assert not os.path.exists("/srv/guests-of-a-test")
+    found = exposure(path)
+    assert (found and f"{found}; {found.remedy}") == message
+
+
 def test_one_closed_directory_anywhere_above_is_enough(open_dir: Path) -> None:
     (open_dir / "closed").mkdir(mode=0o700)
     deep = open_dir / "closed" / "a" / "b"
