@@ -31,7 +31,6 @@ repaired (chmod) when found open.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import stat
 from pathlib import Path
@@ -39,7 +38,6 @@ from pathlib import Path
 from cowfs.errors import CowfsError
 
 OVERRIDE_OPTION = "--allow-reachable"
-_SEARCH_BY_OTHERS = stat.S_IXGRP | stat.S_IXOTH
 _ACL_XATTR = "system.posix_acl_access"
 _ACL_USER, _ACL_GROUP, _ACL_EXECUTE = 0x02, 0x08, 0x01
 # Directories other software relies on: an error never advises closing them.
@@ -209,8 +207,5 @@ def secure_host_layout(root: Path) -> list[str]:
 
 def create_private_file(path: Path) -> None:
     """Create path empty with mode 0600 if it is missing (sqlite gives its WAL the same mode)."""
-    try:
+    with contextlib.suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-    except OSError as e:
-        if e.errno != errno.EEXIST:
-            raise

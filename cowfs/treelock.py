@@ -31,8 +31,6 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from types import TracebackType
 
 from cowfs import registry
@@ -75,10 +73,12 @@ class TreeLock:
         self.release()
 
 
-def lock_tree(path: str, exclusive: bool, role: str = "guest tree") -> TreeLock:
+def tree_lock(path: str, exclusive: bool, role: str = "guest tree") -> TreeLock:
     """Lock the tree rooted at path without waiting; a TreeBusy naming the holder if in use.
 
-    role names the tree in the error ("template", "backing tree").
+    role names the tree in the error ("template", "backing tree"). Use it as
+    ``with tree_lock(path, exclusive=True) as lock: ...``, or keep the
+    TreeLock and release() it when done.
     """
     real = os.path.realpath(path)
     try:
@@ -95,16 +95,6 @@ def lock_tree(path: str, exclusive: bool, role: str = "guest tree") -> TreeLock:
         os.close(fd)
         raise
     return TreeLock(real, fd, exclusive)
-
-
-@contextmanager
-def tree_lock(path: str, exclusive: bool, role: str = "guest tree") -> Iterator[TreeLock]:
-    """``with tree_lock(path, exclusive=True) as lock:`` the tree is ours until the block ends."""
-    lock = lock_tree(path, exclusive, role)
-    try:
-        yield lock
-    finally:
-        lock.release()
 
 
 def refuse_mounted_nearby(path: str, role: str = "guest tree") -> None:

@@ -25,7 +25,7 @@ from conftest import COWFS, Mounts, cowfs, is_marked, run
 from cowfs.clone import CloneStats, clone
 from cowfs.errors import CowfsError
 from cowfs.hashify import Hashify, HashifyOptions, HashifyReport
-from cowfs.treelock import lock_tree, remove_tree
+from cowfs.treelock import remove_tree, tree_lock
 
 WRITE = "written through a handle opened before\n"
 
@@ -154,7 +154,7 @@ def test_a_guest_is_not_mounted_while_hashify_runs_on_it(tmp_path: Path, guest_t
     cowfs("umount", mnt)
 
 
-HOLDER = "import sys, cowfs.treelock as t; k = t.lock_tree(sys.argv[1], True); print(1); input()"
+HOLDER = "import sys, cowfs.treelock as t; k = t.tree_lock(sys.argv[1], True); print(1); input()"
 
 
 def test_a_tree_held_by_another_command_names_it(tmp_path: Path, guest_tree: Path) -> None:
@@ -178,9 +178,9 @@ def test_a_tree_held_by_another_command_names_it(tmp_path: Path, guest_tree: Pat
 
 
 def test_clones_of_one_template_may_run_together(tmp_path: Path, guest_tree: Path) -> None:
-    with lock_tree(str(guest_tree), exclusive=False, role="template"):  # another clone's hold
+    with tree_lock(str(guest_tree), exclusive=False, role="template"):  # another clone's hold
         cowfs("clone", guest_tree, tmp_path / "one")
-    with lock_tree(str(guest_tree), exclusive=True):
+    with tree_lock(str(guest_tree), exclusive=True):
         assert cowfs("clone", guest_tree, tmp_path / "two", check=False).returncode == 1
 
 
