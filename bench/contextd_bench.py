@@ -206,6 +206,7 @@ def main() -> None:
     work: Path = args.workdir
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    work.chmod(0o700)  # root-only: cowfs refuses trees and mountpoints host users can reach
     template = work / "template"
     subprocess.run([str(ROOT / "tools" / "mkguest-busybox.sh"), str(template)], check=True)
     rows: dict[str, dict[str, float]] = {}

@@ -67,10 +67,12 @@ def work_directory(path: Path, size_gib: int, scratch: bool = True) -> Iterator[
     shutil.rmtree(path, ignore_errors=True)
     if scratch:
         with scratch_fs(path, size_gib):
+            path.chmod(0o700)  # root-only: cowfs refuses trees and mountpoints host users can reach
             yield path
         path.rmdir()
     else:
         path.mkdir(parents=True)
+        path.chmod(0o700)
         try:
             yield path
         finally:

@@ -16,9 +16,11 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from cowfs.barrier import make_private_dirs, refuse_reachable
 from cowfs.errors import CowfsError
 from cowfs.marks import fd_path, is_marked, is_reserved_name, set_mark
 from cowfs.metadata import copy_data, copy_metadata
+from cowfs.treelock import refuse_mounted_nearby, tree_lock
 from native import syscalls
 
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -45,8 +47,13 @@ class CloneStats:
 Progress = Callable[[CloneStats], None]
 
 
-def check_clone_args(template: str, new: str) -> tuple[str, str]:
-    """Validate TEMPLATE and NEW; their real paths, or a CowfsError saying what is wrong."""
+def check_clone_args(template: str, new: str, allow_reachable: bool = False) -> tuple[str, str]:
+    """Validate TEMPLATE and NEW; their real paths, or a CowfsError saying what is wrong.
+
+    NEW's missing parent directories are fine (clone makes them, mode 0700);
+    both must be out of host users' reach (barrier.py) unless allow_reachable:
+    a template's inodes become the clone's.
+    """
     if not os.path.lexists(template):
         raise CowfsError(f"template {template}: no such directory")
     if not os.path.isdir(template):
@@ -54,16 +61,21 @@ def check_clone_args(template: str, new: str) -> tuple[str, str]:
     if os.path.lexists(new):
         raise CowfsError(f"{new}: already exists")
     template_real = os.path.realpath(template)
-    parent = os.path.dirname(os.path.abspath(new)) or "."
-    if not os.path.isdir(parent):
-        raise CowfsError(f"{new}: parent directory {parent} does not exist")
-    new_real = os.path.join(os.path.realpath(parent), os.path.basename(os.path.abspath(new)))
+    new_real = os.path.realpath(new)
     if new_real.startswith(template_real.rstrip("/") + "/"):
         raise CowfsError(f"{new}: lies inside the template {template}")
-    if os.stat(template_real).st_dev != os.stat(parent).st_dev:
+    existing = os.path.dirname(new_real)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise CowfsError(f"{new}: {existing} is not a directory")
+    if os.stat(template_real).st_dev != os.stat(existing).st_dev:
         raise CowfsError(
             f"{new}: on another filesystem than the template {template} (hard links cannot cross)"
         )
+    refuse_reachable("template", template, allow_reachable)
+    refuse_reachable("destination", new, allow_reachable)
+    refuse_mounted_nearby(template, "template")
     return template_real, new_real
 
 
@@ -175,39 +187,47 @@ def _remove_stale_work_dirs(parent: str, base: str) -> None:
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
-def clone(template: str, new: str, progress: Progress | None = None) -> CloneStats:
-    """Make NEW a guest tree of COW-marked hard links to TEMPLATE's files; its statistics."""
-    template, new = check_clone_args(template, new)
-    parent, base = os.path.split(new)
-    _remove_stale_work_dirs(parent, base)
-    work = os.path.join(parent, f".{base}.cowfs-clone-{os.getpid()}")
-    stats = CloneStats()
-    src_root = os.open(template, _OPEN_DIR)
-    try:
-        os.mkdir(work, 0o700)
-        dst_root = os.open(work, _OPEN_DIR)
+def clone(
+    template: str, new: str, progress: Progress | None = None, allow_reachable: bool = False
+) -> CloneStats:
+    """Make NEW a guest tree of COW-marked hard links to TEMPLATE's files; its statistics.
+
+    The template is locked shared (treelock.py) for the whole clone, so that
+    no mount, hashify or delete of it runs meanwhile; NEW is locked
+    exclusively from the moment its directory exists until the clone ends.
+    """
+    template, new = check_clone_args(template, new, allow_reachable)
+    with tree_lock(template, exclusive=False, role="template") as source:
+        parent, base = os.path.split(new)
+        make_private_dirs(parent)
+        _remove_stale_work_dirs(parent, base)
+        work = os.path.join(parent, f".{base}.cowfs-clone-{os.getpid()}")
+        stats = CloneStats()
         try:
-            _clone_tree(src_root, dst_root, stats, progress)
-            os.fsync(dst_root)
-        finally:
-            os.close(dst_root)
-        parent_fd = os.open(parent, _OPEN_DIR)
-        try:
-            syscalls.renameat2(
-                parent_fd,
-                os.fsencode(os.path.basename(work)),
-                parent_fd,
-                os.fsencode(base),
-                syscalls.RENAME_NOREPLACE,
-            )
-            os.fsync(parent_fd)
-        finally:
-            os.close(parent_fd)
-    except BaseException as e:
-        shutil.rmtree(work, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise CowfsError(f"clone of {template} failed: {e}") from None
-        raise
-    finally:
-        os.close(src_root)
+            os.mkdir(work, 0o700)
+            with tree_lock(work, exclusive=True, role="new tree") as built:
+                _clone_tree(source.fd, built.fd, stats, progress)
+                os.fsync(built.fd)
+                _rename_into_place(parent, work, base)
+        except BaseException as e:
+            shutil.rmtree(work, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise CowfsError(f"clone of {template} failed: {e}") from None
+            raise
     return stats
+
+
+def _rename_into_place(parent: str, work: str, base: str) -> None:
+    """Rename the finished work directory to NEW's name (never over anything), durably."""
+    parent_fd = os.open(parent, _OPEN_DIR)
+    try:
+        syscalls.renameat2(
+            parent_fd,
+            os.fsencode(os.path.basename(work)),
+            parent_fd,
+            os.fsencode(base),
+            syscalls.RENAME_NOREPLACE,
+        )
+        os.fsync(parent_fd)
+    finally:
+        os.close(parent_fd)

@@ -37,13 +37,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cowfs import registry
+from cowfs.barrier import refuse_reachable
 from cowfs.errors import CowfsError
 from cowfs.excludes import Rules
 from cowfs.forked import ForkedCall
 from cowfs.marks import COW_MARK, is_reserved_name, is_reserved_xattr, temp_name
 from cowfs.metadata import read_xattrs
 from cowfs.store import MetaKey, Store, StoreEntry, meta_key
+from cowfs.treelock import refuse_mounted_nearby, tree_lock
 from native import syscalls
 
 Key = tuple[int, int]  # (st_dev, st_ino)
@@ -148,6 +149,7 @@ class HashifyOptions:
     ignore_mtime: bool = False
     min_size: int = 16
     rules: Rules = field(default_factory=lambda: Rules.build([], []))
+    allow_reachable: bool = False  # guests or a store host users can reach (barrier.py): dangerous
 
 
 @dataclass
@@ -182,8 +184,14 @@ class HashifyReport:
 Progress = Callable[[str, HashifyReport], None]
 
 
-def check_hashify_args(guests: list[str], store_root: Path) -> list[str]:
-    """Validate guest directories and the store location; real paths of the guests."""
+def check_hashify_args(
+    guests: list[str], store_root: Path, allow_reachable: bool = False
+) -> list[str]:
+    """Validate guest directories and the store location; real paths of the guests.
+
+    Guests and the store must be out of host users' reach (barrier.py) unless
+    allow_reachable: a store entry is an inode of every guest that links it.
+    """
     if not guests:
         raise CowfsError("no guest directory given")
     real = []
@@ -195,12 +203,10 @@ def check_hashify_args(guests: list[str], store_root: Path) -> list[str]:
         path = os.path.realpath(guest)
         if path in real:
             raise CowfsError(f"guest {guest}: given twice")
-        served = registry.mounts_serving(path)
-        if served:
-            raise CowfsError(
-                f"guest {guest}: mounted by cowfs at {served[0].mountpoint}; unmount it first"
-            )
+        refuse_reachable("guest", guest, allow_reachable)
+        refuse_mounted_nearby(guest, "guest")
         real.append(path)
+    refuse_reachable("store", store_root, allow_reachable)
     store_parent = store_root if store_root.exists() else store_root.parent
     if not store_parent.exists():
         raise CowfsError(f"store {store_root}: parent directory does not exist")
@@ -380,13 +386,10 @@ class Hashify:
     """One run of hashify over some guests and a store."""
 
     def __init__(self, guests: list[str], options: HashifyOptions):
-        self.roots = check_hashify_args(guests, options.store)
+        self.roots = check_hashify_args(guests, options.store, options.allow_reachable)
         self.options = options
         self.report = HashifyReport(guests=len(guests), dry_run=options.dry_run)
-        if options.dry_run and not options.store.exists():
-            self.store = Store(options.store)  # nothing to read, and a dry run creates nothing
-        else:
-            self.store = Store.open(options.store, create=not options.dry_run)
+        self.store = Store(options.store)  # opened by run(), once the guests are locked
         self._root_fds: dict[int, int] = {}
         self._new_entries: list[StoreEntry] = []
         # What the scan found, kept after run(): freeing it is the owner's
@@ -398,10 +401,16 @@ class Hashify:
         started = time.monotonic()
         report = self.report
         entries: list[StoreEntry] = []
-        with _cyclic_gc_paused():
+        with _cyclic_gc_paused(), contextlib.ExitStack() as locks:
+            # Each guest locked (treelock.py) for the run: no mount may open a
+            # file for writing that this run then shares. A dry run shares nothing.
+            for i, root in enumerate(self.roots):
+                lock = tree_lock(root, exclusive=not self.options.dry_run, role="guest")
+                self._root_fds[i] = locks.enter_context(lock).fd
+            if not (self.options.dry_run and not self.options.store.exists()):
+                # (a dry run with no store has nothing to read and creates none)
+                self.store = Store.open(self.options.store, create=not self.options.dry_run)
             try:
-                for i, root in enumerate(self.roots):
-                    self._root_fds[i] = os.open(root, _DIR | os.O_CLOEXEC)
                 entries = list(self.store.entries()) if self.options.store.exists() else []
                 store_inodes = {(e.st.st_dev, e.st.st_ino): e for e in entries}
                 scan = _Scan(self.roots, self.options, report)
@@ -413,8 +422,6 @@ class Hashify:
                 groups = self._group(scan.inodes, entries, progress)
                 self._unify(groups, progress)
             finally:
-                for fd in self._root_fds.values():
-                    os.close(fd)
                 self.store.close()
         if not self.options.dry_run and report.unified_files:
             _usage_changed(self.roots)

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cowfs import recovery, registry
+from cowfs.barrier import refuse_reachable
 from cowfs.errors import CowfsError
 from cowfs.paths import log_dir
+from cowfs.treelock import tree_lock
 from native import syscalls
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class MountOptions:
     max_node_fds: int | None = None
     sync_breaks: bool = True
     io_uring: bool = True
+    allow_reachable: bool = False  # serve a tree host users can reach (barrier.py): dangerous
 
 
 def default_log_file(mountpoint: str) -> Path:
@@ -52,8 +55,13 @@ def default_log_file(mountpoint: str) -> Path:
     return log_dir() / f"mount-{slug}.log"
 
 
-def check_mount_args(backing: str, mountpoint: str) -> tuple[str, str]:
-    """Validate BACKING and MOUNTPOINT; their real paths, or a CowfsError saying what is wrong."""
+def check_mount_args(
+    backing: str, mountpoint: str, allow_reachable: bool = False
+) -> tuple[str, str]:
+    """Validate BACKING and MOUNTPOINT; their real paths, or a CowfsError saying what is wrong.
+
+    Both must be out of host users' reach (barrier.py) unless allow_reachable.
+    """
     if not os.path.lexists(backing):
         raise CowfsError(f"backing tree {backing}: no such directory")
     if not os.path.isdir(backing):
@@ -75,6 +83,8 @@ def check_mount_args(backing: str, mountpoint: str) -> tuple[str, str]:
         raise CowfsError(f"mountpoint {mountpoint}: lies inside the backing tree")
     if os.geteuid() != 0:
         raise CowfsError("cowfs mount must run as root (it serves every uid of the guest)")
+    refuse_reachable("backing tree", backing, allow_reachable)
+    refuse_reachable("mountpoint", mountpoint, allow_reachable)
     return backing_real, mp_real
 
 
@@ -262,8 +272,18 @@ def mount(
     """Mount backing at mountpoint; returns the daemon's pid once the mount is ready.
 
     With foreground=True, serves in this process until unmounted and returns None.
+    The backing tree's lock (treelock.py) is held by the serving process for
+    the mount's whole life: no clone, hashify or delete of it meanwhile.
     """
-    backing, mountpoint = check_mount_args(backing, mountpoint)
+    backing, mountpoint = check_mount_args(backing, mountpoint, options.allow_reachable)
+    with tree_lock(backing, exclusive=True, role="backing tree"):
+        # The daemon forked below shares the lock; this process's copy closes on return.
+        return _mount_locked(backing, mountpoint, options, foreground, log_file)
+
+
+def _mount_locked(
+    backing: str, mountpoint: str, options: MountOptions, foreground: bool, log_file: str | None
+) -> int | None:
     log_path = log_file or str(default_log_file(mountpoint))
     if foreground:
         _setup_logging(log_file, options.debug)

@@ -5,10 +5,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cowfs.barrier import secure_host_layout
+
+_secured: set[Path] = set()
+
 
 def state_root() -> Path:
-    """The host layout's root: store/, guests/, state.db (COWFS_ROOT overrides /var/lib/cowfs)."""
-    return Path(os.environ.get("COWFS_ROOT", "/var/lib/cowfs"))
+    """The host layout's root: store/, guests/, state.db (COWFS_ROOT overrides /var/lib/cowfs).
+
+    Every use of the layout goes through here, so the first call in a process
+    makes sure the layout is root-only (barrier.secure_host_layout): created
+    so, and repaired if someone opened it since.
+    """
+    root = Path(os.environ.get("COWFS_ROOT", "/var/lib/cowfs"))
+    if root not in _secured:
+        secure_host_layout(root)
+        _secured.add(root)
+    return root
 
 
 def run_dir() -> Path:

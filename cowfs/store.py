@@ -37,6 +37,7 @@ from typing import Any
 
 import blake3
 
+from cowfs.barrier import make_private_dirs
 from cowfs.errors import CowfsError
 from cowfs.marks import fd_path, is_marked, is_reserved_name, set_mark
 from cowfs.metadata import read_xattrs
@@ -124,7 +125,7 @@ class Store:
         if not root.exists():
             if not create:
                 raise CowfsError(f"store {root}: does not exist")
-            root.mkdir(mode=0o700, parents=True)
+            make_private_dirs(root)
         if not root.is_dir():
             raise CowfsError(f"store {root}: not a directory")
         if meta.exists():

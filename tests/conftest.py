@@ -84,15 +84,6 @@ class Mounts:
         self.points.clear()
 
 
-@pytest.fixture(autouse=True)
-def _traversable_tmp(tmp_path: Path) -> None:
-    """Let the guest's non-root uids reach tests' trees (pytest makes its dirs 0700)."""
-    for directory in [tmp_path, *tmp_path.parents]:
-        if directory == Path("/tmp"):
-            break
-        os.chmod(directory, os.stat(directory).st_mode | 0o055)
-
-
 @pytest.fixture
 def ctx(tmp_path: Path) -> Iterator[Contextd]:
     """A contextd daemon of the test's own (its own directories), stopped afterwards."""

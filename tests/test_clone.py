@@ -91,7 +91,7 @@ def test_clone_of_a_clone_shares_the_same_inodes(tmp_path: Path) -> None:
         ("template-missing", "no such directory"),
         ("template-is-file", "not a directory"),
         ("new-inside-template", "inside the template"),
-        ("new-parent-missing", "does not exist"),
+        ("new-parent-is-a-file", "is not a directory"),
         ("other-filesystem", "another filesystem"),
     ],
 )
@@ -108,8 +108,9 @@ def test_clone_refuses_bad_input_and_changes_nothing(
         template = template / "dir" / "file"
     elif case == "new-inside-template":
         new = template / "dir" / "inner"
-    elif case == "new-parent-missing":
-        new = tmp_path / "no" / "such" / "new"
+    elif case == "new-parent-is-a-file":
+        (tmp_path / "plain").write_text("x")
+        new = tmp_path / "plain" / "new"
     elif case == "other-filesystem":
         (tmp_path / "tmpfs").mkdir()
         run("mount", "-t", "tmpfs", "none", tmp_path / "tmpfs")
@@ -126,6 +127,20 @@ def test_clone_refuses_bad_input_and_changes_nothing(
     finally:
         if case == "other-filesystem":
             run("umount", tmp_path / "tmpfs")
+
+
+def test_clone_makes_missing_parents_root_only(tmp_path: Path) -> None:
+    template = _rich_template(tmp_path / "tpl")
+    old_umask = os.umask(0)  # whatever the caller's umask, parents are 0700
+    try:
+        new = tmp_path / "no" / "such" / "new"
+        cowfs("clone", template, new)
+    finally:
+        os.umask(old_umask)
+    for made in (tmp_path / "no", tmp_path / "no" / "such"):
+        st = made.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o700, 0), made
+    assert (new / "dir" / "file").stat().st_ino == (template / "dir" / "file").stat().st_ino
 
 
 def test_killed_clone_leaves_no_half_made_guest(tmp_path: Path) -> None:

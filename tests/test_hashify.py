@@ -263,7 +263,7 @@ def test_a_sha256_store_keeps_sha256(tmp_path: Path) -> None:
         ("store-not-a-store", "not a cowfs store"),
         ("bad-min-size", "is not a size"),
         ("bad-pattern", "must start with /"),
-        ("mounted-guest", "mounted by cowfs"),
+        ("mounted-guest", "in use (mounted at"),
     ],
 )
 def test_hashify_refuses_bad_input(tmp_path: Path, mounts: Mounts, case: str, message: str) -> None:

@@ -30,6 +30,9 @@ for m in "$demo"/mnt/*; do
     [ -d "$m" ] && mountpoint -q "$m" && cowfs umount --lazy "$m"
 done
 rm -rf "$demo"
+# Root-only, as util-vserver's /vservers: host users must not reach the guests' trees,
+# mount points or store (cowfs refuses to serve or make a guest they could reach).
+install -d -m 0700 "$demo"
 mkdir -p "$demo/mnt/web1" "$demo/mnt/web2" "$demo/guests" "$COWFS_ROOT"
 
 step "a template guest from busybox-static"

@@ -58,3 +58,18 @@ fi
 # is set: without it every cowfs and contextd command compiles its modules anew
 # (20-40 ms of each start here). Up-to-date files are skipped.
 .venv/bin/python -m compileall -q cowfs contextd native >/dev/null
+
+# The host layout, reachable by root only (cowfs/barrier.py): a host user who could
+# reach a guest's tree could run its setuid files as root, read and write its users'
+# files and write the inodes every guest shares. Made if missing, repaired if opened;
+# cowfs does the same whenever it uses the layout (but refuses, rather than chowns,
+# a part of it owned by another user).
+layout=${COWFS_ROOT:-/var/lib/cowfs}
+install -d -m 0700 -o root -g root "$layout" "$layout/guests"
+for path in "$layout" "$layout/guests" "$layout/store" "$layout/state.db" \
+        "$layout/state.db-wal" "$layout/state.db-shm" "$layout/state.db-journal"; do
+    if [ -e "$path" ]; then
+        chown root:root "$path"
+        chmod go= "$path"
+    fi
+done

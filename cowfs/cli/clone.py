@@ -7,6 +7,7 @@ import time
 
 import click
 
+from cowfs.cli.options import allow_reachable_option
 from cowfs.cli.progress import ProgressLine
 from cowfs.clone import CloneStats, clone
 
@@ -15,15 +16,21 @@ from cowfs.clone import CloneStats, clone
 @click.argument("template", type=click.Path())
 @click.argument("new", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def clone_command(template: str, new: str, as_json: bool) -> None:
+@allow_reachable_option
+def clone_command(template: str, new: str, as_json: bool, allow_reachable: bool) -> None:
     """Make NEW a guest tree whose files are COW hard links to TEMPLATE's.
 
     Regular files are marked copy-on-write and hard-linked (no data is
     copied); directories, symlinks, fifos, sockets and device nodes are
     recreated with the template's owner, mode, timestamps and xattrs.
-    NEW must not exist and must be on TEMPLATE's filesystem. The template's
-    files stay shared with every clone: change them only through a cowfs
-    mount, which gives the writer a private copy.
+    NEW must not exist and must be on TEMPLATE's filesystem; its missing
+    parent directories are made with mode 0700. The template's files stay
+    shared with every clone: change them only through a cowfs mount, which
+    gives the writer a private copy.
+
+    Refused if host users other than root could reach TEMPLATE or NEW (keep
+    both inside a directory of mode 0700), or if TEMPLATE is in use (mounted,
+    being hashified or deleted).
     """
     line = ProgressLine()
     started = time.monotonic()
@@ -31,7 +38,7 @@ def clone_command(template: str, new: str, as_json: bool) -> None:
     def progress(stats: CloneStats) -> None:
         line.show(f"cloning: {stats.entries} entries, {stats.linked_files} files linked")
 
-    stats = clone(template, new, progress)
+    stats = clone(template, new, progress, allow_reachable)
     line.done()
     elapsed = time.monotonic() - started
     if as_json:

@@ -10,6 +10,7 @@ import click
 
 from cowfs.cli import exit_at_once
 from cowfs.cli.display import display_path
+from cowfs.cli.options import allow_reachable_option
 from cowfs.cli.progress import ProgressLine
 from cowfs.excludes import DEFAULT_EXCLUDES, Rules
 from cowfs.hashify import Hashify, HashifyOptions, HashifyReport
@@ -73,6 +74,7 @@ def _collect_rules(
 )
 @click.option("--no-default-excludes", is_flag=True, help="Do not append the default exclude list.")
 @click.option("-v", "--verbose", is_flag=True, help="List every file unified.")
+@allow_reachable_option
 @click.pass_context
 def hashify_command(
     ctx: click.Context,
@@ -87,6 +89,7 @@ def hashify_command(
     exclude_from: tuple[Path, ...],
     no_default_excludes: bool,
     verbose: bool,
+    allow_reachable: bool,
 ) -> None:
     """Deduplicate existing GUEST trees into the content store.
 
@@ -95,6 +98,10 @@ def hashify_command(
     to one inode in the store: each guest reads exactly what it read before,
     and a cowfs mount gives a guest a private copy the moment it writes.
     Regular files only; files under --min-size are skipped.
+
+    Refused if host users other than root could reach a GUEST or the store
+    (keep them inside a directory of mode 0700), or if a GUEST is in use
+    (mounted, cloned or deleted meanwhile).
 
     \b
     Default excludes (after your own rules; first match wins):
@@ -108,6 +115,7 @@ def hashify_command(
         ignore_mtime=ignore_mtime,
         min_size=parse_size(min_size, "--min-size"),
         rules=rules,
+        allow_reachable=allow_reachable,
     )
     line = ProgressLine()
 

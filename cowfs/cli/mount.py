@@ -6,6 +6,7 @@ import os
 
 import click
 
+from cowfs.cli.options import allow_reachable_option
 from cowfs.guests import resolve
 from cowfs.mount import MountOptions, mount, unmount
 
@@ -44,6 +45,7 @@ from cowfs.mount import MountOptions, mount, unmount
     " (io_uring) rather than threads.",
 )
 @click.option("--debug", is_flag=True, help="Log every link break and more.")
+@allow_reachable_option
 def mount_command(
     backing: str,
     mountpoint: str,
@@ -56,6 +58,7 @@ def mount_command(
     sync_breaks: bool,
     io_uring: bool,
     debug: bool,
+    allow_reachable: bool,
 ) -> None:
     """Serve the guest tree BACKING (a path, or a guest name) at MOUNTPOINT.
 
@@ -68,6 +71,10 @@ def mount_command(
     background and logs to --log (default /var/log/cowfs/mount-*.log).
     Mounted with allow_other and default_permissions: the kernel checks
     permissions for every uid of the guest. Must run as root.
+
+    Refused if host users other than root could reach BACKING or MOUNTPOINT
+    (keep both inside a directory of mode 0700): they could run the guest's
+    setuid files as root and read or write its users' files.
     """
     options = MountOptions(
         xid=xid,
@@ -77,6 +84,7 @@ def mount_command(
         max_node_fds=max_node_fds,
         sync_breaks=sync_breaks,
         io_uring=io_uring,
+        allow_reachable=allow_reachable,
     )
     if "/" not in backing and not os.path.exists(backing):
         backing = resolve(backing).path  # a guest name under /var/lib/cowfs/guests
