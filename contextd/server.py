@@ -32,6 +32,8 @@ from contextd.cgroups import Cgroup
 from contextd.paths import socket_path
 from cowfs.clone import clone
 from cowfs.errors import CowfsError
+from cowfs.paths import state_root
+from cowfs.treelock import remove_tree
 
 log = logging.getLogger("contextd")
 
@@ -153,9 +155,7 @@ class Daemon:
         if any(c.xid == xid for c in existing.values()):
             owner = next(c.name for c in existing.values() if c.xid == xid)
             raise runtime.GuestError(f"xid {xid} is used by guest {owner}")
-        root = request.get("root") or str(
-            Path(os.environ.get("COWFS_ROOT", "/var/lib/cowfs")) / "guests" / name
-        )
+        root = request.get("root") or str(state_root() / "guests" / name)
         path = self.config_dir / f"{name}.toml"
         config = configs.GuestConfig(name=name, xid=int(xid), root=root, path=path, hostname=name)
         if request.get("init"):
@@ -174,7 +174,6 @@ class Daemon:
             configs.check_networks({**existing, name: config})
         finally:
             check.unlink(missing_ok=True)
-        Path(root).parent.mkdir(parents=True, exist_ok=True)
         await trio.to_thread.run_sync(clone, template, root)
         configs.write(config)
         _event("created", guest=name, xid=config.xid, root=root, template=template)
@@ -185,17 +184,11 @@ class Daemon:
         state = runtime.load_state(config.name)
         if state is not None and runtime.is_running(state):
             raise runtime.GuestError(f"guest {config.name} is running: stop it first")
+        if request.get("remove_root"):  # first: a tree in use is refused, the guest kept
+            await trio.to_thread.run_sync(remove_tree, config.root)
         config.path.unlink()
-        if request.get("remove_root"):
-            await trio.to_thread.run_sync(_remove_tree, config.root)
         _event("deleted", guest=config.name, root_removed=bool(request.get("remove_root")))
         return {}
-
-
-def _remove_tree(path: str) -> None:
-    import shutil
-
-    shutil.rmtree(path)
 
 
 def _peer_uid(sock: socket.socket) -> int:

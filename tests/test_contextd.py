@@ -387,3 +387,16 @@ def test_guests_started_and_stopped_at_once(ctx: Contextd, guest_tree: Path) -> 
         list(pool.map(lambda name: ctx("stop", name, "--timeout", "1"), names))
     for name in names:
         assert left_behind(name, ctx) == []
+
+
+def test_a_running_guest_is_not_cloned(ctx: Contextd, guest_tree: Path) -> None:
+    # An fd the guest opened for writing before a clone would write into the clone.
+    ctx("create", "busy", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("start", "busy")
+    root = Path(ctx.env["COWFS_ROOT"]) / "guests"
+    result = ctx("create", "copy", "--from", str(root / "busy"), check=False)
+    assert result.returncode == 1 and "in use (mounted at" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1
+    assert not (root / "copy").exists() and not (ctx.base / "etc" / "copy.toml").exists()
+    ctx("stop", "busy")
+    ctx("create", "copy", "--from", str(root / "busy"))
