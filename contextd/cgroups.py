@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from contextd import procfs
+from contextd import devices, procfs
 from contextd.config import Limits
 
 CGROUP_ROOT = Path(os.environ.get("CONTEXTD_CGROUP_ROOT", "/sys/fs/cgroup"))
@@ -34,20 +34,6 @@ GUEST = "guest"
 FUSE_SERVER = "cowfs"
 V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "devices")
 _CFS_PERIOD_US = 100_000
-
-# The only devices a guest may open or create (cgroup v1 devices.allow syntax):
-# the nodes contextd makes in its /dev, and its own ptys.
-ALLOWED_DEVICES = (
-    "c 1:3 rwm",  # null
-    "c 1:5 rwm",  # zero
-    "c 1:7 rwm",  # full
-    "c 1:8 rwm",  # random
-    "c 1:9 rwm",  # urandom
-    "c 5:0 rwm",  # tty
-    "c 5:1 rwm",  # console
-    "c 5:2 rwm",  # ptmx
-    "c 136:* rwm",  # the ptys of its devpts
-)
 
 
 @dataclass
@@ -144,13 +130,15 @@ class Cgroup:
             raise
 
     def _restrict_devices(self) -> None:
+        """Only the devices of contextd.devices.ALLOWED for the guest's processes."""
         if self.unified:
-            return  # cgroup v2 has no devices files: see docs/contextd.md, "Security model"
+            devices.attach_v2(str(self.dirs["unified"] / GUEST))
+            return
         if "devices" not in self.dirs:
             raise OSError(errno.ENOENT, "no cgroup v1 devices hierarchy: cannot limit devices")
         guest = self.dirs["devices"] / GUEST
         _write(guest / "devices.deny", "a")
-        for rule in ALLOWED_DEVICES:
+        for rule in devices.v1_rules():
             _write(guest / "devices.allow", rule)
 
     def apply(self, limits: Limits) -> None:

@@ -33,6 +33,7 @@ ffibuilder.cdef(
               unsigned long arg4, unsigned long arg5);
     int native_pivot_root(const char *new_root, const char *put_old);
     long native_join_session_keyring(const char *name);
+    long native_bpf(int cmd, void *attr, unsigned int size);
 
     int native_name_to_handle(int fd, unsigned char *buf, int buflen, int *handle_type,
                               int *mount_id);
@@ -114,6 +115,11 @@ ffibuilder.set_source(
     static long native_join_session_keyring(const char *name)
     {
         return syscall(SYS_keyctl, 1 /* KEYCTL_JOIN_SESSION_KEYRING */, name);
+    }
+
+    static long native_bpf(int cmd, void *attr, unsigned int size)
+    {
+        return syscall(SYS_bpf, cmd, attr, size);
     }
 
     static int native_pivot_root(const char *new_root, const char *put_old)

@@ -258,6 +258,12 @@ def join_new_session_keyring() -> int:
     return _check(lib.native_join_session_keyring(_NULL))
 
 
+def bpf(command: int, attr: bytes) -> int:
+    """bpf(2) with attr, the command's union bpf_attr as bytes; its result (an fd, mostly)."""
+    buffer = ffi.new("char[]", attr)
+    return _check(lib.native_bpf(command, buffer, len(attr)))
+
+
 def capget(pid: int = 0) -> tuple[int, int, int]:
     """(effective, permitted, inheritable) capability masks of a process (0 = self)."""
     data = ffi.new("struct native_cap_data[2]")
