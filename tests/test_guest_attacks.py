@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import platform
 import re
@@ -489,3 +490,50 @@ def test_guest_output_cannot_drive_the_admins_terminal(ctx: Contextd, armed_tree
     assert ctx("logs", "loud").stdout.encode() == HOSTILE_OUTPUT
     raw = _on_a_terminal([contextd, "logs", "--raw", "loud"], ctx.env)
     assert raw == HOSTILE_OUTPUT.replace(b"\n", b"\r\n")  # the pty's own newline only
+
+
+# -- what a guest makes its FUSE server do ----------------------------------
+
+
+def _fuse_server_of(name: str) -> int:
+    for record in Path("/run/cowfs/mounts").glob("*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            mount = json.loads(record.read_text())
+            if mount["mountpoint"].endswith(f"/roots/{name}"):
+                return int(mount["pid"])
+    raise AssertionError(f"no FUSE server serves guest {name}")
+
+
+def _cgroup_usage(controller: str, path: str, file: str) -> int:
+    return int(Path("/sys/fs/cgroup", controller, path.lstrip("/"), file).read_text())
+
+
+def test_the_work_a_guest_gives_its_fuse_server_is_charged_to_the_guest(
+    ctx: Contextd, armed_tree: Path
+) -> None:
+    if not Path("/sys/fs/cgroup/memory/cgroup.procs").exists():
+        pytest.skip("checked on cgroup v1 hosts (this one has no v1 memory hierarchy)")
+    start_guest(ctx, armed_tree, "busy", limits={"memory": "128M"})
+    server = _fuse_server_of("busy")
+    groups = dict(
+        line.split(":", 2)[1:] for line in Path(f"/proc/{server}/cgroup").read_text().splitlines()
+    )
+    for controller in ("memory", "cpu", "cpuacct"):
+        assert groups[controller] == "/contextd/busy/cowfs", groups
+    assert groups["pids"] == "/contextd/busy/cowfs"  # not under the guest's pids limit
+    before = _cgroup_usage("cpuacct", "contextd/busy/cowfs", "cpuacct.usage")
+    # Metadata work through the mount: every request is the FUSE server's CPU time.
+    ctx(
+        "exec",
+        "busy",
+        "--",
+        "/bin/sh",
+        "-c",
+        "for i in 1 2 3 4 5 6 7 8; do ls -lR / >/dev/null 2>&1; done",
+    )
+    spent = _cgroup_usage("cpuacct", "contextd/busy/cowfs", "cpuacct.usage") - before
+    assert spent > 0
+    # ... and inside the guest's own accounting and memory limit.
+    assert _cgroup_usage("cpuacct", "contextd/busy", "cpuacct.usage") >= spent
+    assert _cgroup_usage("memory", "contextd/busy", "memory.limit_in_bytes") == 128 << 20
+    assert _cgroup_usage("memory", "contextd/busy/cowfs", "memory.usage_in_bytes") > 0
