@@ -127,12 +127,17 @@ class LinkBreaker:
         """
         if not stat.S_ISREG(os.fstat(node.fd).st_mode) or not is_marked(node.fd):
             return
-        if node.break_lock is None:
-            node.break_lock = trio.Lock()
-        async with node.break_lock:
-            if not is_marked(node.fd):  # another request broke it while we waited
-                return
-            await self._break(node, caller_uid, with_data)
+        lock = node.break_lock
+        if lock is None:
+            lock = node.break_lock = trio.Lock()
+        try:
+            async with lock:
+                if not is_marked(node.fd):  # another request broke it while we waited
+                    return
+                await self._break(node, caller_uid, with_data)
+        finally:
+            if not lock.locked():  # no request waits for it: not kept for the node's life
+                node.break_lock = None
 
     async def _break(self, node: Node, caller_uid: int, with_data: bool) -> None:
         st = os.fstat(node.fd)

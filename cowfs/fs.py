@@ -27,6 +27,7 @@ from cowfs.accounting import Accountant, last_link
 from cowfs.cow import LinkBreaker
 from cowfs.inodes import InodeTable, Node
 from cowfs.limits import DiskPolicy
+from cowfs.listings import Listings
 from cowfs.marks import fd_path, is_marked, is_reserved_name, is_reserved_xattr
 from cowfs.statedb import LimitRow
 from cowfs.uring import Ring
@@ -122,8 +123,7 @@ class CowFS(pyfuse3.Operations):
         self.handles_of: dict[Node, set[OpenFile]] = {}
         self.dir_handles: dict[int, int] = {}  # fh -> node id, unpatched pyfuse3 only
         self._next_dir_fh = 0
-        # Listing snapshots that readdir pages through, by directory node id.
-        self.listings: dict[int, list[tuple[bytes, int]]] = {}
+        self.listings = Listings(self.table)
         self.timeout = cache_timeout
         self.workers = WorkerPool()
         # Disk reads, and writes that may wait, go to the kernel through io_uring
@@ -218,6 +218,7 @@ class CowFS(pyfuse3.Operations):
             raise
         self.acct.new(st)
         self.acct.dir_after(parent.fd, dir_before)
+        self.listings.changed(parent)
         node = self.table.remember(fd, st, parent, name)
         return self._entry(node, st)
 
@@ -396,6 +397,7 @@ class CowFS(pyfuse3.Operations):
         st, node = self._child(parent, name)
         dir_before = self.acct.dir_before(parent.fd)
         remove(name, dir_fd=parent.fd)
+        self.listings.changed(parent)
         if node is not None:
             self.table.unlinked(node, parent, name)
         if st is not None and last_link(st):
@@ -424,6 +426,8 @@ class CowFS(pyfuse3.Operations):
         old_dir_before = self.acct.dir_before(old_parent.fd)
         new_dir_before = self.acct.dir_before(new_parent.fd)
         syscalls.renameat2(old_parent.fd, name_old, new_parent.fd, name_new, flags)
+        self.listings.changed(old_parent)
+        self.listings.changed(new_parent)
         if replaced is not None:
             if flags & syscalls.RENAME_EXCHANGE:
                 self.table.renamed(replaced, old_parent, name_old)
@@ -447,9 +451,10 @@ class CowFS(pyfuse3.Operations):
         new_parent = self.table.get(new_parent_inode)
         dir_before = self.acct.dir_before(new_parent.fd)
         os.link(fd_path(node.fd), new_name, dst_dir_fd=new_parent.fd, follow_symlinks=True)
+        self.listings.changed(new_parent)
         self.acct.dir_after(new_parent.fd, dir_before)
         node.nlookup += 1
-        if node.name is None:
+        if node.name is None:  # its last known name went: this one is the guest's now
             self.table.renamed(node, new_parent, new_name)
         return self._entry(node, os.fstat(node.fd))
 
@@ -510,6 +515,7 @@ class CowFS(pyfuse3.Operations):
             raise
         self.acct.new(st)
         self.acct.dir_after(parent.fd, dir_before)
+        self.listings.changed(parent)
         node = self.table.remember(path_fd, st, parent, name)
         self._register(fd, node, backing_flags, ctx.uid)
         info = pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
@@ -605,71 +611,65 @@ class CowFS(pyfuse3.Operations):
         self.dir_handles[self._next_dir_fh] = inode
         return self._next_dir_fh
 
-    def _list(self, directory: Node) -> list[tuple[bytes, int]]:
-        """(name, inode number) of the directory's entries, without cowfs's own."""
-        fd = self.table.open_with_room(
-            fd_path(directory.fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-        )
+    def _listed(
+        self, directory: Node, dev: int, name: bytes, ino: int
+    ) -> tuple[Node, os.stat_result, bool] | None:
+        """The node and attributes of a listed entry, and whether the node is new; None if gone."""
+        table = self.table
+        known = table.by_key.get((dev, ino))
         try:
-            with os.scandir(fd) as listing:
-                named = [(os.fsencode(e.name), e.inode()) for e in listing]
-        finally:
+            if known is not None:
+                st = os.stat(name, dir_fd=directory.fd, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) == known.key:
+                    return known, st, False
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
+        except FileNotFoundError:
+            return None  # removed since the batch was read
+        st = os.fstat(fd)
+        node = table.find(st)
+        if node is not None:
             os.close(fd)
-        return [(name, ino) for name, ino in named if not is_reserved_name(name)]
+            return node, st, False
+        return table.add(fd, st, directory, name), st, True
 
     @_errors_to_errno
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        nodeid = token.ino if fh == 0 else self.dir_handles[fh]
-        directory = self.table.get(nodeid)
-        entries = self.listings.get(nodeid)
-        if start_id == 0 or entries is None:
-            entries = self.listings[nodeid] = self._list(directory)
-        dir_st = os.fstat(directory.fd)
-        if start_id == 0:
-            if not pyfuse3.readdir_reply(token, b".", self._entry(directory, dir_st), 1):
-                return
-            start_id = 1
-        if start_id == 1:
-            parent = directory.parent or directory
-            up = self._entry(parent, os.fstat(parent.fd))
-            if not pyfuse3.readdir_reply(token, b"..", up, 2):
-                return
-            start_id = 2
-        table = self.table
-        for index in range(start_id - 2, len(entries)):
-            name, ino = entries[index]
-            known = table.by_key.get((dir_st.st_dev, ino))
-            try:
-                if known is not None:
-                    st = os.stat(name, dir_fd=directory.fd, follow_symlinks=False)
-                    if (st.st_dev, st.st_ino) != known.key:
-                        known = None
-                if known is None:
-                    fd = os.open(
-                        name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd
-                    )
-                    st = os.fstat(fd)
-                    node = table.find(st)
-                    if node is None:
-                        node = table.add(fd, st, directory, name)
-                        new = True
-                    else:
-                        os.close(fd)
-                        new = False
-                else:
-                    node, new = known, False
-            except FileNotFoundError:
-                continue  # removed since the listing was taken
-            if not pyfuse3.readdir_reply(token, name, self._entry(node, st), index + 3):
+        # Offsets are the backing directory's own (cowfs/listings.py).
+        directory = self.table.get(token.ino if fh == 0 else self.dir_handles[fh])
+        stream = self.listings.at(directory, start_id)
+        dev = os.fstat(directory.fd).st_dev
+        replied = False
+        for name, ino, next_offset in stream.entries():
+            if name == b"." or name == b"..":
+                # Never the host's "..": above the guest root is the host.
+                dot = directory if name == b"." else directory.parent or directory
+                entry = self._entry(dot, os.fstat(dot.fd))
+                if not pyfuse3.readdir_reply(token, name, entry, next_offset):
+                    return
+                replied = True
+                continue
+            if is_reserved_name(name):
+                continue
+            listed = self._listed(directory, dev, name, ino)
+            if listed is None:
+                continue
+            node, st, new = listed
+            if not pyfuse3.readdir_reply(token, name, self._entry(node, st), next_offset):
                 if new:
-                    table.drop(node)
+                    self.table.drop(node)
                 return
             node.nlookup += 1
-        del self.listings[nodeid]  # all delivered; the kernel caches it from here
+            replied = True
+        if not replied:
+            # At the end (the kernel asks once more after the last entries): it
+            # has the whole listing and caches it from here.
+            self.listings.close(directory.nodeid)
 
     @_errors_to_errno
     async def releasedir(self, fh: int) -> None:
-        self.dir_handles.pop(fh, None)
+        nodeid = self.dir_handles.pop(fh, None)
+        if nodeid is not None:
+            self.listings.close(nodeid)
 
     @_errors_to_errno
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

@@ -17,9 +17,15 @@ with the host. It stays with the *file* the kernel knows: when a link break
 replaces the backing inode under a guest's name, the node is re-pointed to
 the private copy and keeps its number.
 
-Each node also remembers the name it was last reached by (parent node + name),
-kept current by lookup, create, rename and unlink; the link break needs it to
-put the private copy in place under the guest's name.
+Each node also remembers the directory it was last reached in and, unless it
+is a directory itself, the name it was reached by there, kept current by
+lookup, create, rename and unlink; the link break needs them to put the
+private copy in place under the guest's name. Directories are never broken,
+so theirs is not kept.
+
+A node costs a few hundred bytes besides its name, less than the kernel's own
+inode and dentry for it (which the guest pays for), and the kernel forgets
+nodes as it reclaims them: the table holds what the kernel holds, no more.
 """
 
 from __future__ import annotations
@@ -82,7 +88,7 @@ class Node:
         self.nlookup = 0
         self.pins = 0
         self.parent = parent
-        self.name = name
+        self.name = None if self.is_dir else name
         self.break_lock: trio.Lock | None = None
 
     @property
@@ -241,7 +247,7 @@ class InodeTable:
             node = self.add(fd, st, parent, name)
         else:
             os.close(fd)
-            node.parent, node.name = parent, name
+            self.renamed(node, parent, name)
         node.nlookup += 1
         return node
 
@@ -289,9 +295,9 @@ class InodeTable:
 
     def renamed(self, node: Node, parent: Node, name: bytes) -> None:
         """Record that node is now reached by (parent, name)."""
-        node.parent, node.name = parent, name
+        node.parent, node.name = parent, None if node.is_dir else name
 
     def unlinked(self, node: Node, parent: Node, name: bytes) -> None:
         """Record that (parent, name) no longer reaches node."""
-        if node.parent is parent and node.name == name:
-            node.parent, node.name = None, None
+        if node.parent is parent and (node.is_dir or node.name == name):
+            node.parent, node.name = None, None  # a directory has one name

@@ -45,6 +45,9 @@ class Usage:
             entry = self.owners[key]
             entry[0] += nbytes
             entry[1] += inodes
+            if not entry[0] and not entry[1]:
+                # Owners come and go with chown: only those holding something are kept.
+                del self.owners[key]
 
     def owner_table(self) -> dict[OwnerKey, tuple[int, int]]:
         """{(kind, id): (bytes, inodes)} without empty entries."""

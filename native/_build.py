@@ -20,6 +20,7 @@ ffibuilder.cdef(
                   const struct timespec times[2], int flags);
     int fallocate(int fd, int mode, long offset, long len);
     int syncfs(int fd);
+    ssize_t getdents64(int fd, void *dirp, size_t count);
     int sync_file_range(int fd, int64_t offset, int64_t nbytes, unsigned int flags);
     int native_openat2(int dirfd, const char *path, uint64_t flags, uint64_t mode,
                        uint64_t resolve);
@@ -61,6 +62,7 @@ ffibuilder.set_source(
     "native._syscalls",
     """
     #define _GNU_SOURCE
+    #include <dirent.h>
     #include <fcntl.h>
     #include <stdio.h>
     #include <sched.h>

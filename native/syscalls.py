@@ -123,6 +123,14 @@ def syncfs(fd: int) -> None:
     _check(lib.syncfs(fd))
 
 
+def getdents(fd: int, buffer: bytearray) -> int:
+    """getdents64(2): the next linux_dirent64 records of directory fd into buffer; 0 at the end.
+
+    The number of bytes filled; EINVAL if buffer cannot hold the next record.
+    """
+    return _check(lib.getdents64(fd, ffi.from_buffer(buffer), len(buffer)))
+
+
 def has_xattr_at(dirfd: int, name: bytes, xattr: bytes) -> bool:
     """True if dirfd/name (a symlink itself, not followed) has the extended attribute xattr."""
     return bool(_check(lib.native_has_xattr_at(dirfd, name, xattr), name))

@@ -28,7 +28,8 @@ from cowfs.mount import MountOptions, mount, unmount
 @click.option(
     "--max-node-fds",
     type=click.IntRange(min=16),
-    help="Inodes to keep open (default: 3/4 of the fd limit); others reopen by file handle.",
+    help="Inodes to keep open (default 16384, at most 3/4 of the fd limit); others reopen "
+    "by file handle.",
 )
 @click.option(
     "--sync-breaks/--no-sync-breaks",
