@@ -27,7 +27,11 @@
     bridge_addresses = ["10.77.0.1/24", "fd00:77::1/64"]  # the bridge's (the guests' gateway)
     addresses = ["10.77.0.11", "fd00:77::11"]            # the guest's, in the bridge's subnets
 
-A bad file gets an error naming the file, the key and what is wrong.
+The Structs below are the file's schema: msgspec checks each key's type and range and
+refuses unknown keys. Values the project reads its own way (sizes, signals, capability
+names, init, environment, IP interfaces) are classes with a ``from_toml`` that msgspec
+calls for them. A bad file gets one line, ``FILE: KEY: PROBLEM``. Files are written
+with tomli-w, which escapes every control character and quotes keys where TOML needs it.
 """
 
 from __future__ import annotations
@@ -37,73 +41,296 @@ import os
 import re
 import signal
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeAlias
+
+import msgspec
+import tomli_w
 
 from contextd.capabilities import CAPABILITIES, DEFAULT_KEEP
 from cowfs.errors import CowfsError
 from cowfs.units import parse_size
-
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
-_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9-]{1,63})*$")
 
 
 class ConfigError(CowfsError):
     """A guest configuration that cannot be used; the message names file and key."""
 
 
-@dataclass
-class Limits:
-    """Resource limits of a guest's cgroup, and disk limits handed to cowfs."""
+class _Problem(ValueError):
+    """What is wrong with a value, from a from_toml or a __post_init__ (msgspec adds where);
+    key: the part of that value at fault (an environment variable, one of net's keys)."""
 
-    memory: int | None = None
-    cpu_weight: int | None = None
-    cpu_quota: float | None = None
-    pids: int | None = None
-    disk_space: int | None = None
-    disk_inodes: int | None = None
+    def __init__(self, problem: str, key: str | None = None) -> None:
+        super().__init__(problem)
+        self.key = key
 
 
-Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+def _fail(path: Path, key: str, problem: str) -> ConfigError:
+    """PATH: KEY: PROBLEM, on one line even if a key of the file's has a newline."""
+    return ConfigError(f"{path}: {key if key.isprintable() else repr(key)}: {problem}")
+
+
+# Texts checked by a pattern; \Z, not $, which would let a trailing newline through.
+_GUEST_NAME = r"^[a-z0-9][a-z0-9_.-]{0,62}\Z"
+_HOST_NAME = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9-]{1,63})*\Z"
+_INTERFACE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}\Z"
+_ABSOLUTE_PATH = r"^/[^\x00]*\Z"
+_NET_MODE = r"^(host|isolated)\Z"
+
+_NAME_RULE = (
+    "{!r}: use lower-case letters, digits, '.', '_' and '-' (at most 63, first a letter or digit)"
+)
+# What a value that does not match each pattern is told ({!r}: the value).
+_PATTERN_PROBLEMS = {
+    _GUEST_NAME: _NAME_RULE,
+    _HOST_NAME: "{!r} is not a valid host name",
+    _INTERFACE_NAME: "{!r} is not an interface name",
+    _ABSOLUTE_PATH: "{!r} is not an absolute path",
+    _NET_MODE: '{!r}: expected "host" or "isolated"',
+}
+
+GuestName = Annotated[str, msgspec.Meta(pattern=_GUEST_NAME)]
+HostName = Annotated[str, msgspec.Meta(pattern=_HOST_NAME)]
+InterfaceName = Annotated[str, msgspec.Meta(pattern=_INTERFACE_NAME)]
+AbsolutePath = Annotated[str, msgspec.Meta(pattern=_ABSOLUTE_PATH)]
+NetMode = Annotated[str, msgspec.Meta(pattern=_NET_MODE)]
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+
+# Keys that have no default, and what to give.
+_REQUIRED = {"xid": "a unique number from 2 to 65535", "root": "the guest's backing tree"}
+
+
+def _without_nul(text: str, key: str | None = None) -> str:
+    if "\0" in text:
+        raise _Problem(f"{text!r} contains a NUL character, which no program can be given", key)
+    return text
+
+
+class Size(int):
+    """Bytes: a positive integer, or a number with K, M, G or T ("256M")."""
+
+    @classmethod
+    def from_toml(cls, value: object) -> Size:
+        if isinstance(value, str):
+            try:
+                value = parse_size(value, "size")
+            except CowfsError:
+                raise _Problem(f"{value!r} is not a size (a number with K, M, G or T)") from None
+        elif not isinstance(value, int) or isinstance(value, bool):
+            raise _Problem(f"expected a size, got {value!r}")
+        if value <= 0:
+            raise _Problem("must be positive")
+        return cls(value)
+
+
+class Signal(int):
+    """A signal by name ("SIGTERM", "term") or number."""
+
+    @classmethod
+    def from_toml(cls, value: object) -> Signal:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value < signal.NSIG:
+            return cls(value)
+        if isinstance(value, str):
+            name = value.upper()
+            name = name if name.startswith("SIG") else "SIG" + name
+            if name in signal.Signals.__members__:
+                return cls(signal.Signals[name])
+        raise _Problem(f"{value!r} is not a signal")
+
+
+def _signal_text(number: int) -> str | int:
+    """A signal as the file names it: by name if it has one."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return number
+
+
+class Capability(str):
+    """A capability's name, upper case and without CAP_ ("cap_chown" is "CHOWN")."""
+
+    @classmethod
+    def from_toml(cls, value: object) -> Capability:
+        name = value.upper().removeprefix("CAP_") if isinstance(value, str) else None
+        if name not in CAPABILITIES:
+            raise _Problem(f"{value!r} is not a capability")
+        return cls(name)
+
+
+PLAIN_INIT = ("/sbin/init",)
+
+
+class Command(list[str]):
+    """A program (an absolute path) and its arguments; "plain" is the guest's /sbin/init."""
+
+    @classmethod
+    def from_toml(cls, value: object) -> Command:
+        if value == "plain":
+            return cls(PLAIN_INIT)
+        if isinstance(value, str):
+            raise _Problem('expected "plain" or a command as a list of strings')
+        arguments = value if isinstance(value, list) else []
+        if not arguments or not all(isinstance(a, str) and a for a in arguments):
+            raise _Problem("expected a non-empty list of strings")
+        if not arguments[0].startswith("/"):
+            raise _Problem(f"{arguments[0]!r}: the program must be an absolute path")
+        return cls(_without_nul(argument) for argument in arguments)
+
+
+class Environment(dict[str, str]):
+    """Variables for the guest's init: NAME = "value", a name without '='."""
+
+    @classmethod
+    def from_toml(cls, value: object) -> Environment:
+        if not isinstance(value, dict):
+            raise _Problem(f"expected a table, got {value!r}")
+        for name, text in value.items():
+            if not isinstance(text, str) or "=" in name or not name:
+                raise _Problem('expected NAME = "value" strings', name)
+            _without_nul(name, name)
+            _without_nul(text, name)
+        return cls(value)
+
+
+Interface: TypeAlias = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 DEFAULT_BRIDGE = "ctx0"
 DEFAULT_BRIDGE_ADDRESSES = ("10.77.0.1/24", "fd00:77::1/64")
 
 
-@dataclass
-class NetConfig:
+def _interface(value: object) -> Interface:
+    if not isinstance(value, str):
+        raise _Problem(f"expected addresses as strings, got {value!r}")
+    try:
+        return ipaddress.ip_interface(value)
+    except ValueError:
+        raise _Problem(f"{value!r} is not an IPv4 or IPv6 address") from None
+
+
+def _bridge_address(value: object) -> Interface:
+    address = _interface(value)
+    if "/" not in str(value):
+        raise _Problem(f"{value!r}: give the prefix length")
+    return address
+
+
+def _guest_address(value: object) -> Interface:
+    """A guest's address as given; the longest prefix length (/32, /128) stands for none
+    until it takes its bridge's, so it cannot be given."""
+    address = _interface(value)
+    if "/" in str(value) and address.network.prefixlen == address.max_prefixlen:
+        raise _Problem(f"{value!r}: give the bridge's prefix length, or none")
+    return address
+
+
+if TYPE_CHECKING:
+    BridgeAddress: TypeAlias = Interface
+    GuestAddress: TypeAlias = Interface
+else:
+    # msgspec decodes into no union of two classes it does not know: each kind of
+    # address is one class whose instances are IPv4Interface and IPv6Interface objects.
+    class _AnInterface(type):
+        def __instancecheck__(cls, value: object) -> bool:
+            return isinstance(value, ipaddress.IPv4Interface | ipaddress.IPv6Interface)
+
+    class BridgeAddress(metaclass=_AnInterface):
+        from_toml = staticmethod(_bridge_address)
+
+    class GuestAddress(metaclass=_AnInterface):
+        from_toml = staticmethod(_guest_address)
+
+
+def _shown(address: Interface) -> str:
+    """An address as the user gave it: without a prefix length if it had none."""
+    return str(address.ip) if address.network.prefixlen == address.max_prefixlen else str(address)
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True):
+    """Resource limits of a guest's cgroup, and disk limits handed to cowfs."""
+
+    memory: Size | None = None
+    cpu_weight: Annotated[int, msgspec.Meta(ge=1, le=10000)] | None = None
+    cpu_quota: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    pids: Positive | None = None
+    disk_space: Size | None = None
+    disk_inodes: Positive | None = None
+
+
+class NetConfig(msgspec.Struct, forbid_unknown_fields=True):
     """A guest's network: the host's stack, or its own namespace on a host bridge."""
 
-    mode: str = "host"
-    bridge: str = DEFAULT_BRIDGE
-    bridge_addresses: list[Interface] = field(
+    mode: NetMode = "host"
+    bridge: InterfaceName = DEFAULT_BRIDGE
+    bridge_addresses: list[BridgeAddress] = msgspec.field(
         default_factory=lambda: [ipaddress.ip_interface(a) for a in DEFAULT_BRIDGE_ADDRESSES]
     )
-    addresses: list[Interface] = field(default_factory=list)
+    addresses: list[GuestAddress] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        versions: set[int] = set()
+        for bridge_address in self.bridge_addresses:
+            if bridge_address.version in versions:
+                problem = f"{str(bridge_address)!r}: one address per IP version"
+                raise _Problem(problem, "bridge_addresses")
+            versions.add(bridge_address.version)
+        self.addresses = _in_bridge_subnets(self, self.addresses)
+        if self.addresses and self.mode != "isolated":
+            raise _Problem('a guest\'s own addresses need mode = "isolated"', "addresses")
 
     def gateway(self, address: Interface) -> Interface:
         """The bridge's address in the same subnet as one of the guest's."""
         return next(b for b in self.bridge_addresses if address in b.network)
 
 
-@dataclass
-class GuestConfig:
+def _in_bridge_subnets(net: NetConfig, given: list[Interface]) -> list[Interface]:
+    """A guest's addresses, each checked against the bridge's subnet, whose prefix it takes."""
+    addresses: list[Interface] = []
+    for address in given:
+        text = _shown(address)
+        subnet = next((b for b in net.bridge_addresses if b.version == address.version), None)
+        if subnet is None:
+            raise _Problem(f"{text!r}: the bridge has no IPv{address.version} address", "addresses")
+        prefix = address.network.prefixlen
+        if address.ip not in subnet.network or prefix not in (
+            address.max_prefixlen,
+            subnet.network.prefixlen,
+        ):
+            raise _Problem(f"{text!r} is outside the bridge's subnet {subnet.network}", "addresses")
+        if address.ip == subnet.ip:
+            raise _Problem(f"{text!r} is the bridge's own address", "addresses")
+        if address.version == 4 and address.ip in (
+            subnet.network.network_address,
+            subnet.network.broadcast_address,
+        ):
+            raise _Problem(f"{text!r} is the subnet's network or broadcast address", "addresses")
+        resolved = ipaddress.ip_interface(f"{address.ip}/{subnet.network.prefixlen}")
+        if resolved in addresses:
+            raise _Problem(f"{text!r} is given twice", "addresses")
+        addresses.append(resolved)
+    return addresses
+
+
+class GuestConfig(msgspec.Struct, forbid_unknown_fields=True):
     """Everything contextd needs to run one guest."""
 
-    name: str
-    xid: int
-    root: str
-    path: Path
-    hostname: str = ""
-    init: list[str] = field(default_factory=lambda: ["/sbin/init"])
-    environment: dict[str, str] = field(default_factory=dict)
-    stop_signal: int = signal.SIGTERM
-    stop_timeout: float = 5.0
-    capabilities: list[str] = field(default_factory=lambda: list(DEFAULT_KEEP))
+    name: GuestName
+    xid: Annotated[int, msgspec.Meta(ge=2, le=65535)]
+    root: AbsolutePath
+    path: Path  # the file's, not in it
+    hostname: HostName = ""
+    init: Command = msgspec.field(default_factory=lambda: Command(PLAIN_INIT))
+    environment: Environment = msgspec.field(default_factory=Environment)
+    stop_signal: Signal = Signal(signal.SIGTERM)
+    stop_timeout: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    capabilities: list[Capability] = msgspec.field(
+        default_factory=lambda: [Capability(c) for c in DEFAULT_KEEP]
+    )
     autostart: bool = False
-    limits: Limits = field(default_factory=Limits)
-    net: NetConfig = field(default_factory=NetConfig)
+    limits: Limits = msgspec.field(default_factory=Limits)
+    net: NetConfig = msgspec.field(default_factory=NetConfig)
+
+    def __post_init__(self) -> None:
+        self.root = os.path.normpath(self.root)
 
 
 def config_dir() -> Path:
@@ -111,78 +338,21 @@ def config_dir() -> Path:
     return Path(os.environ.get("CONTEXTD_CONFIG_DIR", "/etc/contextd"))
 
 
-def _fail(path: Path, key: str, problem: str) -> ConfigError:
-    return ConfigError(f"{path}: {key}: {problem}")
-
-
-def _take(
-    data: dict[str, object], key: str, kind: type | tuple[type, ...], path: Path, prefix: str = ""
-) -> object:
-    value = data.pop(key)
-    if (
-        isinstance(value, bool)
-        and kind is not bool
-        and bool not in (kind if isinstance(kind, tuple) else (kind,))
-    ):
-        raise _fail(path, prefix + key, f"expected {_kind_name(kind)}, got {value!r}")
-    if not isinstance(value, kind):
-        raise _fail(path, prefix + key, f"expected {_kind_name(kind)}, got {value!r}")
-    return value
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {
-        str: "a string",
-        int: "an integer",
-        float: "a number",
-        bool: "true or false",
-        list: "a list",
-        dict: "a table",
-    }
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def _size(value: object, path: Path, key: str) -> int:
-    if isinstance(value, bool):
-        raise _fail(path, key, f"expected a size, got {value!r}")
-    if isinstance(value, int):
-        if value <= 0:
-            raise _fail(path, key, "must be positive")
-        return value
-    if isinstance(value, str):
-        try:
-            return parse_size(value, key)
-        except CowfsError:
-            raise _fail(
-                path, key, f"{value!r} is not a size (a number with K, M, G or T)"
-            ) from None
-    raise _fail(path, key, f"expected a size, got {value!r}")
-
-
-def _signal(value: object, path: Path, key: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < signal.NSIG:
-        return value
-    if isinstance(value, str):
-        name = value.upper()
-        name = name if name.startswith("SIG") else "SIG" + name
-        number = getattr(signal.Signals, name, None) if name in signal.Signals.__members__ else None
-        if number is not None:
-            return int(number)
-    raise _fail(path, key, f"{value!r} is not a signal")
-
-
-_NAME_RULE = (
-    "{name!r}: use lower-case letters, digits, '.', '_' and '-' (at most 63, first a letter"
-    " or digit)"
-)
-
-
 def check_name(name: object) -> str:
     """name, if it can name a guest (it becomes a file, a directory and a cgroup name)."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(f"bad guest name {_NAME_RULE.format(name=name)}")
+    if not isinstance(name, str) or not re.match(_GUEST_NAME, name):
+        raise ConfigError(f"bad guest name {_NAME_RULE.format(name)}")
     return name
+
+
+def _decode(kind: type, value: object) -> object:
+    """msgspec's dec_hook: the project's own types decode themselves."""
+    if isinstance(value, kind):  # the file's path, given with the file's contents
+        return value
+    from_toml = getattr(kind, "from_toml", None)
+    if from_toml is None:
+        raise NotImplementedError(f"no decoder for {kind}")
+    return from_toml(value)
 
 
 def parse(path: Path) -> GuestConfig:
@@ -194,167 +364,68 @@ def parse(path: Path) -> GuestConfig:
         raise ConfigError(f"{path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    name = str(_take(data, "name", str, path)) if "name" in data else path.stem
-    if not _NAME.match(name):
-        raise _fail(path, "name", _NAME_RULE.format(name=name))
-    if "xid" not in data:
-        raise _fail(path, "xid", "missing (a unique number from 2 to 65535)")
-    xid = _take(data, "xid", int, path)
-    assert isinstance(xid, int)
-    if not 2 <= xid <= 65535:
-        raise _fail(path, "xid", f"{xid} is not from 2 to 65535")
-    if "root" not in data:
-        raise _fail(path, "root", "missing (the guest's backing tree)")
-    root = str(_take(data, "root", str, path))
-    if not os.path.isabs(root):
-        raise _fail(path, "root", f"{root!r} is not an absolute path")
-    config = GuestConfig(name=name, xid=xid, root=os.path.normpath(root), path=path)
-    config.hostname = str(_take(data, "hostname", str, path)) if "hostname" in data else name
-    if not _HOSTNAME.match(config.hostname):
-        raise _fail(path, "hostname", f"{config.hostname!r} is not a valid host name")
-    if "init" in data:
-        init = _take(data, "init", (str, list), path)
-        if init == "plain":
-            config.init = ["/sbin/init"]
-        elif isinstance(init, str):
-            raise _fail(path, "init", 'expected "plain" or a command as a list of strings')
-        else:
-            assert isinstance(init, list)
-            if not init or not all(isinstance(a, str) and a for a in init):
-                raise _fail(path, "init", "expected a non-empty list of strings")
-            if not init[0].startswith("/"):
-                raise _fail(path, "init", f"{init[0]!r}: the program must be an absolute path")
-            config.init = list(init)
-    if "environment" in data:
-        env = _take(data, "environment", dict, path)
-        assert isinstance(env, dict)
-        for key, value in env.items():
-            if not isinstance(value, str) or "=" in key or not key:
-                raise _fail(path, f"environment.{key}", 'expected NAME = "value" strings')
-        config.environment = dict(env)
-    if "stop_signal" in data:
-        config.stop_signal = _signal(data.pop("stop_signal"), path, "stop_signal")
-    if "stop_timeout" in data:
-        timeout = _take(data, "stop_timeout", (int, float), path)
-        assert isinstance(timeout, (int, float))
-        if timeout < 0:
-            raise _fail(path, "stop_timeout", "must not be negative")
-        config.stop_timeout = float(timeout)
-    if "capabilities" in data:
-        caps = _take(data, "capabilities", list, path)
-        assert isinstance(caps, list)
-        kept = []
-        for cap in caps:
-            name_ = str(cap).upper().removeprefix("CAP_")
-            if name_ not in CAPABILITIES:
-                raise _fail(path, "capabilities", f"{cap!r} is not a capability")
-            kept.append(name_)
-        config.capabilities = kept
-    if "autostart" in data:
-        config.autostart = bool(_take(data, "autostart", bool, path))
-    if "limits" in data:
-        config.limits = _limits(_take(data, "limits", dict, path), path)  # type: ignore[arg-type]
-    if "net" in data:
-        config.net = _net(_take(data, "net", dict, path), path)  # type: ignore[arg-type]
-    if data:
-        raise _fail(path, next(iter(data)), "unknown key")
-    return config
-
-
-def _limits(data: dict[str, object], path: Path) -> Limits:
-    limits = Limits()
-    for key in ("memory", "disk_space"):
-        if key in data:
-            setattr(limits, key, _size(data.pop(key), path, f"limits.{key}"))
-    for key in ("pids", "disk_inodes", "cpu_weight"):
-        if key in data:
-            value = data.pop(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise _fail(path, f"limits.{key}", f"expected a positive integer, got {value!r}")
-            setattr(limits, key, value)
-    if limits.cpu_weight is not None and not 1 <= limits.cpu_weight <= 10000:
-        raise _fail(path, "limits.cpu_weight", "must be from 1 to 10000")
-    if "cpu_quota" in data:
-        value = data.pop("cpu_quota")
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise _fail(
-                path, "limits.cpu_quota", f"expected a positive number of CPUs, got {value!r}"
-            )
-        limits.cpu_quota = float(value)
-    if data:
-        raise _fail(path, f"limits.{next(iter(data))}", "unknown key")
-    return limits
-
-
-def _net(data: dict[str, object], path: Path) -> NetConfig:
-    net = NetConfig()
-    net.mode = str(_take(data, "mode", str, path, "net.")) if "mode" in data else "host"
-    if net.mode not in ("host", "isolated"):
-        raise _fail(path, "net.mode", f'{net.mode!r}: expected "host" or "isolated"')
-    if "bridge" in data:
-        net.bridge = str(_take(data, "bridge", str, path, "net."))
-        if not _IFNAME.match(net.bridge):
-            raise _fail(path, "net.bridge", f"{net.bridge!r} is not an interface name")
-    if "bridge_addresses" in data:
-        given = _take(data, "bridge_addresses", list, path, "net.")
-        assert isinstance(given, list)
-        net.bridge_addresses = []
-        for text in given:
-            bridge_address = _interface(text, path, "net.bridge_addresses")
-            if "/" not in str(text):
-                raise _fail(path, "net.bridge_addresses", f"{text!r}: give the prefix length")
-            if any(b.version == bridge_address.version for b in net.bridge_addresses):
-                raise _fail(path, "net.bridge_addresses", f"{text!r}: one address per IP version")
-            net.bridge_addresses.append(bridge_address)
-    if "addresses" in data:
-        given = _take(data, "addresses", list, path, "net.")
-        assert isinstance(given, list)
-        net.addresses = guest_addresses(net, given, path)
-    if net.addresses and net.mode != "isolated":
-        raise _fail(path, "net.addresses", 'a guest\'s own addresses need mode = "isolated"')
-    if data:
-        raise _fail(path, f"net.{next(iter(data))}", "unknown key")
-    return net
-
-
-def _interface(text: object, path: Path, key: str) -> Interface:
-    if not isinstance(text, str):
-        raise _fail(path, key, f"expected addresses as strings, got {text!r}")
+    if "path" in data:
+        raise _fail(path, "path", "unknown key")
+    data = {"name": path.stem, **data}
+    data.setdefault("hostname", data["name"])
     try:
-        return ipaddress.ip_interface(text)
-    except ValueError:
-        raise _fail(path, key, f"{text!r} is not an IPv4 or IPv6 address") from None
+        return msgspec.convert({**data, "path": path}, GuestConfig, dec_hook=_decode)
+    except msgspec.ValidationError as e:
+        raise _refusal(path, data, e) from None
+
+
+_KINDS = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "array": "a list",
+    "object": "a table",
+}
+
+
+# Where msgspec says the value is: the schema's keys and list indexes, at the end.
+_WHERE = re.compile(r"(.*) - at `\$((?:\.\w+|\[\d+\])*)`", re.S)
+
+
+def _refusal(path: Path, data: dict[str, Any], error: msgspec.ValidationError) -> ConfigError:
+    """msgspec's "Expected `int`, got `str` - at `$.xid`" as "PATH: xid: expected an
+    integer, got 'many'": the key dotted, the value as the file gave it."""
+    said = str(error)
+    where = _WHERE.fullmatch(said)
+    message = where[1] if where else said
+    steps: list[tuple[str, str]] = re.findall(r"\.(\w+)|\[(\d+)\]", where[2] if where else "")
+    keys = [name for name, _ in steps if name]
+    value: Any = data
+    try:
+        for name, index in steps:
+            value = value[name] if name else value[int(index)]
+    except (LookupError, TypeError):  # a key of the file's own that looks like a place
+        value = None
+    if match := re.fullmatch(r"Object contains unknown field `(.*)`", message, re.S):
+        return _fail(path, ".".join([*keys, match[1]]), "unknown key")
+    if match := re.fullmatch(r"Object missing required field `(.*)`", message, re.S):
+        key = ".".join([*keys, match[1]])
+        return _fail(path, key, f"missing ({_REQUIRED[key]})" if key in _REQUIRED else "missing")
+    problems = {f"Expected `str` matching regex {p!r}": t for p, t in _PATTERN_PROBLEMS.items()}
+    if message in problems:
+        problem = problems[message].format(value)
+    elif match := re.fullmatch(r"Expected `([^`]*)`(.*?)(?:, got `[^`]*`)?", message, re.S):
+        kinds = " or ".join(_KINDS.get(k, k) for k in match[1].split(" | ") if k != "null")
+        problem = f"expected {kinds}{match[2]}, got {value!r}"
+    else:  # the project's own words, from a from_toml or a __post_init__
+        problem = message
+        if isinstance(error.__cause__, _Problem) and error.__cause__.key is not None:
+            keys.append(error.__cause__.key)
+    return _fail(path, ".".join(keys), problem)
 
 
 def guest_addresses(net: NetConfig, texts: list[object], path: Path) -> list[Interface]:
     """A guest's addresses, each checked against the bridge's subnet, whose prefix it takes."""
-    addresses: list[Interface] = []
-    for text in texts:
-        address = _guest_address(text, net, path)
-        if address in addresses:
-            raise _fail(path, "net.addresses", f"{text!r} is given twice")
-        addresses.append(address)
-    return addresses
-
-
-def _guest_address(text: object, net: NetConfig, path: Path) -> Interface:
-    key = "net.addresses"
-    given = _interface(text, path, key)
-    subnet = next((b for b in net.bridge_addresses if b.version == given.version), None)
-    if subnet is None:
-        raise _fail(path, key, f"{text!r}: the bridge has no IPv{given.version} address")
-    if given.ip not in subnet.network or (
-        "/" in str(text) and given.network.prefixlen != subnet.network.prefixlen
-    ):
-        raise _fail(path, key, f"{text!r} is outside the bridge's subnet {subnet.network}")
-    if given.ip == subnet.ip:
-        raise _fail(path, key, f"{text!r} is the bridge's own address")
-    if given.version == 4 and given.ip in (
-        subnet.network.network_address,
-        subnet.network.broadcast_address,
-    ):
-        raise _fail(path, key, f"{text!r} is the subnet's network or broadcast address")
-    return ipaddress.ip_interface(f"{given.ip}/{subnet.network.prefixlen}")
+    try:
+        return _in_bridge_subnets(net, [_guest_address(text) for text in texts])
+    except _Problem as e:
+        raise _fail(path, "net.addresses", str(e)) from None
 
 
 def check_networks(configs: dict[str, GuestConfig]) -> None:
@@ -415,45 +486,36 @@ def load_all(directory: Path | None = None) -> dict[str, GuestConfig]:
 
 
 def write(config: GuestConfig) -> None:
-    """Write a guest's configuration file (atomically)."""
-    lines = [
-        f"name = {_quote(config.name)}",
-        f"xid = {config.xid}",
-        f"root = {_quote(config.root)}",
-        f"hostname = {_quote(config.hostname)}",
-        "init = "
-        + (
-            '"plain"'
-            if config.init == ["/sbin/init"]
-            else "[" + ", ".join(_quote(a) for a in config.init) + "]"
-        ),
-        f"stop_signal = {_quote(signal.Signals(config.stop_signal).name)}",
-        f"stop_timeout = {config.stop_timeout}",
-        "capabilities = [" + ", ".join(_quote(c) for c in config.capabilities) + "]",
-        f"autostart = {'true' if config.autostart else 'false'}",
-    ]
-    if config.environment:
-        lines.append(
-            "environment = { "
-            + ", ".join(f"{k} = {_quote(v)}" for k, v in config.environment.items())
-            + " }"
-        )
-    limit_lines = [f"{k} = {v!r}" for k, v in vars(config.limits).items() if v is not None]
-    if limit_lines:
-        lines += ["", "[limits]", *limit_lines]
-    net = config.net
-    lines += ["", "[net]", f"mode = {_quote(net.mode)}"]
-    if net.mode == "isolated":
-        lines += [
-            f"bridge = {_quote(net.bridge)}",
-            "bridge_addresses = [" + ", ".join(_quote(str(a)) for a in net.bridge_addresses) + "]",
-            "addresses = [" + ", ".join(_quote(str(a.ip)) for a in net.addresses) + "]",
-        ]
+    """Write a guest's configuration file (atomically), as parse() reads it."""
     config.path.parent.mkdir(parents=True, exist_ok=True)
     tmp = config.path.with_suffix(".toml.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.write_text(tomli_w.dumps(_file_contents(config)))
     os.replace(tmp, config.path)
 
 
-def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+def _file_contents(config: GuestConfig) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "name": config.name,
+        "xid": config.xid,
+        "root": config.root,
+        "hostname": config.hostname,
+        "init": "plain" if tuple(config.init) == PLAIN_INIT else list(config.init),
+        "stop_signal": _signal_text(config.stop_signal),
+        "stop_timeout": float(config.stop_timeout),
+        "capabilities": list(config.capabilities),
+        "autostart": config.autostart,
+    }
+    if config.environment:
+        data["environment"] = dict(config.environment)
+    limits = {k: v for k, v in msgspec.structs.asdict(config.limits).items() if v is not None}
+    if limits:
+        data["limits"] = limits
+    net = config.net
+    data["net"] = {"mode": net.mode}
+    if net.mode == "isolated":
+        data["net"] |= {
+            "bridge": net.bridge,
+            "bridge_addresses": [str(a) for a in net.bridge_addresses],
+            "addresses": [str(a.ip) for a in net.addresses],
+        }
+    return data

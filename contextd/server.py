@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
 from contextd import config as configs
@@ -159,7 +160,7 @@ class Daemon:
         path = self.config_dir / f"{name}.toml"
         config = configs.GuestConfig(name=name, xid=int(xid), root=root, path=path, hostname=name)
         if request.get("init"):
-            config.init = list(request["init"])
+            config.init = configs.Command(request["init"])
         config.net = configs.NetConfig()
         if request.get("bridge"):
             config.net.bridge = str(request["bridge"])
@@ -168,9 +169,9 @@ class Daemon:
             config.net.addresses = configs.guest_addresses(config.net, request["addresses"], path)
         # Validate the file we would write, with the others, before cloning anything.
         check = path.with_suffix(".check")
-        configs.write(dataclasses.replace(config, path=check))
+        configs.write(msgspec.structs.replace(config, path=check))
         try:
-            config = dataclasses.replace(configs.parse(check), path=path)
+            config = msgspec.structs.replace(configs.parse(check), path=path)
             configs.check_networks({**existing, name: config})
         finally:
             check.unlink(missing_ok=True)

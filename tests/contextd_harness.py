@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
+
+import tomli_w
 
 CONTEXTD = str(Path(sys.executable).parent / "contextd")
 
@@ -97,21 +99,11 @@ class Contextd:
         return result
 
     def configure(self, name: str, **settings: object) -> Path:
-        """Rewrite a created guest's configuration with extra settings."""
+        """Rewrite a created guest's configuration with other values of its keys."""
         path = self.base / "etc" / f"{name}.toml"
-        text = path.read_text()
-        lines = []
-        for key, value in settings.items():
-            if key == "limits":
-                continue
-            text = "\n".join(x for x in text.splitlines() if not x.startswith(f"{key} ="))
-            lines.append(f"{key} = {json.dumps(value)}")
-        head, _, rest = text.partition("\n[net]")
-        body = head + "\n" + "\n".join(lines)
-        limits = settings.get("limits")
-        if isinstance(limits, dict):
-            body += "\n[limits]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in limits.items())
-        path.write_text(body + "\n[net]" + rest + "\n")
+        data = tomllib.loads(path.read_text())
+        data.update(settings)
+        path.write_text(tomli_w.dumps(data))
         return path
 
     def cleanup(self) -> None:

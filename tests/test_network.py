@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tomli_w
 from contextd_harness import SLEEPER, Contextd
 
 
@@ -52,8 +54,9 @@ def fetch(ctx: Contextd, url: str) -> str:
 def set_net(ctx: Contextd, name: str, net: str) -> None:
     """Replace a guest's [net] section."""
     path = ctx.base / "etc" / f"{name}.toml"
-    head = path.read_text().partition("\n[net]")[0]
-    path.write_text(head + "\n[net]\n" + net + "\n")
+    data = tomllib.loads(path.read_text())
+    data["net"] = tomllib.loads(net)
+    path.write_text(tomli_w.dumps(data))
 
 
 def test_isolated_guest_serves_at_its_addresses_and_nothing_is_left(
