@@ -166,6 +166,21 @@ def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
     return result
 
 
+@pytest.fixture
+def host_disk(tmp_path: Path) -> Iterator[tuple[Path, int, int]]:
+    """A block device of the host holding data (a loop device on a file that starts with
+    "host disk"): its node, major and minor, for attacks on the host's disks."""
+    image = tmp_path / "host-disk.img"
+    with open(image, "wb") as f:
+        f.write(b"host disk".ljust(1 << 20, b"\0"))
+    node = Path(run("losetup", "--find", "--show", image).stdout.strip())
+    try:
+        rdev = node.stat().st_rdev
+        yield node, os.major(rdev), os.minor(rdev)
+    finally:
+        run("losetup", "--detach", node, check=False)
+
+
 def have(program: str) -> bool:
     """True if program is on PATH."""
     return shutil.which(program) is not None

@@ -38,13 +38,6 @@ def device_cgroup() -> Iterator[Path]:
         directory.rmdir()
 
 
-def _block_device() -> Path:
-    for name in ("loop0", "vda", "sda", "nvme0n1"):
-        if Path("/dev", name).exists():
-            return Path("/dev", name)
-    pytest.skip("no block device node to try")
-
-
 def _inside(cgroup: Path, script: str) -> str:
     """What a shell moved into cgroup before it runs prints."""
     result = subprocess.run(
@@ -58,9 +51,9 @@ def _inside(cgroup: Path, script: str) -> str:
 
 
 def test_the_device_program_allows_the_guests_devices_only(
-    device_cgroup: Path, tmp_path: Path
+    device_cgroup: Path, tmp_path: Path, host_disk: tuple[Path, int, int]
 ) -> None:
-    disk = _block_device()
+    disk, major, minor = host_disk
     read_disk = f"head -c 512 {disk} | wc -c"
     # Control: outside, root reads the host's disk and makes any node.
     assert (
@@ -69,16 +62,18 @@ def test_the_device_program_allows_the_guests_devices_only(
     )
     inside = _inside(device_cgroup, f"{read_disk}; head -c 3 /dev/zero | wc -c")
     assert "Operation not permitted" in inside and inside.startswith("0\n3\n"), inside
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
     made = _inside(
         device_cgroup,
-        f"mknod {tmp_path}/null c 1 3 && echo null-made;"
-        f" mknod {tmp_path}/mem c 1 1 || echo mem-refused;"
-        f" mknod {tmp_path}/disk b 7 0 || echo disk-refused;"
-        f" mknod {tmp_path}/pty c 136 9 && echo pty-made",
+        f"mknod {nodes}/null c 1 3 && echo null-made;"
+        f" mknod {nodes}/mem c 1 1 || echo mem-refused;"
+        f" mknod {nodes}/disk b {major} {minor} || echo disk-refused;"
+        f" mknod {nodes}/pty c 136 9 && echo pty-made",
     )
     assert "null-made" in made and "pty-made" in made, made
     assert "mem-refused" in made and "disk-refused" in made, made
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["null", "pty"]
+    assert sorted(p.name for p in nodes.iterdir()) == ["null", "pty"]
 
 
 def test_the_v1_rules_are_the_same_list() -> None:

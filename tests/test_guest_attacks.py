@@ -409,23 +409,11 @@ def test_a_chroot_escape_ends_at_the_guests_root(ctx: Contextd, armed_tree: Path
 # -- devices -------------------------------------------------------------------
 
 
-def _host_block_device() -> tuple[int, int]:
-    """MAJOR, MINOR of a block device of the host that holds data (the root's, if real)."""
-    dev = os.stat("/").st_dev
-    if os.major(dev) != 0:
-        return os.major(dev), os.minor(dev)
-    for entry in sorted(Path("/sys/dev/block").iterdir()):
-        if (entry / "size").read_text().strip() != "0":
-            major, minor = entry.name.split(":")
-            return int(major), int(minor)
-    pytest.skip("this host has no block device with data")
-
-
 def test_devices_outside_the_guests_list_cannot_be_made_or_opened(
-    ctx: Contextd, armed_tree: Path
+    ctx: Contextd, armed_tree: Path, host_disk: tuple[Path, int, int]
 ) -> None:
     """Even a guest given CAP_MKNOD cannot make a node of the host's disk and read it."""
-    major, minor = _host_block_device()
+    _node, major, minor = host_disk
     start_guest(ctx, armed_tree, "dev", capabilities=[*DEFAULT_CAPABILITIES, "MKNOD"])
     assert guest_try(ctx, "dev", "mknod", f"{major}:{minor}") == "EPERM"
     # The guest's own devices work.
