@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cowfs.barrier import make_private_dirs, refuse_reachable
 from cowfs.errors import CowfsError
+from cowfs.guesttree import open_below, remove_tree, walk
 from cowfs.marks import fd_path, is_marked, is_reserved_name, set_mark
 from cowfs.metadata import copy_data, copy_metadata
+from cowfs.statedb import usage_changed
 from cowfs.treelock import refuse_mounted_nearby, tree_lock
 from native import syscalls
 
@@ -79,12 +80,6 @@ def check_clone_args(template: str, new: str, allow_reachable: bool = False) -> 
     return template_real, new_real
 
 
-def _entries(dir_fd: int) -> Iterator[bytes]:
-    with os.scandir(dir_fd) as listing:
-        names = [os.fsencode(e.name) for e in listing]
-    return (n for n in names if not is_reserved_name(n))
-
-
 def _link_file(src_dir: int, dst_dir: int, name: bytes, stats: CloneStats) -> None:
     src = os.open(name, _OPEN_PATH, dir_fd=src_dir)
     try:
@@ -139,42 +134,41 @@ def _make_other(
         os.close(dst)
 
 
+def _not_reserved(path: bytes, name: bytes) -> bool:
+    return not is_reserved_name(name)
+
+
 def _clone_tree(src_root: int, dst_root: int, stats: CloneStats, progress: Progress | None) -> None:
-    """Fill dst_root with the template tree under src_root (both O_RDONLY directory fds)."""
-    # An explicit stack instead of recursion: guest trees can be deeper than Python's limit.
-    stack: list[tuple[int, int, os.stat_result, Iterator[bytes]]] = [
-        (src_root, dst_root, os.fstat(src_root), _entries(src_root))
-    ]
-    try:
-        while stack:
-            src_dir, dst_dir, dir_st, names = stack[-1]
-            name = next(names, None)
-            if name is None:
-                stack.pop()
-                copy_metadata(src_dir, dst_dir, dir_st)  # last: children changed its mtime
-                if src_dir != src_root:
-                    os.close(src_dir)
-                    os.close(dst_dir)
+    """Fill dst_root with the template tree under src_root (both O_RDONLY directory fds).
+
+    The template is read as every guest tree is (guesttree.walk: a fixed number
+    of fds whatever its depth or width); each directory of the copy is opened
+    by its path below dst_root, a tree this clone made.
+    """
+    for listing in walk(src_root, _not_reserved, leave=True):
+        dst_dir = open_below(dst_root, listing.path, _OPEN_DIR)
+        try:
+            if listing.leaving:
+                copy_metadata(listing.fd, dst_dir, listing.st)  # last: children changed its mtime
                 continue
-            st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
-            stats.entries += 1
-            if stat.S_ISDIR(st.st_mode):
-                os.mkdir(name, 0o700, dir_fd=dst_dir)
-                child_src = os.open(name, _OPEN_DIR, dir_fd=src_dir)
-                child_dst = os.open(name, _OPEN_DIR, dir_fd=dst_dir)
-                stack.append((child_src, child_dst, os.fstat(child_src), _entries(child_src)))
-                stats.directories += 1
-            elif stat.S_ISREG(st.st_mode):
-                _link_file(src_dir, dst_dir, name, stats)
-            else:
-                _make_other(src_dir, dst_dir, name, st, stats)
-            if progress is not None and stats.entries % 1000 == 0:
-                progress(stats)
-    finally:
-        for src_dir, dst_dir, _, _ in stack:
-            if src_dir != src_root:
-                os.close(src_dir)
-                os.close(dst_dir)
+            src_dir = listing.fd
+            for entry in listing.entries:
+                name = os.fsencode(entry.name)
+                if is_reserved_name(name):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                stats.entries += 1
+                if stat.S_ISDIR(st.st_mode):
+                    os.mkdir(name, 0o700, dir_fd=dst_dir)
+                    stats.directories += 1
+                elif stat.S_ISREG(st.st_mode):
+                    _link_file(src_dir, dst_dir, name, stats)
+                else:
+                    _make_other(src_dir, dst_dir, name, st, stats)
+                if progress is not None and stats.entries % 1000 == 0:
+                    progress(stats)
+        finally:
+            os.close(dst_dir)
 
 
 def _remove_stale_work_dirs(parent: str, base: str) -> None:
@@ -184,7 +178,17 @@ def _remove_stale_work_dirs(parent: str, base: str) -> None:
         if name.startswith(prefix) and name[len(prefix) :].isdigit():
             pid = int(name[len(prefix) :])
             if not os.path.exists(f"/proc/{pid}"):
-                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+                _remove_quietly(parent, name)
+
+
+def _remove_quietly(parent: str, name: str) -> None:
+    parent_fd = os.open(parent, _OPEN_DIR)
+    try:
+        remove_tree(parent_fd, os.fsencode(name))
+    except OSError:
+        pass  # tried again by the next clone to the same NEW
+    finally:
+        os.close(parent_fd)
 
 
 def clone(
@@ -210,10 +214,12 @@ def clone(
                 os.fsync(built.fd)
                 _rename_into_place(parent, work, base)
         except BaseException as e:
-            shutil.rmtree(work, ignore_errors=True)
+            _remove_quietly(parent, os.path.basename(work))
             if isinstance(e, OSError):
                 raise CowfsError(f"clone of {template} failed: {e}") from None
             raise
+        finally:
+            usage_changed([template])  # its files are marked, and shared if the clone stays
     return stats
 
 

@@ -32,7 +32,7 @@ import trio
 from cowfs.accounting import Accountant
 from cowfs.durability import CopySync, make_durable
 from cowfs.inodes import InodeTable, Node
-from cowfs.marks import clear_mark, fd_path, is_marked, temp_name
+from cowfs.marks import clear_mark, fd_path, is_marked, mark_of, temp_name
 from cowfs.metadata import copy_data, copy_metadata
 from cowfs.workers import WorkerPool
 from native import syscalls
@@ -142,11 +142,19 @@ class LinkBreaker:
     async def _break(self, node: Node, caller_uid: int, with_data: bool) -> None:
         st = os.fstat(node.fd)
         if st.st_nlink == 1 and names_inode(node.parent, node.name, st):
-            # The guest's name is the last link: nothing else shares it, and an
-            # inode with one link was the guest's own in its usage already.
+            # The guest's name is the last link: nothing else shares it. If the
+            # guest's usage still counts it as shared (the others left after its
+            # last scan), the guest takes it over, as it would take a copy.
+            if not self.acct.charges(st):
+                self.acct.private_copy(caller_uid, st, with_data)
+                self.acct.new(st)
             clear_mark(node.fd)
+            self.acct.unmarked(st)
             return
-        self.acct.private_copy(caller_uid, st, with_data)
+        # The guest's name moves to the copy: if the guest is charged for the
+        # shared inode and this was its last name of it, that charge goes.
+        takes_charge_off = self.acct.leaves(st, mark_of(node.fd))
+        self.acct.private_copy(caller_uid, st, with_data and not takes_charge_off)
         home = node.parent if node.parent is not None else self.table.root
         with self.table.pinned(home, node):
             copy_fd = await self.workers.run(
@@ -158,6 +166,8 @@ class LinkBreaker:
             if names_inode(node.parent, node.name, st):
                 assert node.parent is not None and node.name is not None
                 put_in_place(copy_fd, node.parent.fd, node.name)
+                if takes_charge_off:
+                    self.acct.removed(st)
             new_st = os.fstat(copy_fd)
             self.acct.new(new_st)
             path_fd = os.open(fd_path(copy_fd), os.O_PATH | os.O_CLOEXEC)

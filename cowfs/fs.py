@@ -23,12 +23,18 @@ import trio
 from pyfuse3 import FUSEError
 
 from cowfs import durability
-from cowfs.accounting import Accountant, last_link
+from cowfs.accounting import Accountant
 from cowfs.cow import LinkBreaker
 from cowfs.inodes import InodeTable, Node
 from cowfs.limits import DiskPolicy
 from cowfs.listings import Listings
-from cowfs.marks import fd_path, is_marked, is_reserved_name, is_reserved_xattr
+from cowfs.marks import (
+    COW_MARK,
+    fd_path,
+    is_marked,
+    is_reserved_name,
+    is_reserved_xattr,
+)
 from cowfs.statedb import LimitRow
 from cowfs.uring import Ring
 from cowfs.usage import Usage
@@ -49,8 +55,6 @@ IO_BLOCK_SIZE = 128 * 1024
 # Flags the kernel has already acted on, or that must not reach the backing open.
 _STRIP_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECT
 _AT_FD = syscalls.AT_EMPTY_PATH | syscalls.AT_SYMLINK_NOFOLLOW
-_FALLOC_PUNCH_HOLE = 0x02
-_FALLOC_COLLAPSE_RANGE = 0x08
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -191,6 +195,7 @@ class CowFS(pyfuse3.Operations):
         kind: int,
         ctx: pyfuse3.RequestContext,
         make: Callable[[int], None],
+        data_bytes: int = 0,
     ) -> pyfuse3.EntryAttributes:
         """mkdir, mknod or symlink as root via make(dir_fd), then adopt the new inode.
 
@@ -202,7 +207,7 @@ class CowFS(pyfuse3.Operations):
         _check_new_name(name)
         parent = self.table.get(parent_inode)
         uid, gid = self._new_owner(parent, ctx)
-        self.acct.before_new(ctx.uid, uid, gid, kind)
+        self.acct.before_new(ctx.uid, uid, gid, kind, data_bytes)
         dir_before = self.acct.dir_before(parent.fd)
         make(parent.fd)
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
@@ -243,6 +248,11 @@ class CowFS(pyfuse3.Operations):
         except FileNotFoundError:
             return None, None
         return st, self.table.find(st)
+
+    def _leaves(self, parent: Node, name: bytes, st: os.stat_result) -> bool:
+        """True if removing parent/name (st) takes its inode off the guest's usage."""
+        mark = syscalls.xattr_at(parent.fd, name, COW_MARK) if stat.S_ISREG(st.st_mode) else None
+        return self.acct.leaves(st, mark)
 
     def _gone(self, st: os.stat_result, node: Node | None) -> None:
         """Credit an inode whose last name was just removed (at its last close if open)."""
@@ -378,6 +388,7 @@ class CowFS(pyfuse3.Operations):
             stat.S_IFLNK,
             ctx,
             lambda dir_fd: os.symlink(target, name, dir_fd=dir_fd),
+            data_bytes=len(target),
         )
 
     @_errors_to_errno
@@ -395,12 +406,13 @@ class CowFS(pyfuse3.Operations):
             raise FUSEError(errno.ENOENT)
         parent = self.table.get(parent_inode)
         st, node = self._child(parent, name)
+        leaves = st is not None and self._leaves(parent, name, st)
         dir_before = self.acct.dir_before(parent.fd)
         remove(name, dir_fd=parent.fd)
         self.listings.changed(parent)
         if node is not None:
             self.table.unlinked(node, parent, name)
-        if st is not None and last_link(st):
+        if st is not None and leaves:
             self._gone(st, node)
         self.acct.dir_after(parent.fd, dir_before)
 
@@ -423,8 +435,16 @@ class CowFS(pyfuse3.Operations):
         new_parent = self.table.get(parent_inode_new)
         _, moving = self._child(old_parent, name_old)
         replaced_st, replaced = self._child(new_parent, name_new)
+        exchanged = flags & syscalls.RENAME_EXCHANGE
         old_dir_before = self.acct.dir_before(old_parent.fd)
         new_dir_before = self.acct.dir_before(new_parent.fd)
+        if replaced_st is None:
+            self.acct.before_new_name(ctx.uid, new_dir_before)
+        leaves = (
+            replaced_st is not None
+            and not exchanged
+            and self._leaves(new_parent, name_new, replaced_st)
+        )
         syscalls.renameat2(old_parent.fd, name_old, new_parent.fd, name_new, flags)
         self.listings.changed(old_parent)
         self.listings.changed(new_parent)
@@ -435,8 +455,8 @@ class CowFS(pyfuse3.Operations):
                 self.table.unlinked(replaced, new_parent, name_new)
         if moving is not None:
             self.table.renamed(moving, new_parent, name_new)
-        exchanged = flags & syscalls.RENAME_EXCHANGE
-        if replaced_st is not None and not exchanged and last_link(replaced_st):
+        if leaves:
+            assert replaced_st is not None
             self._gone(replaced_st, replaced)
         self.acct.dir_after(old_parent.fd, old_dir_before)
         if new_parent is not old_parent:
@@ -450,6 +470,7 @@ class CowFS(pyfuse3.Operations):
         node = self.table.get(inode)
         new_parent = self.table.get(new_parent_inode)
         dir_before = self.acct.dir_before(new_parent.fd)
+        self.acct.before_new_name(ctx.uid, dir_before)
         os.link(fd_path(node.fd), new_name, dst_dir_fd=new_parent.fd, follow_symlinks=True)
         self.listings.changed(new_parent)
         self.acct.dir_after(new_parent.fd, dir_before)
@@ -568,8 +589,7 @@ class CowFS(pyfuse3.Operations):
     @_errors_to_errno
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         handle = self.files[fh]
-        punching = mode & (_FALLOC_PUNCH_HOLE | _FALLOC_COLLAPSE_RANGE)
-        before = self.acct.before_growth(handle.fd, handle.uid, 0 if punching else length)
+        before = self.acct.before_allocate(handle.fd, handle.uid, mode, offset, length)
         await self.workers.run(syscalls.fallocate, handle.fd, mode, offset, length)
         self.acct.after_change(handle.fd, before)
 
@@ -721,7 +741,7 @@ class CowFS(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)
         node = self.table.get(inode)
         await self.breaker.ensure_private(node, ctx.uid)
-        before = os.fstat(node.fd)
+        before = self.acct.before_growth(node.fd, ctx.uid, len(name) + len(value))
         os.setxattr(fd_path(node.fd), name, value)
         self.acct.after_change(node.fd, before)  # a large xattr may take a block
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from cowfs import registry
 from cowfs.errors import CowfsError
+from cowfs.guesttree import read_regular
 from cowfs.paths import state_root
 from cowfs.statedb import StateDB
-from native import syscalls
 
 
 @dataclass
@@ -70,37 +70,67 @@ def fresh_usage(db: StateDB, guest_id: int, guest: Guest, timeout: float = 3.0) 
         time.sleep(0.02)
 
 
-def _guest_database(guest: Guest, name: str) -> list[list[str]]:
-    """Rows of the guest's own /etc/passwd or /etc/group (never the host's)."""
-    root = os.open(guest.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fd = syscalls.open_beneath(root, f"etc/{name}".encode(), os.O_RDONLY)
-    except OSError:
-        return []
-    finally:
-        os.close(root)
-    with os.fdopen(fd, "r", errors="replace") as f:
-        return [
-            line.rstrip("\n").split(":") for line in f if line.strip() and not line.startswith("#")
-        ]
+# A guest's /etc/passwd or /etc/group larger than this is not read (ids show as numbers).
+_DATABASE_LIMIT = 8 << 20
+
+
+@dataclass
+class OwnerNames:
+    """A guest's own names for its uids and gids (its /etc/passwd and /etc/group, never the host's).
+
+    A file that is not a regular file inside the guest (a FIFO, a symlink, a
+    directory, one over 8 MiB) is not read: problems says why, and its ids
+    have no names.
+    """
+
+    names: dict[str, dict[int, str]]  # "user" / "group" -> id -> name
+    problems: list[str]
+
+    @classmethod
+    def read(cls, guest: Guest) -> OwnerNames:
+        """The guest's tables as they are now."""
+        names: dict[str, dict[int, str]] = {"user": {}, "group": {}}
+        problems: list[str] = []
+        root = os.open(guest.path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for kind, table in (("user", "passwd"), ("group", "group")):
+                try:
+                    data = read_regular(root, f"/etc/{table}".encode(), _DATABASE_LIMIT)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    problems.append(f"guest {guest.name}: /etc/{table} not read: {e.strerror}")
+                    continue
+                for line in data.decode("utf-8", "replace").splitlines():
+                    fields = line.split(":")
+                    if line.startswith("#") or len(fields) < 3 or not fields[2].isdigit():
+                        continue
+                    names[kind].setdefault(int(fields[2]), fields[0])
+        finally:
+            os.close(root)
+        return cls(names, problems)
+
+    def name(self, kind: str, number: int) -> str:
+        """The guest's name for a uid (kind "user") or gid ("group"), or the number."""
+        return self.names[kind].get(number, str(number))
+
+    def number(self, kind: str, spec: str) -> int | None:
+        """The id a name or number stands for, if the guest's table lists it."""
+        table = self.names[kind]
+        if spec.isdigit() and int(spec) in table:
+            return int(spec)
+        return next((number for number, name in table.items() if name == spec), None)
 
 
 def resolve_owner(guest: Guest, kind: str, spec: str) -> int:
     """A uid (kind "user") or gid ("group") named or numbered in the guest's own files."""
-    table = "passwd" if kind == "user" else "group"
-    for fields in _guest_database(guest, table):
-        if len(fields) >= 3 and fields[2].isdigit() and spec in (fields[0], fields[2]):
-            return int(fields[2])
-    raise CowfsError(f"{kind} {spec!r}: unknown in guest {guest.name}'s /etc/{table}")
-
-
-def owner_name(guest: Guest, kind: str, number: int) -> str:
-    """The guest's name for a uid or gid, or the number."""
-    table = "passwd" if kind == "user" else "group"
-    for fields in _guest_database(guest, table):
-        if len(fields) >= 3 and fields[2] == str(number):
-            return fields[0]
-    return str(number)
+    names = OwnerNames.read(guest)
+    number = names.number(kind, spec)
+    if number is None:
+        table = "passwd" if kind == "user" else "group"
+        why = "".join(f" ({p})" for p in names.problems if f"/etc/{table} " in p)
+        raise CowfsError(f"{kind} {spec!r}: unknown in guest {guest.name}'s /etc/{table}{why}")
+    return number
 
 
 def all_guests(known_paths: list[tuple[str, str]]) -> list[Guest]:

@@ -41,6 +41,7 @@ from cowfs.barrier import refuse_reachable
 from cowfs.errors import CowfsError
 from cowfs.excludes import Rules
 from cowfs.forked import ForkedCall
+from cowfs.guesttree import PATH_CHUNK, open_below, walk
 from cowfs.marks import COW_MARK, is_reserved_name, is_reserved_xattr, temp_name
 from cowfs.metadata import read_xattrs
 from cowfs.store import MetaKey, Store, StoreEntry, meta_key
@@ -49,6 +50,9 @@ from native import syscalls
 
 Key = tuple[int, int]  # (st_dev, st_ino)
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+# How guest files are opened for reading: a name the scan saw as a file may be
+# a FIFO or a device by now; such a file is never waited on or made a terminal.
+_READ = os.O_RDONLY | os.O_NOATIME | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
 _HASH_THREADS = max(1, (os.cpu_count() or 2) - 1)  # beside the main thread
 _BIG_FILE = 64 << 10  # hashed in worker threads when there is no child process
 _FORK_MIN = 2000  # files to hash before a child process pays for its fork
@@ -247,44 +251,34 @@ class _Scan:
         rules = self.options.rules
         min_size = self.options.min_size
         report = self.report
-        pending: list[bytes] = [b""]
-        while pending:
-            directory = pending.pop()
-            try:
-                dir_fd = (
-                    os.dup(root_fd)
-                    if not directory
-                    else syscalls.open_beneath(root_fd, directory.lstrip(b"/"), _DIR)
-                )
-            except OSError as e:
-                report.errors.append(f"{self.roots[guest]}{os.fsdecode(directory)}: {e.strerror}")
-                continue
-            try:
-                with os.scandir(dir_fd) as listing:
-                    for entry in listing:
-                        name = os.fsencode(entry.name)
-                        path = directory + b"/" + name
-                        if is_reserved_name(name):
-                            self.leftovers.append((guest, directory, name))
-                        elif entry.is_dir(follow_symlinks=False):
-                            if rules.may_descend(path):
-                                pending.append(path)
-                        elif entry.is_file(follow_symlinks=False) and rules.included(path):
-                            st = entry.stat(follow_symlinks=False)
-                            report.files_scanned += 1
-                            report.bytes_scanned += st.st_size
-                            if st.st_size < min_size:
-                                continue
-                            key = (st.st_dev, st.st_ino)
-                            if key in store_inodes:
-                                report.already_unified += 1
-                                continue
-                            inode = self.inodes.get(key)
-                            if inode is None:
-                                inode = self.inodes[key] = Inode(st)
-                            inode.refs.append(FileRef(guest, directory, name))
-            finally:
-                os.close(dir_fd)
+
+        def descend(path: bytes, name: bytes) -> bool:
+            return not is_reserved_name(name) and rules.may_descend(path)
+
+        def unreadable(path: bytes, error: OSError) -> None:
+            report.errors.append(f"{self.roots[guest]}{os.fsdecode(path)}: {error.strerror}")
+
+        for listing in walk(root_fd, descend, on_error=unreadable):
+            directory = listing.path
+            for entry in listing.entries:
+                name = os.fsencode(entry.name)
+                path = directory + b"/" + name
+                if is_reserved_name(name):
+                    self.leftovers.append((guest, directory, name))
+                elif entry.is_file(follow_symlinks=False) and rules.included(path):
+                    st = entry.stat(follow_symlinks=False)
+                    report.files_scanned += 1
+                    report.bytes_scanned += st.st_size
+                    if st.st_size < min_size:
+                        continue
+                    key = (st.st_dev, st.st_ino)
+                    if key in store_inodes:
+                        report.already_unified += 1
+                        continue
+                    inode = self.inodes.get(key)
+                    if inode is None:
+                        inode = self.inodes[key] = Inode(st)
+                    inode.refs.append(FileRef(guest, directory, name))
             if progress is not None:
                 progress("scanning", report)
 
@@ -411,6 +405,8 @@ class Hashify:
                 # (a dry run with no store has nothing to read and creates none)
                 self.store = Store.open(self.options.store, create=not self.options.dry_run)
             try:
+                if not self.options.dry_run:
+                    self.store.give_entries_store_marks()
                 entries = list(self.store.entries()) if self.options.store.exists() else []
                 store_inodes = {(e.st.st_dev, e.st.st_ino): e for e in entries}
                 scan = _Scan(self.roots, self.options, report)
@@ -424,7 +420,9 @@ class Hashify:
             finally:
                 self.store.close()
         if not self.options.dry_run and report.unified_files:
-            _usage_changed(self.roots)
+            from cowfs.statedb import usage_changed  # a dry run or one linking nothing needs none
+
+            usage_changed(self.roots)
         # The store as this run found it plus what it added: no second walk of
         # it (36 ms for 5,229 entries), and the same figures unless another
         # run changed the store meanwhile.
@@ -437,9 +435,7 @@ class Hashify:
     # -- phase 2 ----------------------------------------------------------
 
     def _open_ref(self, ref: FileRef, flags: int) -> int:
-        return syscalls.open_beneath(
-            self._root_fds[ref.guest], ref.path.lstrip(b"/"), flags | os.O_NOFOLLOW
-        )
+        return open_below(self._root_fds[ref.guest], ref.path, flags | os.O_NOFOLLOW)
 
     def _eligible(self, inode: Inode) -> bool:
         """Unify an inode only if no name of it lies outside what hashify replaces.
@@ -453,7 +449,7 @@ class Hashify:
     def _hash_inode(self, inode: Inode) -> None:
         if inode.st.st_size < _PROBE_CAPACITY - 1 and self._hash_small(inode):
             return
-        fd = self._open_ref(inode.refs[0], os.O_RDONLY | os.O_NOATIME)
+        fd = self._open_ref(inode.refs[0], _READ)
         try:
             st = os.fstat(fd)
             if not _as_scanned(inode, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
@@ -473,12 +469,10 @@ class Hashify:
         lists only names), or a file that grew past the buffer.
         """
         ref = inode.refs[0]
+        if len(ref.path) > PATH_CHUNK:
+            return False  # a path openat2 cannot take at once
         probe = _file_probe()
-        found = probe.probe(
-            self._root_fds[ref.guest],
-            ref.path.lstrip(b"/"),
-            os.O_RDONLY | os.O_NOATIME | os.O_NOFOLLOW,
-        )
+        found = probe.probe(self._root_fds[ref.guest], ref.path.lstrip(b"/"), _READ)
         if not _as_scanned(inode, found.ino, found.size, found.mtime_ns, found.ctime_ns):
             return True  # changed since the scan: leave it alone
         if found.content_len != found.size or found.names_len < 0:
@@ -719,7 +713,7 @@ class Hashify:
     def _open_dir(self, guest: int, directory: bytes) -> int:
         if not directory:
             return os.dup(self._root_fds[guest])
-        return syscalls.open_beneath(self._root_fds[guest], directory.lstrip(b"/"), _DIR)
+        return open_below(self._root_fds[guest], directory, _DIR)
 
     @staticmethod
     def _open_unchanged(
@@ -770,7 +764,7 @@ class Hashify:
                 inode.st.st_size,
             ):
                 raise OSError(errno.ESTALE, "changed since it was hashed")
-            return self.store.add(fd, inode.content_hash, inode.xattrs, inode.marked)
+            return self.store.add(fd, inode.content_hash, inode.xattrs)
         finally:
             os.close(fd)
 
@@ -793,11 +787,7 @@ class Hashify:
     def _remove_leftovers(self, leftovers: Iterable[tuple[int, bytes, bytes]]) -> None:
         for guest, directory, name in leftovers:
             try:
-                dir_fd = (
-                    os.dup(self._root_fds[guest])
-                    if not directory
-                    else syscalls.open_beneath(self._root_fds[guest], directory.lstrip(b"/"), _DIR)
-                )
+                dir_fd = self._open_dir(guest, directory)
             except OSError:
                 continue
             try:
@@ -811,20 +801,6 @@ class Hashify:
 
     def _display(self, ref: FileRef) -> str:
         return self.roots[ref.guest] + os.fsdecode(ref.path)
-
-
-def _usage_changed(roots: list[str]) -> None:
-    """Files of these guests became shared: their stored usage is no longer exact."""
-    from cowfs.statedb import StateDB  # here: a dry run or a run that links nothing needs none
-
-    db = StateDB()
-    try:
-        for root in roots:
-            row = db.guest(root, create=False)
-            if row is not None:
-                db.mark_stale(row.id, True)
-    finally:
-        db.close()
 
 
 def hashify(

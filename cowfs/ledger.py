@@ -38,6 +38,7 @@ def load_usage(db: StateDB, guest_id: int, backing: str, crashed: bool) -> Usage
         )
         return usage
     usage = Usage(row.bytes, row.inodes, row.shared_bytes, row.shared_inodes)
+    usage.own_marked = db.own_marked(guest_id)
     for key, (nbytes, inodes) in db.owner_usage(guest_id).items():
         usage.owners[key] = [nbytes, inodes]
     return usage
@@ -54,6 +55,7 @@ class GuestLedger:
         usage = load_usage(db, guest.id, backing, crashed)
         self.policy = DiskPolicy(usage, db.limits(guest.id), db.quotas(guest.id))
         self._hits_written: Counter[str] = Counter()
+        self._own_marked_written: set[tuple[int, int]] | None = None
         self.sync(final=False)
 
     def sync(self, final: bool) -> None:
@@ -68,7 +70,11 @@ class GuestLedger:
             stale=not final,
             updated=time.time(),
         )
-        self.db.write_usage(self.guest_id, row, usage.owner_table())
+        # The own marked inodes change seldom (a guest drops one): written when they did.
+        own_marked = usage.own_marked if usage.own_marked != self._own_marked_written else None
+        self.db.write_usage(self.guest_id, row, usage.owner_table(), own_marked)
+        if own_marked is not None:
+            self._own_marked_written = set(own_marked)
         new_hits = policy.hits - self._hits_written
         if new_hits:
             self.db.add_hits(self.guest_id, dict(new_hits))

@@ -73,23 +73,43 @@ class DiskPolicy:
 
     def check(self, caller_uid: int, uid: int, gid: int, nbytes: int, inodes: int) -> None:
         """Raise OSError (ENOSPC: guest limit, EDQUOT: quota) if uid:gid may not grow so."""
+        refusal = self._refusal(caller_uid, uid, gid, nbytes, inodes)
+        if refusal is not None:
+            self._refuse(*refusal)
+
+    def allows(self, caller_uid: int, uid: int, gid: int, nbytes: int, inodes: int) -> bool:
+        """True if check would let uid:gid grow so (a refusal here is not counted as a hit)."""
+        return self._refusal(caller_uid, uid, gid, nbytes, inodes) is None
+
+    def check_quota(self, uid: int, gid: int, nbytes: int, inodes: int) -> None:
+        """Raise OSError(EDQUOT) if uid's or gid's quota cannot take nbytes/inodes more."""
+        refusal = self._quota_refusal(uid, gid, nbytes, inodes)
+        if refusal is not None:
+            self._refuse(*refusal)
+
+    def _refusal(
+        self, caller_uid: int, uid: int, gid: int, nbytes: int, inodes: int
+    ) -> tuple[str, int] | None:
+        """(what, errno) of the limit or quota that growing so would exceed, None if none."""
         if nbytes <= 0 and inodes <= 0:
-            return
+            return None
         usage = self.usage
         ceiling = self._space_ceiling(caller_uid)
         if nbytes > 0 and ceiling is not None and usage.bytes + nbytes > ceiling:
-            self._refuse("space", errno.ENOSPC)
+            return "space", errno.ENOSPC
         if (
             inodes > 0
             and self.limits.inodes is not None
             and usage.inodes + inodes > self.limits.inodes
         ):
-            self._refuse("inodes", errno.ENOSPC)
+            return "inodes", errno.ENOSPC
         if self.quotas:
-            self.check_quota(uid, gid, nbytes, inodes)
+            return self._quota_refusal(uid, gid, nbytes, inodes)
+        return None
 
-    def check_quota(self, uid: int, gid: int, nbytes: int, inodes: int) -> None:
-        """Raise OSError(EDQUOT) if uid's or gid's quota cannot take nbytes/inodes more."""
+    def _quota_refusal(
+        self, uid: int, gid: int, nbytes: int, inodes: int
+    ) -> tuple[str, int] | None:
         usage = self.usage
         now = self.clock()
         for kind, owner in (("user", uid), ("group", gid)):
@@ -105,7 +125,7 @@ class DiskPolicy:
                 quota.grace,
                 now,
             ):
-                self._refuse(f"{kind} space quota", errno.EDQUOT)
+                return f"{kind} space quota", errno.EDQUOT
             if inodes > 0 and not _allowed(
                 used_inodes + inodes,
                 quota.inodes_soft,
@@ -114,7 +134,8 @@ class DiskPolicy:
                 quota.grace,
                 now,
             ):
-                self._refuse(f"{kind} inode quota", errno.EDQUOT)
+                return f"{kind} inode quota", errno.EDQUOT
+        return None
 
     def _refuse(self, what: str, code: int) -> None:
         self.hits[what] += 1

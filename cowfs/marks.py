@@ -5,6 +5,10 @@ other guests or the content store): it is never modified in place through a
 mount. Every hard link shares the inode and hence the mark. ``trusted.*``
 attributes need CAP_SYS_ADMIN, and the FUSE layer hides and refuses every
 ``trusted.cowfs.*`` name, so a guest can neither see nor forge the mark.
+
+The mark's value says whether the content store holds one of the inode's
+links (``s``, set before hashify links it there) or not (``1``, clone's): the
+store's link is nobody's, so accounting must not count it as another guest's.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ DIRTY_MARK = b"trusted.cowfs.dirty"
 # They are invisible through the mount and cannot be created by a guest.
 TEMP_PREFIX = b".cowfs~"
 
-_MARK_VALUE = b"1"
+SHARED_MARK = b"1"
+STORE_MARK = b"s"
 
 
 def temp_name() -> bytes:
@@ -45,20 +50,29 @@ def fd_path(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-def is_marked(fd: int) -> bool:
-    """True if the inode behind fd carries the COW mark."""
+def mark_of(fd: int) -> bytes | None:
+    """The COW mark's value on the inode behind fd, None if it has none."""
     try:
-        os.getxattr(fd_path(fd), COW_MARK)
+        return os.getxattr(fd_path(fd), COW_MARK)
     except OSError as e:
         if e.errno in (errno.ENODATA, errno.ENOTSUP):
-            return False
+            return None
         raise
-    return True
 
 
-def set_mark(fd: int) -> None:
-    """Put the COW mark on the inode behind fd (idempotent)."""
-    os.setxattr(fd_path(fd), COW_MARK, _MARK_VALUE)
+def is_marked(fd: int) -> bool:
+    """True if the inode behind fd carries the COW mark."""
+    return mark_of(fd) is not None
+
+
+def store_links(mark: bytes | None) -> int:
+    """How many links of an inode with this mark value the content store holds (0 or 1)."""
+    return 1 if mark == STORE_MARK else 0
+
+
+def set_mark(fd: int, value: bytes = SHARED_MARK) -> None:
+    """Put the COW mark on the inode behind fd; value STORE_MARK before the store links it."""
+    os.setxattr(fd_path(fd), COW_MARK, value)
 
 
 def clear_mark(fd: int) -> None:

@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 
+from cowfs.guesttree import walk
 from cowfs.marks import DIRTY_MARK, fd_path, is_reserved_name
 
 log = logging.getLogger(__name__)
@@ -46,27 +47,19 @@ def mark_clean(root_fd: int) -> None:
 def sweep_leftovers(root_fd: int) -> int:
     """Remove cowfs temporaries anywhere under the backing root; returns how many.
 
-    Walks with directory fds and never follows symlinks, like every other
-    access to a guest tree.
+    Walks as every host-side reader of a guest tree does (guesttree.walk):
+    directory fds, a fixed number of them, never following symlinks.
     """
     removed = 0
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    pending = [os.open(fd_path(root_fd), flags & ~os.O_NOFOLLOW)]  # follow the magic link only
-    while pending:
-        dir_fd = pending.pop()
-        try:
-            with os.scandir(dir_fd) as listing:
-                entries = [(os.fsencode(e.name), e.is_dir(follow_symlinks=False)) for e in listing]
-            for name, is_dir in entries:
-                if is_dir:
-                    try:
-                        pending.append(os.open(name, flags, dir_fd=dir_fd))
-                    except OSError as e:
-                        log.warning("sweep: cannot enter %r: %s", name, e.strerror)
-                elif is_reserved_name(name):
-                    os.unlink(name, dir_fd=dir_fd)
-                    removed += 1
-                    log.info("removed leftover %r", name)
-        finally:
-            os.close(dir_fd)
+
+    def unreadable(path: bytes, error: OSError) -> None:
+        log.warning("sweep: cannot enter %r: %s", path, error.strerror)
+
+    for listing in walk(root_fd, on_error=unreadable):
+        for entry in listing.entries:
+            name = os.fsencode(entry.name)
+            if is_reserved_name(name) and not entry.is_dir(follow_symlinks=False):
+                os.unlink(name, dir_fd=listing.fd)
+                removed += 1
+                log.info("removed leftover %r", listing.path + b"/" + name)
     return removed

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cowfs import registry
-from cowfs.guests import Guest, owner_name
+from cowfs.errors import warn
+from cowfs.guests import Guest, OwnerNames
 from cowfs.statedb import StateDB, UsageRow
 from cowfs.store import META_FILE, Store
-from cowfs.usage import scan, scan_many
+from cowfs.usage import Usage, scan, scan_many
 
 
 def _grace_left(since: float | None, grace: int, now: float) -> float | None:
@@ -26,6 +27,7 @@ def quota_report(db: StateDB, guest_id: int, guest: Guest) -> list[dict[str, obj
         if db.usage(guest_id) is not None
         else scan(guest.path).owner_table()
     )
+    names = _owner_names(guest)
     now = time.time()
     quotas = {(q.kind, q.owner): q for q in db.quotas(guest_id)}
     keys = sorted(set(quotas) | set(owners), key=lambda k: (k[0] != "user", k[1]))
@@ -35,7 +37,7 @@ def quota_report(db: StateDB, guest_id: int, guest: Guest) -> list[dict[str, obj
         entry: dict[str, object] = {
             "kind": kind,
             "id": owner,
-            "name": owner_name(guest, kind, owner),
+            "name": names.name(kind, owner),
             "used_bytes": used_bytes,
             "used_inodes": used_inodes,
         }
@@ -85,13 +87,21 @@ class HostFigures:
     store_bytes: int | None
 
 
+def _owner_names(guest: Guest) -> OwnerNames:
+    names = OwnerNames.read(guest)
+    for problem in names.problems:
+        warn(f"{problem}; its ids are shown as numbers")
+    return names
+
+
 def disk_usage(
-    db: StateDB, guests: list[Guest], recalc: bool, store: Path | None
+    db: StateDB, guests: list[Guest], recalc: bool, store: Path | None, by_owner: bool = True
 ) -> tuple[list[GuestFigures], HostFigures]:
     """Scan each guest (vdu): private, shared, apparent, saved, use of limits; and the host.
 
     With recalc, a guest that is not mounted gets the scanned usage stored as
-    exact (a mounted guest's own counters are kept by its mount).
+    exact (a mounted guest's own counters are kept by its mount). by_owner:
+    break private usage down by user and group, named as the guest names them.
     """
     figures = []
     usages, shared = scan_many([guest.path for guest in guests])
@@ -110,20 +120,10 @@ def disk_usage(
                     updated=time.time(),
                 ),
                 usage.owner_table(),
+                usage.own_marked,
             )
         limits = db.limits(row.id)
-        owners = [
-            {
-                "kind": kind,
-                "id": owner,
-                "name": owner_name(guest, kind, owner),
-                "bytes": nbytes,
-                "inodes": inodes,
-            }
-            for (kind, owner), (nbytes, inodes) in sorted(
-                usage.owner_table().items(), key=lambda kv: (kv[0][0] != "user", kv[0][1])
-            )
-        ]
+        owners = _by_owner(guest, usage) if by_owner else []
         figures.append(
             GuestFigures(
                 guest=guest.name,
@@ -148,6 +148,22 @@ def disk_usage(
         store_entries, store_bytes = Store(store).size()
     host = HostFigures(len(figures), apparent, disk, apparent - disk, store_entries, store_bytes)
     return figures, host
+
+
+def _by_owner(guest: Guest, usage: Usage) -> list[dict[str, object]]:
+    names = _owner_names(guest)
+    return [
+        {
+            "kind": kind,
+            "id": owner,
+            "name": names.name(kind, owner),
+            "bytes": nbytes,
+            "inodes": inodes,
+        }
+        for (kind, owner), (nbytes, inodes) in sorted(
+            usage.owner_table().items(), key=lambda kv: (kv[0][0] != "user", kv[0][1])
+        )
+    ]
 
 
 def _percent(used: int, limit: int | None) -> float | None:

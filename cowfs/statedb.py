@@ -41,6 +41,12 @@ CREATE TABLE IF NOT EXISTS owner_usage (
     inodes INTEGER NOT NULL,
     PRIMARY KEY (guest_id, kind, owner)
 );
+CREATE TABLE IF NOT EXISTS own_marked (
+    guest_id INTEGER NOT NULL REFERENCES guests(id) ON DELETE CASCADE,
+    dev INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    PRIMARY KEY (guest_id, dev, ino)
+);
 CREATE TABLE IF NOT EXISTS limits (
     guest_id INTEGER PRIMARY KEY REFERENCES guests(id) ON DELETE CASCADE,
     space INTEGER,
@@ -191,13 +197,20 @@ class StateDB:
         )
         return {(k, o): (b, i) for k, o, b, i in rows}
 
+    def own_marked(self, guest_id: int) -> set[tuple[int, int]]:
+        """(dev, ino) of the marked inodes the guest's usage charges (usage.py)."""
+        rows = self.conn.execute("SELECT dev, ino FROM own_marked WHERE guest_id = ?", (guest_id,))
+        return {(dev, ino) for dev, ino in rows}
+
     def write_usage(
         self,
         guest_id: int,
         usage: UsageRow,
         owners: dict[tuple[str, int], tuple[int, int]] | None,
+        own_marked: set[tuple[int, int]] | None = None,
     ) -> None:
-        """Store a guest's usage (and, if given, its per-owner usage) in one transaction."""
+        """Store a guest's usage (and, if given, its per-owner usage and own
+        marked inodes) in one transaction."""
         with self.transaction() as c:
             c.execute(
                 "INSERT OR REPLACE INTO usage VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -216,6 +229,12 @@ class StateDB:
                 c.executemany(
                     "INSERT INTO owner_usage VALUES (?, ?, ?, ?, ?)",
                     [(guest_id, k, o, b, i) for (k, o), (b, i) in owners.items() if b or i],
+                )
+            if own_marked is not None:
+                c.execute("DELETE FROM own_marked WHERE guest_id = ?", (guest_id,))
+                c.executemany(
+                    "INSERT INTO own_marked VALUES (?, ?, ?)",
+                    [(guest_id, dev, ino) for dev, ino in own_marked],
                 )
 
     def mark_stale(self, guest_id: int, stale: bool) -> None:
@@ -320,3 +339,20 @@ class StateDB:
             "SELECT what, count FROM limit_hits WHERE guest_id = ?", (guest_id,)
         )
         return dict(rows.fetchall())
+
+
+def usage_changed(roots: list[str]) -> None:
+    """Files of these guest trees became shared (hashify, clone): their stored usage is not exact.
+
+    Their next mount counts it again by a scan.
+    """
+    if not default_path().exists():
+        return  # no guest has usage stored
+    db = StateDB()
+    try:
+        for root in roots:
+            row = db.guest(root, create=False)
+            if row is not None:
+                db.mark_stale(row.id, True)
+    finally:
+        db.close()

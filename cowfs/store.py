@@ -18,7 +18,11 @@ ignore it) mtime are all equal, so a guest's view never changes.
 
 Entries appear atomically (linked under a temporary name, renamed into
 place) and are marked before they are linked: a store inode is never
-unmarked, so no mount ever writes to one in place.
+unmarked, so no mount ever writes to one in place. Their mark's value is
+``STORE_MARK``: accounting then knows one of the inode's links is the store's,
+not another guest's. Entries of stores made before that value existed are
+given it by the next ``hashify`` or ``store gc`` (``"store_mark": true`` in
+``.cowfs-store.json`` says it is done).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import blake3
 
 from cowfs.barrier import make_private_dirs
 from cowfs.errors import CowfsError
-from cowfs.marks import fd_path, is_marked, is_reserved_name, set_mark
+from cowfs.marks import STORE_MARK, fd_path, is_reserved_name, mark_of, set_mark
 from cowfs.metadata import read_xattrs
 from cowfs.paths import state_root
 
@@ -113,9 +117,10 @@ class StoreEntry:
 class Store:
     """A content store directory."""
 
-    def __init__(self, root: Path, algorithm: str = HASH):
+    def __init__(self, root: Path, algorithm: str = HASH, store_marks: bool = True):
         self.root = root
         self.algorithm = algorithm
+        self.store_marks = store_marks  # every entry's mark is STORE_MARK
         self._subdir_fds: dict[str, int] = {}
 
     @classmethod
@@ -138,16 +143,41 @@ class Store:
                 raise CowfsError(
                     f"store {root}: format {info} is not {FORMAT} with one of {sorted(HASHES)}"
                 )
-            return cls(root, algorithm)
+            return cls(root, algorithm, info.get("store_mark") is True)
         if create:
             if any(not n.startswith(".") for n in os.listdir(root)):
                 raise CowfsError(f"store {root}: not empty and not a cowfs store")
-            tmp = root / f"{META_FILE}.tmp"
-            tmp.write_text(json.dumps({"format": FORMAT, "hash": HASH}) + "\n")
-            os.replace(tmp, meta)
+            cls(root)._write_meta()
         else:
             raise CowfsError(f"store {root}: not a cowfs store (no {META_FILE})")
         return cls(root)
+
+    def _write_meta(self) -> None:
+        info = {"format": FORMAT, "hash": self.algorithm, "store_mark": self.store_marks}
+        tmp = self.root / f"{META_FILE}.tmp"
+        tmp.write_text(json.dumps(info) + "\n")
+        os.replace(tmp, self.root / META_FILE)
+
+    def give_entries_store_marks(self) -> int:
+        """Give every entry the store's mark value, once per store; how many needed it.
+
+        A store made before the value existed marked its entries as clone does:
+        a guest's scan would count the store's link as another guest's.
+        """
+        if self.store_marks:
+            return 0
+        changed = 0
+        for entry in self.entries():
+            fd = os.open(self.path_of(entry.name), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                if mark_of(fd) != STORE_MARK:
+                    set_mark(fd, STORE_MARK)
+                    changed += 1
+            finally:
+                os.close(fd)
+        self.store_marks = True
+        self._write_meta()
+        return changed
 
     def entries(self) -> Iterator[StoreEntry]:
         """Every entry, with its stat (leftover temporaries are skipped)."""
@@ -205,18 +235,17 @@ class Store:
             os.close(fd)
         self._subdir_fds.clear()
 
-    def add(
-        self, fd: int, content_hash: str, xattrs: dict[bytes, bytes], marked: bool
-    ) -> StoreEntry:
+    def add(self, fd: int, content_hash: str, xattrs: dict[bytes, bytes]) -> StoreEntry:
         """Make the inode behind fd (O_PATH) a store entry: mark it, then link it in.
 
-        xattrs (without cowfs's own) and marked are what the caller read when hashing.
+        xattrs (without cowfs's own) are what the caller read when hashing.
         """
         st = os.fstat(fd)
         name = f"{content_hash}-{meta_digest(meta_key(st, xattrs, with_mtime=True))}"
         dir_fd = self.subdir_fd(name[:2])
-        if not marked:
-            set_mark(fd)  # before the link: a store inode is never unmarked
+        # Before the link: a store inode is never unmarked, and a mount that
+        # sees the link sees it as the store's.
+        set_mark(fd, STORE_MARK)
         # link(2) makes the name atomically, on a complete inode: no temporary needed.
         os.link(fd_path(fd), name.encode(), dst_dir_fd=dir_fd, follow_symlinks=True)
         return StoreEntry(name, os.fstat(fd), content_hash)
@@ -224,6 +253,8 @@ class Store:
     def gc(self, dry_run: bool) -> tuple[int, int]:
         """Remove entries no guest links any more; (entries, bytes) removed (or removable)."""
         removed = freed = 0
+        if not dry_run:
+            self.give_entries_store_marks()
         for entry in self.entries():
             if entry.st.st_nlink == 1:
                 if not dry_run:
@@ -249,8 +280,11 @@ class Store:
                 yield entry, f"unreadable: {e.strerror}"
                 continue
             try:
-                if not is_marked(fd):
+                mark = mark_of(fd)
+                if mark is None:
                     yield entry, "COW mark missing"
+                elif mark != STORE_MARK and self.store_marks:
+                    yield entry, "COW mark not the store's"
                 actual = self.hash_fd(fd)
                 if actual != entry.content_hash:
                     yield entry, f"content hashes to {actual}"

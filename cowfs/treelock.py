@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 from types import TracebackType
 
 from cowfs import registry
 from cowfs.errors import CowfsError
+from cowfs.guesttree import remove_below
 
 _MAX_COMMAND = 300  # characters of a holder's command line an error shows
 _OPEN_ROOT = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -164,6 +164,7 @@ def remove_tree(path: str) -> None:
         if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
             raise CowfsError(f"guest tree {path}: replaced while being locked; not removed")
         try:
-            shutil.rmtree(lock.path)
+            remove_below(lock.fd)  # any shape of tree, in a fixed number of fds
+            os.rmdir(lock.path)
         except OSError as e:
             raise CowfsError(f"guest tree {path}: removal failed: {e}") from None

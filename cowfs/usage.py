@@ -2,24 +2,36 @@
 
 A guest is charged for the inodes it alone holds: every directory, symlink,
 device node, and every regular file except the shared ones. A file is shared
-when it carries the COW mark and more than one link: the template, other
-guests or the store hold it too. Shared files are reported, not charged.
-Bytes are allocated bytes (``st_blocks * 512``), as ``du`` counts them, and an
-inode with several names in the guest counts once.
+when it carries the COW mark and someone besides this guest and the content
+store links it: the template or another guest. The store's link is nobody's
+(the mark's value says whether it has one), and the guest's own links are
+counted by the scan, so a file that only this guest links, however many
+times, is charged to it, whether hashify put it in the store or the other
+guests that shared it have dropped their links. Shared files are reported,
+not charged. Bytes are allocated bytes (``st_blocks * 512``), as ``du``
+counts them, and an inode with several names in the guest counts once.
+
+The marked inodes a scan charges are listed (``Usage.own_marked``): a mount
+takes a marked inode's charge off when the guest drops it only if it is
+listed, so an inode whose other holders left after the scan (and that was
+never charged) gives no credit.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from cowfs.forked import ForkedCall
-from cowfs.marks import COW_MARK, is_reserved_name
-from native.syscalls import has_xattr_at
+from cowfs.guesttree import DIR_FLAGS, walk
+from cowfs.marks import COW_MARK, is_reserved_name, store_links
+from native.syscalls import xattr_at
 
 OwnerKey = tuple[str, int]  # ("user", uid) or ("group", gid)
+Key = tuple[int, int]  # (st_dev, st_ino)
 
 
 @dataclass
@@ -31,6 +43,8 @@ class Usage:
     shared_bytes: int = 0
     shared_inodes: int = 0
     owners: dict[OwnerKey, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
+    # Marked inodes charged to the guest (nobody but it and the store linked them).
+    own_marked: set[Key] = field(default_factory=set)
 
     @property
     def apparent_bytes(self) -> int:
@@ -54,66 +68,94 @@ class Usage:
         return {k: (v[0], v[1]) for k, v in self.owners.items() if v[0] or v[1]}
 
 
-def is_shared(st: os.stat_result, marked: bool) -> bool:
-    """The accounting rule: a marked regular file with another link is not the guest's."""
-    return marked and st.st_nlink > 1 and stat.S_ISREG(st.st_mode)
+Shared = dict[Key, int]  # (st_dev, st_ino) -> bytes of a shared inode
+# Links outside the guest of an inode another guest's scan found shared: it
+# stays shared however many names this guest has for it.
+_SHARED_ELSEWHERE = 1 << 62
 
 
-def scan(root: str, shared: dict[tuple[int, int], int] | None = None) -> Usage:
+def _descend(path: bytes, name: bytes) -> bool:
+    return not is_reserved_name(name)
+
+
+def _skip_vanished(path: bytes, error: OSError) -> None:
+    """A directory removed or moved while the scan ran is not counted; anything else is an error."""
+    if error.errno not in (errno.ENOENT, errno.ESTALE):
+        raise error
+
+
+def scan(root: str, shared: Shared | None = None) -> Usage:
     """The usage of the backing tree at root, counted from scratch (fd-relative, no symlinks).
 
-    If shared is given, every shared inode's (dev, ino) is added to it with its bytes.
+    If shared is given, every shared inode's (dev, ino) is added to it with its
+    bytes; inodes it holds already (found shared by scans of other guests just
+    before) are shared for this guest too, their marks not read again.
     """
     usage = Usage()
     known_shared = shared if shared is not None else {}
-    seen: set[tuple[int, int]] = set()
+    # Marked inodes found shared so far: links neither this guest's nor the
+    # store's, less the guest's names still to be found (each takes one off).
+    outside: dict[Key, int] = {}
+    counted: set[Key] = set()  # inodes with several links charged to the guest already
     # Private usage by (uid, gid), handed to usage.charge at the end: one dict
     # update per file instead of a call updating two owners.
     private: dict[tuple[int, int], list[int]] = defaultdict(lambda: [0, 0])
     is_dir, is_reg = stat.S_ISDIR, stat.S_ISREG
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    root_fd = os.open(root, flags)
-    st = os.fstat(root_fd)
-    usage.charge(st.st_uid, st.st_gid, st.st_blocks * 512, 1)
-    pending = [root_fd]
-    while pending:
-        dir_fd = pending.pop()
-        try:
-            with os.scandir(dir_fd) as listing:
-                entries = list(listing)
-            for entry in entries:
+    root_fd = os.open(root, DIR_FLAGS)
+    try:
+        st = os.fstat(root_fd)
+        usage.charge(st.st_uid, st.st_gid, st.st_blocks * 512, 1)
+        for listing in walk(root_fd, _descend, on_error=_skip_vanished):
+            dir_fd = listing.fd
+            for entry in listing.entries:
                 name = os.fsencode(entry.name)
                 if is_reserved_name(name):
                     continue
-                st = entry.stat(follow_symlinks=False)
-                nbytes = st.st_blocks * 512
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
                 mode = st.st_mode
-                if is_dir(mode):
-                    pending.append(os.open(name, flags, dir_fd=dir_fd))
-                elif st.st_nlink > 1:  # counted once, and maybe shared
+                nbytes = st.st_blocks * 512
+                if st.st_nlink > 1 and not is_dir(mode):
                     key = (st.st_dev, st.st_ino)
-                    if key in seen:
+                    if key in counted:
                         continue
-                    seen.add(key)
-                    if is_reg(mode) and (
-                        key in known_shared or has_xattr_at(dir_fd, name, COW_MARK)
-                    ):
-                        usage.shared_bytes += nbytes
-                        usage.shared_inodes += 1
-                        known_shared[key] = nbytes
-                        continue
+                    others = outside.get(key)
+                    if others is None:  # the first name of it found
+                        if key in known_shared:  # an earlier guest's scan found it shared
+                            others = _SHARED_ELSEWHERE
+                        elif is_reg(mode):
+                            mark = xattr_at(dir_fd, name, COW_MARK)
+                            if mark is not None:
+                                others = st.st_nlink - store_links(mark)
+                        if others is not None:
+                            usage.shared_bytes += nbytes
+                            usage.shared_inodes += 1
+                            known_shared[key] = nbytes
+                    if others is not None:
+                        others -= 1  # this name is the guest's
+                        if others > 0:
+                            outside[key] = others
+                            continue
+                        # no link left but the guest's and the store's: the guest's
+                        outside.pop(key, None)
+                        usage.shared_bytes -= nbytes
+                        usage.shared_inodes -= 1
+                        del known_shared[key]
+                        usage.own_marked.add(key)
+                    counted.add(key)
                 owner = private[(st.st_uid, st.st_gid)]
                 owner[0] += nbytes
                 owner[1] += 1
-        finally:
-            os.close(dir_fd)
+    finally:
+        os.close(root_fd)
     for (uid, gid), (nbytes, inodes) in private.items():
         usage.charge(uid, gid, nbytes, inodes)
     return usage
 
 
-Shared = dict[tuple[int, int], int]  # (st_dev, st_ino) -> bytes of a shared inode
-_Portable = tuple[int, int, int, int, dict[OwnerKey, tuple[int, int]]]
+_Portable = tuple[int, int, int, int, dict[OwnerKey, tuple[int, int]], set[Key]]
 
 
 def scan_many(roots: list[str]) -> tuple[list[Usage], Shared]:
@@ -152,13 +194,13 @@ def _scan_share(roots: list[str], share: list[int]) -> tuple[list[_Portable], Sh
     for index in share:
         usage = scan(roots[index], shared)
         totals = (usage.bytes, usage.inodes, usage.shared_bytes, usage.shared_inodes)
-        portable.append((*totals, usage.owner_table()))
+        portable.append((*totals, usage.owner_table(), usage.own_marked))
     return portable, shared
 
 
 def _from_portable(data: _Portable) -> Usage:
-    nbytes, inodes, shared_bytes, shared_inodes, owners = data
-    usage = Usage(nbytes, inodes, shared_bytes, shared_inodes)
+    nbytes, inodes, shared_bytes, shared_inodes, owners, own_marked = data
+    usage = Usage(nbytes, inodes, shared_bytes, shared_inodes, own_marked=own_marked)
     for key, (owner_bytes, owner_inodes) in owners.items():
         usage.owners[key] = [owner_bytes, owner_inodes]
     return usage

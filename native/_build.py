@@ -45,8 +45,10 @@ ffibuilder.cdef(
     int native_capget(int pid, struct native_cap_data data[2]);
     int native_capset(struct native_cap_data data[2]);
 
-    int native_has_xattr_at(int dirfd, const char *name, const char *xattr);
-    int native_has_xattr_via_proc(int dirfd, const char *name, const char *xattr);
+    long native_xattr_at(int dirfd, const char *name, const char *xattr, char *buf,
+                         size_t size);
+    long native_xattr_via_proc(int dirfd, const char *name, const char *xattr, char *buf,
+                               size_t size);
 
     struct native_probe {
         uint64_t dev; uint64_t ino; int64_t size; int64_t mtime_ns; int64_t ctime_ns;
@@ -143,25 +145,18 @@ ffibuilder.set_source(
         return syscall(SYS_capset, &hdr, (struct __user_cap_data_struct *)data);
     }
 
-    /* 1 if dirfd/name (not followed if a symlink) has extended attribute xattr, 0 if
-       not, -1 with errno. getxattrat(2) (Linux 6.13) where the kernel has it: no
-       path through /proc/self/fd, which costs twice as much; else that path. */
+    /* The value of extended attribute xattr of dirfd/name (a symlink itself, not
+       followed) into buf: its length, or -1 with errno (ENODATA if it has none).
+       getxattrat(2) (Linux 6.13) where the kernel has it: no path through
+       /proc/self/fd, which costs twice as much; else that path. */
     #ifndef SYS_getxattrat
     #define SYS_getxattrat 464  /* one number on every architecture but alpha */
     #endif
     struct native_xattr_args { uint64_t value; uint32_t size; uint32_t flags; };
 
-    static int native_xattr_answer(long got)
-    {
-        if (got >= 0)
-            return 1;
-        if (errno == ENODATA || errno == ENOTSUP || errno == EPERM)
-            return 0;
-        return -1;
-    }
-
     /* The same through the /proc/self/fd path of dirfd: for kernels before 6.13. */
-    static int native_has_xattr_via_proc(int dirfd, const char *name, const char *xattr)
+    static long native_xattr_via_proc(int dirfd, const char *name, const char *xattr, char *buf,
+                                      size_t size)
     {
         char path[64 + 4096];
         if (snprintf(path, sizeof(path), "/proc/self/fd/%d/%s", dirfd, name)
@@ -169,21 +164,22 @@ ffibuilder.set_source(
             errno = ENAMETOOLONG;
             return -1;
         }
-        return native_xattr_answer(lgetxattr(path, xattr, NULL, 0));
+        return lgetxattr(path, xattr, buf, size);
     }
 
-    static int native_has_xattr_at(int dirfd, const char *name, const char *xattr)
+    static long native_xattr_at(int dirfd, const char *name, const char *xattr, char *buf,
+                                size_t size)
     {
         static int have_getxattrat = 1;
         if (have_getxattrat) {
-            struct native_xattr_args args = { 0, 0, 0 };  /* size 0: only whether it exists */
+            struct native_xattr_args args = { (uint64_t)(uintptr_t)buf, (uint32_t)size, 0 };
             long got = syscall(SYS_getxattrat, dirfd, name, AT_SYMLINK_NOFOLLOW, xattr, &args,
                                sizeof(args));
             if (got >= 0 || errno != ENOSYS)
-                return native_xattr_answer(got);
+                return got;
             have_getxattrat = 0;
         }
-        return native_has_xattr_via_proc(dirfd, name, xattr);
+        return native_xattr_via_proc(dirfd, name, xattr, buf, size);
     }
 
     struct native_probe {
@@ -195,7 +191,9 @@ ffibuilder.set_source(
        open path beneath dirfd (openat2: no "..", no symlinks), fstat it, list its
        extended attribute names into names (names_len -1 if they do not fit), read
        all of it into buf (content_len -1 if it holds more than buf_len - 1 bytes),
-       close it. -1 with errno if it could not be opened, stat'ed or read. */
+       close it. -1 with errno if it could not be opened, stat'ed or read. Only a
+       regular file is listed or read: for anything else (what a name the caller
+       saw as a file reaches now) only the stat is filled in, with both lengths -1. */
     static int native_probe_file(int dirfd, const char *path, int flags, unsigned char *buf,
                                  size_t buf_len, char *names, size_t names_len,
                                  struct native_probe *out)
@@ -212,6 +210,12 @@ ffibuilder.set_source(
         out->size = st.st_size;
         out->mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
         out->ctime_ns = (int64_t)st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec;
+        out->content_len = -1;
+        out->names_len = -1;
+        if (!S_ISREG(st.st_mode)) {
+            close(fd);
+            return 0;
+        }
         ssize_t listed = flistxattr(fd, names, names_len);
         if (listed < 0) {
             if (errno != ERANGE)
@@ -219,7 +223,6 @@ ffibuilder.set_source(
             listed = -1;
         }
         out->names_len = listed;
-        out->content_len = -1;
         if ((uint64_t)st.st_size < buf_len) {
             /* One read asking for more than the file holds: a short read is its
                end (the caller checks the length against st_size); a full buffer

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import struct
+import threading
 from typing import Any
 
 from native._syscalls import ffi, lib  # type: ignore[import-not-found]
@@ -131,14 +135,37 @@ def getdents(fd: int, buffer: bytearray) -> int:
     return _check(lib.getdents64(fd, ffi.from_buffer(buffer), len(buffer)))
 
 
-def has_xattr_at(dirfd: int, name: bytes, xattr: bytes) -> bool:
-    """True if dirfd/name (a symlink itself, not followed) has the extended attribute xattr."""
-    return bool(_check(lib.native_has_xattr_at(dirfd, name, xattr), name))
+_NO_XATTR = (errno.ENODATA, errno.ENOTSUP, errno.EPERM)
+_XATTR_SIZE = 64
+_xattr_buffers = threading.local()
 
 
-def has_xattr_via_proc(dirfd: int, name: bytes, xattr: bytes) -> bool:
-    """has_xattr_at through /proc/self/fd: what it does on kernels without getxattrat(2)."""
-    return bool(_check(lib.native_has_xattr_via_proc(dirfd, name, xattr), name))
+def xattr_at(dirfd: int, name: bytes, xattr: bytes) -> bytes | None:
+    """The value of dirfd/name's extended attribute xattr (a symlink itself, not followed).
+
+    None if it has none; OSError (ERANGE) if the value is longer than 64 bytes.
+    """
+    return _xattr_answer(lib.native_xattr_at, dirfd, name, xattr)
+
+
+def xattr_via_proc(dirfd: int, name: bytes, xattr: bytes) -> bytes | None:
+    """xattr_at through /proc/self/fd: what it does on kernels without getxattrat(2)."""
+    return _xattr_answer(lib.native_xattr_via_proc, dirfd, name, xattr)
+
+
+def _xattr_answer(call: Any, dirfd: int, name: bytes, xattr: bytes) -> bytes | None:
+    # One buffer per thread (the call runs without the GIL): a new one per
+    # call cost as much as the rest of the wrapper in a usage scan.
+    buf = getattr(_xattr_buffers, "buf", None)
+    if buf is None:
+        buf = _xattr_buffers.buf = ffi.new("char[]", _XATTR_SIZE)
+    got = call(dirfd, name, xattr, buf, _XATTR_SIZE)
+    if got < 0:
+        err = ffi.errno
+        if err in _NO_XATTR:
+            return None
+        raise OSError(err, os.strerror(err), name)
+    return ffi.unpack(buf, got)  # type: ignore[no-any-return]
 
 
 class FileProbe:
@@ -291,3 +318,37 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
         data[index].permitted = (permitted >> shift) & 0xFFFFFFFF
         data[index].inheritable = (inheritable >> shift) & 0xFFFFFFFF
     _check(lib.native_capset(data))
+
+
+FS_IOC_FIEMAP = 0xC020660B
+FIEMAP_EXTENT_LAST = 0x1
+_FIEMAP = struct.Struct(
+    "=QQIIII"
+)  # fm_start, fm_length, fm_flags, fm_mapped_extents, fm_extent_count
+_FIEMAP_EXTENT = struct.Struct("=QQQ16xI12x")  # fe_logical, fe_physical, fe_length, fe_flags
+
+
+def extents(fd: int, start: int, length: int, batch: int = 64) -> list[tuple[int, int]]:
+    """(offset, length) of fd's allocated extents that overlap [start, start + length).
+
+    FIEMAP without syncing: written, preallocated (unwritten) and delayed
+    (not yet written back) extents alike. OSError (EOPNOTSUPP) where the
+    filesystem cannot tell.
+    """
+    found: list[tuple[int, int]] = []
+    end = start + length
+    buf = bytearray(_FIEMAP.size + batch * _FIEMAP_EXTENT.size)
+    while start < end:
+        _FIEMAP.pack_into(buf, 0, start, end - start, 0, 0, batch, 0)
+        fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
+        mapped = _FIEMAP.unpack_from(buf)[3]
+        flags = 0
+        for index in range(mapped):
+            offset, _, size, flags = _FIEMAP_EXTENT.unpack_from(
+                buf, _FIEMAP.size + index * _FIEMAP_EXTENT.size
+            )
+            found.append((offset, size))
+        if mapped < batch or flags & FIEMAP_EXTENT_LAST:
+            break
+        start = found[-1][0] + found[-1][1]
+    return found

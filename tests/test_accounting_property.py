@@ -14,7 +14,22 @@ from hypothesis import strategies as st
 from cowfs.usage import scan
 from native import syscalls
 
-NAMES = ["a", "b", "c", "d/e", "d/f", "etc/hostname", "etc/passwd", "bin/busybox", "srv/x"]
+NAMES = [
+    "a",
+    "b",
+    "c",
+    "d/e",
+    "d/f",
+    "etc/hostname",
+    "etc/passwd",
+    "bin/busybox",
+    "srv/x",
+    "p/one",  # p/one and p/two: one inode that only this guest and the store link
+    "p/two",
+    "p/solo",  # an inode this guest links once, and the store
+    "p/tmpl",  # p/tmpl and p/copy: one inode this guest, the template and the store link
+    "p/copy",
+]
 
 op = st.one_of(
     st.tuples(
@@ -83,6 +98,9 @@ def test_counters_equal_a_fresh_scan(
     base = Path(str(tmp_path_factory.mktemp("acct")))  # type: ignore[attr-defined]
     template = base / "template"
     run("cp", "-a", busybox_template, template)  # a clone would mark the shared pristine tree
+    (template / "p").mkdir()
+    in_template = os.urandom(5000)
+    write_unifiable(template / "p" / "tmpl", in_template)
     counter = iter(range(10_000))
 
     @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
@@ -92,10 +110,25 @@ def test_counters_equal_a_fresh_scan(
         guest = base / f"g{n}"
         cowfs("clone", template, guest)
         (guest / "d").mkdir()
-        mnt = mounts.mount(guest, base / f"m{n}")
-        for step in steps:
-            apply(mnt, step)
-        mounts.umount(mnt)
+        twice = os.urandom(9000)
+        write_unifiable(guest / "p" / "one", twice)
+        write_unifiable(guest / "p" / "two", twice)
+        write_unifiable(guest / "p" / "copy", in_template)
+        once = os.urandom(7000)
+        write_unifiable(guest / "p" / "solo", once)
+        write_unifiable(guest / "p" / "solo-again", once)
+        cowfs("hashify", "--store", base / "store", guest)
+        os.unlink(guest / "p" / "solo-again")
+        assert os.stat(guest / "p" / "solo").st_nlink == 2
+        assert os.stat(guest / "p" / "one").st_nlink == 3
+        assert os.stat(guest / "p" / "copy").st_ino == os.stat(template / "p" / "tmpl").st_ino
+        # two mounts: the second starts from what the first stored, not a scan
+        half = len(steps) // 2
+        for part in (steps[:half], steps[half:]):
+            mnt = mounts.mount(guest, base / f"m{n}")
+            for step in part:
+                apply(mnt, step)
+            mounts.umount(mnt)
         shown = json.loads(cowfs("limit", "show", guest, "--json").stdout)[0]
         fresh = scan(str(guest))
         assert (shown["used_bytes"], shown["used_inodes"]) == (fresh.bytes, fresh.inodes), steps
@@ -103,6 +136,13 @@ def test_counters_equal_a_fresh_scan(
         assert db_owners == fresh.owner_table(), steps
 
     check()
+
+
+def write_unifiable(path: Path, content: bytes) -> None:
+    """A file hashify may unify with others of the same content (same mode, owner, mtime)."""
+    path.write_bytes(content)
+    os.chmod(path, 0o644)
+    os.utime(path, ns=(0, 0))
 
 
 def _owners(guest: Path) -> dict[tuple[str, int], tuple[int, int]]:

@@ -221,6 +221,38 @@ def test_store_verify_finds_corruption(tmp_path: Path) -> None:
     assert victim.name in result.stdout and "content hashes to" in result.stdout
 
 
+def test_store_entries_carry_the_store_mark_and_old_stores_get_it(tmp_path: Path) -> None:
+    """The mark's value tells accounting that the store's link is nobody's."""
+    guests = synthetic_guests(tmp_path)
+    store = tmp_path / "store"
+    cowfs("hashify", "--store", store, guests[0], guests[1])
+    entries = entry_files(store)
+    assert entries and all(os.getxattr(e, "trusted.cowfs.cow") == b"s" for e in entries)
+    # g0 alone keeps its libc.so once g1 lets go: charged to g0 again
+    charged = json.loads(cowfs("du", "--json", guests[0]).stdout)["guests"][0]["private_bytes"]
+    os.unlink(guests[1] / "usr/lib/libc.so")
+    alone = json.loads(cowfs("du", "--json", guests[0]).stdout)["guests"][0]["private_bytes"]
+    libc = (guests[0] / "usr/lib/libc.so").stat()
+    assert libc.st_nlink == 2 and alone == charged + libc.st_blocks * 512
+    # a store as made before the value existed: its entries marked as clone marks
+    meta = store / ".cowfs-store.json"
+    meta.write_text(json.dumps({"format": 1, "hash": "blake3"}) + "\n")
+    for entry in entries:
+        os.setxattr(entry, "trusted.cowfs.cow", b"1")
+    old = json.loads(cowfs("du", "--json", guests[0]).stdout)["guests"][0]["private_bytes"]
+    assert old == charged  # the store's link looks like another guest's
+    assert run(COWFS, "store", "verify", "--store", store, check=False).returncode == 0
+    cowfs("store", "gc", "--store", store)
+    assert json.loads(meta.read_text())["store_mark"] is True
+    assert all(os.getxattr(e, "trusted.cowfs.cow") == b"s" for e in entry_files(store))
+    again = json.loads(cowfs("du", "--json", guests[0]).stdout)["guests"][0]["private_bytes"]
+    assert again == alone
+    # from now on verify holds the store to it
+    os.setxattr(entry_files(store)[0], "trusted.cowfs.cow", b"1")
+    result = run(COWFS, "store", "verify", "--store", store, check=False)
+    assert result.returncode == 1 and "COW mark not the store's" in result.stdout
+
+
 def entry_files(store: Path) -> list[Path]:
     """The store's entries (files in its two-character subdirectories)."""
     return [p for p in store.rglob("*") if p.is_file() and p.parent != store]

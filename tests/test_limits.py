@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import Mounts, cowfs, run
 
+from cowfs.usage import scan
 from native import syscalls
 
 
@@ -367,3 +368,269 @@ def test_guests_scanned_at_once_count_as_scanned_one_by_one(
     assert shared_together == shared_alone
     unified = os.stat(second / "unified")
     assert (unified.st_dev, unified.st_ino) in shared_together
+
+
+# -- attacks on the space limit (issue 13, hole 6) ----------------------------
+
+
+LIMIT = 2**20
+
+
+def mount_limited(guest: Path, tmp_path: Path, mounts: Mounts) -> Path:
+    """The guest with a space limit of LIMIT, mounted."""
+    cowfs("limit", "set", guest, "--space", str(LIMIT))
+    return mounts.mount(guest, tmp_path / "m")
+
+
+def used_bytes(guest: Path) -> int:
+    """The guest's private bytes as its mount's counters have them (the mount writes them first)."""
+    return int(json.loads(cowfs("limit", "show", guest, "--json").stdout)[0]["used_bytes"])
+
+
+def private_bytes_by_du(guest: Path, template: Path) -> int:
+    """What the guest alone holds, found without cowfs: du -s of its tree minus its inodes
+    that the template links too (each inode once, as du counts)."""
+    template_inodes = {
+        (st.st_dev, st.st_ino)
+        for st in (os.lstat(os.path.join(d, n)) for d, ds, fs in os.walk(template) for n in fs)
+    }
+    shared = {}
+    for directory, _, files in os.walk(guest):
+        for name in files:
+            st = os.lstat(os.path.join(directory, name))
+            if (st.st_dev, st.st_ino) in template_inodes:
+                shared[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+    return int(run("du", "-s", "-B1", guest).stdout.split()[0]) - sum(shared.values())
+
+
+def test_hashified_duplicates_inside_one_guest_stay_charged(
+    guest: Path, guest_tree: Path, tmp_path: Path, mounts: Mounts
+) -> None:
+    """Attack: make each file twice, let hashify put the pair in the store, repeat.
+
+    A file only this guest links (and the store) is the guest's: each content
+    costs it once, and it meets its limit as if it had never been hashified.
+    Before, a marked file with a second link counted as shared and free, so
+    every round of hashify gave the guest its space back.
+    """
+    limit = LIMIT
+    size = 150 * 1024
+    store = tmp_path / "store"
+    mnt = mount_limited(guest, tmp_path, mounts)
+    accepted = 0
+    refusal = None
+    for round_ in range(8):
+        content = os.urandom(size)
+        try:
+            for copy in ("a", "b"):
+                (mnt / "srv" / f"f{round_}{copy}").write_bytes(content)
+                os.utime(mnt / "srv" / f"f{round_}{copy}", ns=(0, 0))  # equal, as hashify wants
+        except OSError as e:
+            refusal = e
+            break
+        accepted += 1
+        mounts.umount(mnt)
+        cowfs("hashify", "--store", store, guest)
+        pair = [os.stat(guest / "srv" / f"f{round_}{copy}") for copy in ("a", "b")]
+        assert pair[0].st_ino == pair[1].st_ino and pair[0].st_nlink == 3  # two names + the store
+        assert os.getxattr(guest / "srv" / f"f{round_}a", "trusted.cowfs.cow") == b"s"
+        by_du = private_bytes_by_du(guest, guest_tree)
+        scanned = json.loads(cowfs("du", "--json", guest).stdout)["guests"][0]
+        assert scanned["private_bytes"] == by_du
+        mounts.mount(guest, mnt)  # rescans: hashify marked the guest's usage stale
+        assert used_bytes(guest) == by_du
+    assert refusal is not None, "eight rounds of 150 KiB passed a 1 MiB limit"
+    assert refusal.errno == errno.ENOSPC
+    # what the guest holds, each content once, fits the limit, and one more did not
+    assert used_bytes(guest) <= limit < used_bytes(guest) + 2 * size
+    assert accepted * size < limit
+    # the guest lets go of one name, then the other: the inode leaves it with the last
+    before = used_bytes(guest)
+    blocks = (guest / "srv" / "f0a").stat().st_blocks * 512
+    os.unlink(mnt / "srv" / "f0a")
+    assert used_bytes(guest) == before
+    os.unlink(mnt / "srv" / "f0b")
+    assert used_bytes(guest) == before - blocks
+    mounts.umount(mnt)
+    assert used_bytes(guest) == private_bytes_by_du(guest, guest_tree)
+
+
+def test_the_last_other_holder_leaving_moves_the_charge_at_the_next_scan(
+    guest: Path, guest_tree: Path, tmp_path: Path
+) -> None:
+    """A file shared with the template is free until nobody but the store shares it.
+
+    Then it is the guest's, from the next scan on (here: cowfs du --recalc).
+    """
+    before = json.loads(cowfs("du", "--json", guest).stdout)["guests"][0]["private_bytes"]
+    busybox = guest_tree / "bin" / "busybox"
+    st = busybox.stat()
+    assert st.st_nlink == 2  # the template's name and the guest's
+    # the template gets a second name for it and a copy of it: hashify puts the
+    # inode with most names (busybox's) in the store and links the copy to it
+    os.link(busybox, guest_tree / "bin" / "busybox-again")
+    copy = guest_tree / "bin" / "busybox-copy"
+    copy.write_bytes(busybox.read_bytes())
+    os.chmod(copy, st.st_mode)
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    cowfs("hashify", "--store", tmp_path / "store", guest_tree)
+    assert (guest / "bin" / "busybox").stat().st_nlink == 5  # guest, template x3, store
+    figures = json.loads(cowfs("du", "--json", guest).stdout)["guests"][0]
+    assert figures["private_bytes"] == before
+    for name in ("busybox", "busybox-again", "busybox-copy"):
+        os.unlink(guest_tree / "bin" / name)
+    figures = json.loads(cowfs("du", "--json", "--recalc", guest).stdout)["guests"][0]
+    assert figures["private_bytes"] == before + st.st_blocks * 512
+    assert figures["private_bytes"] == private_bytes_by_du(guest, guest_tree)
+    assert used_bytes(guest) == figures["private_bytes"]
+
+
+def test_writes_into_holes_below_preallocated_space_are_charged(
+    guest: Path, tmp_path: Path, mounts: Mounts
+) -> None:
+    """Attack: preallocate past the end (fallocate -n), then fill holes inside the file.
+
+    Before, a write inside the file's size counted as an overwrite whenever
+    st_blocks covered st_size, which the blocks past the end made true: the
+    holes filled past the limit unchecked.
+    """
+    limit = LIMIT
+    mnt = mount_limited(guest, tmp_path, mounts)
+    target = mnt / "srv" / "holes"
+    room = limit - used_bytes(guest)
+    span = room * 3 // 4 // 65536 * 65536  # preallocated past the end, then the holes below it
+    run("truncate", "-s", str(span), target)
+    run("fallocate", "-n", "-o", str(span), "-l", str(span), target)
+    assert target.stat().st_size == span and target.stat().st_blocks * 512 >= span
+    result = run(
+        "dd",
+        "if=/dev/urandom",
+        f"of={target}",
+        "bs=64K",
+        f"count={span // 65536}",
+        "conv=notrunc",
+        check=False,
+    )
+    assert result.returncode != 0 and "No space left on device" in result.stderr
+    assert used_bytes(guest) <= limit
+    assert target.stat().st_size == span  # the writes went into the holes, not past the end
+    mounts.umount(mnt)
+    assert used_bytes(guest) == scan(str(guest)).bytes
+
+
+def test_a_quota_counts_writes_into_holes_too(guest: Path, tmp_path: Path, mounts: Mounts) -> None:
+    cowfs("quota", "set", guest, "--user", "alice", "--space-hard", "1M")
+    mnt = mounts.mount(guest, tmp_path / "m")
+    span = 768 * 1024
+    script = (
+        f"truncate -s {span} holes && fallocate -n -o {span} -l {span} holes"
+        f" && dd if=/dev/zero of=holes bs=64K count={span // 65536} conv=notrunc"
+    )
+    result = as_user(1000, script + " 2>&1", mnt / "srv")
+    assert result.returncode != 0 and "Disk quota exceeded" in result.stdout
+    report = {
+        (r["kind"], r["name"]): r
+        for r in json.loads(cowfs("quota", "report", guest, "--json").stdout)
+    }
+    assert report[("user", "alice")]["used_bytes"] <= 2**20  # type: ignore[operator]
+
+
+def test_space_fallocate_reserved_can_be_written_at_the_limit(
+    guest: Path, tmp_path: Path, mounts: Mounts
+) -> None:
+    """What fallocate promises: writes into space it reserved do not fail for want of space."""
+    limit = LIMIT
+    mnt = mount_limited(guest, tmp_path, mounts)
+    reserved = 256 * 1024
+    (mnt / "srv" / "log").touch()
+    too_much = run("fallocate", "-n", "-l", str(limit), mnt / "srv" / "log", check=False)
+    assert "No space left on device" in too_much.stderr  # preallocating is allocating
+    run("fallocate", "-n", "-l", str(reserved), mnt / "srv" / "log")  # its size stays 0
+    assert (mnt / "srv" / "log").stat().st_size == 0
+    with pytest.raises(OSError) as err:
+        write_bytes(mnt / "srv" / "filler", limit)
+    assert err.value.errno == errno.ENOSPC
+    assert limit - used_bytes(guest) < 64 * 1024
+    with open(mnt / "srv" / "log", "ab", buffering=0) as log:
+        for _ in range(reserved // 65536):
+            log.write(os.urandom(65536))
+    assert (mnt / "srv" / "log").stat().st_size == reserved
+    with pytest.raises(OSError) as err, open(mnt / "srv" / "log", "ab", buffering=0) as log:
+        log.write(os.urandom(65536))  # past what was reserved
+    assert err.value.errno == errno.ENOSPC
+    mounts.umount(mnt)
+    assert used_bytes(guest) == scan(str(guest)).bytes
+
+
+def test_nothing_that_adds_a_name_passes_a_full_limit(
+    guest: Path, tmp_path: Path, mounts: Mounts
+) -> None:
+    """At the limit, long symlinks and new names (each may take a block) are refused too."""
+    limit = LIMIT
+    mnt = mount_limited(guest, tmp_path, mounts)
+    srv = mnt / "srv"
+    (srv / "file").write_text("x")
+    with open(srv / "filler", "wb", buffering=0) as filler:
+        for chunk in (65536, 4096):
+            with pytest.raises(OSError) as err:
+                while True:
+                    filler.write(b"f" * chunk)
+            assert err.value.errno == errno.ENOSPC
+    assert limit - used_bytes(guest) < 4096
+    for attempt in (
+        lambda: os.symlink("t" * 4000, srv / "long-link"),
+        lambda: os.mkfifo(srv / "fifo"),
+        lambda: (srv / "new").write_text(""),
+        lambda: os.link(srv / "file", srv / "second-name"),
+        lambda: os.rename(srv / "file", srv / "renamed"),
+        lambda: os.setxattr(srv / "file", "user.big", b"v" * 3000),
+    ):
+        with pytest.raises(OSError) as err:
+            attempt()
+        assert err.value.errno == errno.ENOSPC
+    assert used_bytes(guest) <= limit
+    os.unlink(srv / "filler")
+    os.symlink("t" * 4000, srv / "long-link")
+    os.rename(srv / "file", srv / "renamed")
+    mounts.umount(mnt)
+    assert used_bytes(guest) == scan(str(guest)).bytes
+
+
+@pytest.mark.parametrize("drop", ["unlink", "write"])
+@pytest.mark.parametrize("shared_by", ["hashify", "clone"])
+def test_a_file_never_charged_is_not_credited_when_its_other_holders_left_first(
+    guest: Path, tmp_path: Path, mounts: Mounts, shared_by: str, drop: str
+) -> None:
+    """Attack with two guests: share a file, drop it in one, then in the other.
+
+    The second guest's mount counted the file as shared (free). When it drops
+    its last name, only the store (or nobody) holds the file, but crediting
+    its bytes then would take off a charge that was never made: free space.
+    Writing to it instead makes it the guest's: charged then, copy or not.
+    """
+    other = tmp_path / "other"
+    content = os.urandom(300_000)
+    if shared_by == "hashify":
+        cowfs("clone", guest, other)  # a second guest; the shared file is made below
+        for tree in (guest, other):
+            (tree / "srv" / "x").write_bytes(content)
+            os.utime(tree / "srv" / "x", ns=(0, 0))
+        cowfs("hashify", "--store", tmp_path / "store", guest, other)
+    else:
+        (guest / "srv" / "x").write_bytes(content)
+        cowfs("clone", guest, other)  # the guest's own file, now shared with the clone
+    assert (guest / "srv" / "x").stat().st_ino == (other / "srv" / "x").stat().st_ino
+    mnt = mounts.mount(guest, tmp_path / "m")
+    other_mnt = mounts.mount(other, tmp_path / "om")
+    charged = used_bytes(guest)
+    assert charged == scan(str(guest)).bytes  # the file is shared: not in it
+    os.unlink(other_mnt / "srv" / "x")
+    if drop == "unlink":
+        os.unlink(mnt / "srv" / "x")
+        assert used_bytes(guest) == charged
+    else:
+        with open(mnt / "srv" / "x", "r+b") as f:
+            f.write(b"mine now")
+        assert used_bytes(guest) >= charged + len(content)
+    mounts.umount(mnt)
+    assert used_bytes(guest) == scan(str(guest)).bytes

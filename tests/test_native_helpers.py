@@ -1,4 +1,4 @@
-"""native helpers: hashify's FileProbe (open, stat, xattr names, read at once), has_xattr_at."""
+"""native helpers: hashify's FileProbe (open, stat, xattr names, read at once), xattr_at."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from native.syscalls import FileProbe, has_xattr_at, has_xattr_via_proc
+from native.syscalls import FileProbe, xattr_at, xattr_via_proc
 
 READ = os.O_RDONLY | os.O_NOFOLLOW
 
@@ -74,19 +74,34 @@ def test_symlinks_escapes_and_missing_files_refused(tree: Path, path: bytes, cod
         os.close(dirfd)
 
 
-@pytest.mark.parametrize("lookup", [has_xattr_at, has_xattr_via_proc])
-def test_has_xattr_at_looks_at_the_name_itself(
-    tree: Path, lookup: Callable[[int, bytes, bytes], bool]
+@pytest.mark.parametrize("lookup", [xattr_at, xattr_via_proc])
+def test_xattr_at_reads_the_name_itself(
+    tree: Path, lookup: Callable[[int, bytes, bytes], bytes | None]
 ) -> None:
-    # has_xattr_via_proc is what has_xattr_at falls back to before Linux 6.13.
-    os.setxattr(tree / "d" / "small", "user.mark", b"1")
+    # xattr_via_proc is what xattr_at falls back to before Linux 6.13.
+    os.setxattr(tree / "d" / "small", "user.mark", b"s")
+    os.setxattr(tree / "d" / "empty", "user.long", b"v" * 100)
     dirfd = os.open(tree / "d", os.O_PATH | os.O_DIRECTORY)
     try:
-        assert lookup(dirfd, b"small", b"user.mark")
-        assert not lookup(dirfd, b"small", b"user.other")
-        assert not lookup(dirfd, b"empty", b"user.mark")
-        assert not lookup(dirfd, b"link", b"user.mark")  # the symlink, not its target
+        assert lookup(dirfd, b"small", b"user.mark") == b"s"
+        assert lookup(dirfd, b"small", b"user.other") is None
+        assert lookup(dirfd, b"empty", b"user.mark") is None
+        assert lookup(dirfd, b"link", b"user.mark") is None  # the symlink, not its target
         with pytest.raises(FileNotFoundError):
             lookup(dirfd, b"none", b"user.mark")
+        with pytest.raises(OSError) as too_long:
+            lookup(dirfd, b"empty", b"user.long")  # more than the 64 bytes asked for
+        assert too_long.value.errno == errno.ERANGE
+    finally:
+        os.close(dirfd)
+
+
+def test_probe_reads_nothing_but_a_regular_file(tree: Path) -> None:
+    os.mkfifo(tree / "d" / "fifo")
+    dirfd = os.open(tree, os.O_PATH)
+    try:
+        found = FileProbe(64).probe(dirfd, b"d/fifo", READ | os.O_NONBLOCK)
+        assert found.ino == os.lstat(tree / "d" / "fifo").st_ino
+        assert (found.content_len, found.names_len) == (-1, -1)
     finally:
         os.close(dirfd)

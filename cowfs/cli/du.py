@@ -40,7 +40,7 @@ def du_command(
     )
     if not targets:
         raise CowfsError("no guests: give guest names or paths")
-    figures, host = disk_usage(db, targets, recalc, store or default_store())
+    figures, host = disk_usage(db, targets, recalc, store or default_store(), by_user)
     if as_json:
         rows = [dataclasses.asdict(f) for f in figures]
         if not by_user:

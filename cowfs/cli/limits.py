@@ -7,7 +7,7 @@ import json
 import click
 
 from cowfs.errors import CowfsError
-from cowfs.guests import Guest, fresh_usage, notify_mounts, owner_name, resolve, resolve_owner
+from cowfs.guests import Guest, OwnerNames, fresh_usage, notify_mounts, resolve, resolve_owner
 from cowfs.limits import parse_duration
 from cowfs.reports import quota_report
 from cowfs.statedb import LimitRow, QuotaRow, StateDB
@@ -207,7 +207,8 @@ def quota_set(
     assert row is not None
     db.set_quota(row.id, quota)
     notify_mounts(target)
-    click.echo(f"{target.name}: quota set for {kind} {owner_name(target, kind, owner)} ({owner})")
+    name = OwnerNames.read(target).name(kind, owner)
+    click.echo(f"{target.name}: quota set for {kind} {name} ({owner})")
 
 
 @quota_group.command("clear")
