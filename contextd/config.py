@@ -48,6 +48,7 @@ import msgspec
 import tomli_w
 
 from contextd.capabilities import CAPABILITIES, DEFAULT_KEEP
+from cowfs.atomicfile import write_atomically
 from cowfs.errors import CowfsError
 from cowfs.units import parse_size
 
@@ -487,10 +488,7 @@ def load_all(directory: Path | None = None) -> dict[str, GuestConfig]:
 
 def write(config: GuestConfig) -> None:
     """Write a guest's configuration file (atomically), as parse() reads it."""
-    config.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = config.path.with_suffix(".toml.tmp")
-    tmp.write_text(tomli_w.dumps(_file_contents(config)))
-    os.replace(tmp, config.path)
+    write_atomically(config.path, tomli_w.dumps(_file_contents(config)), durable=True)
 
 
 def _file_contents(config: GuestConfig) -> dict[str, Any]:

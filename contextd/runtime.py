@@ -9,8 +9,8 @@ the stop signal to init, waits, then kills every process left in the cgroup
 (frozen first), unmounts the root, removes the guest's interfaces and the
 cgroup: nothing is left.
 
-A running guest is recorded in /run/contextd/guests/NAME.json (init's pid and
-start time): a restarted contextd finds and adopts it.
+A running guest is recorded in /run/contextd/guests/NAME.json (contextd.runstate):
+a restarted contextd finds and adopts it.
 """
 
 from __future__ import annotations
@@ -27,73 +27,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from contextd import network, procfs
+from contextd import network, procfs, runstate
 from contextd.cgroups import Cgroup
 from contextd.config import GuestConfig
 from contextd.forkserver import ForkServer, ForkServerError
 from contextd.paths import log_dir, run_dir
 from cowfs import registry
 from cowfs.errors import CowfsError
+from cowfs.guests import Guest as CowfsGuest
+from cowfs.guests import set_disk_limits
 from cowfs.mount import unmount
-from cowfs.statedb import LimitRow, StateDB
+from cowfs.statedb import StateDB
 
 log = logging.getLogger(__name__)
 
 
 class GuestError(CowfsError):
     """A guest operation that cannot be done; one line for the admin."""
-
-
-@dataclass
-class RunState:
-    """What contextd records about a running guest."""
-
-    name: str
-    xid: int
-    init_pid: int
-    init_start: int  # /proc/PID/stat start time: a recycled pid is not the guest's init
-    mountpoint: str
-    root: str
-    started: float
-    console_log: str
-
-
-def _state_path(name: str) -> Path:
-    return run_dir() / "guests" / f"{name}.json"
-
-
-def load_state(name: str) -> RunState | None:
-    """The recorded run state of a guest, if any."""
-    try:
-        return RunState(**json.loads(_state_path(name).read_text()))
-    except (FileNotFoundError, ValueError, TypeError):
-        return None
-
-
-def _save_state(state: RunState) -> None:
-    path = _state_path(state.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(state)))
-    tmp.replace(path)
-
-
-def _drop_state(name: str) -> None:
-    _state_path(name).unlink(missing_ok=True)
-
-
-def is_running(state: RunState) -> bool:
-    """True if the recorded init is still that process (not a recycled pid)."""
-    start = procfs.start_time(state.init_pid)
-    return start is not None and start == state.init_start and procfs.is_alive(state.init_pid)
-
-
-# Where guests' helper processes come from (see contextd.forkserver).
-helpers = ForkServer()
-
-# Console loggers started for guests, as pidfds, by guest: stop waits for them
-# (they end with the guest's last process).
-_console_loggers: dict[str, int] = {}
 
 
 class _Undo:
@@ -114,78 +64,13 @@ class _Undo:
 
 
 def _apply_disk_limits(config: GuestConfig) -> None:
+    """The configuration's disk limits into cowfs's books (the reserve stays as set there)."""
     limits = config.limits
     if limits.disk_space is None and limits.disk_inodes is None:
         return
-    db = StateDB()
-    try:
-        guest = db.guest(config.root, config.name)
-        assert guest is not None
-        db.set_limits(
-            guest.id,
-            LimitRow(limits.disk_space, limits.disk_inodes, db.limits(guest.id).reserved_percent),
-        )
-    finally:
-        db.close()
-
-
-def start(config: GuestConfig) -> RunState:
-    """Boot a guest (see the module docstring); its run state."""
-    existing = load_state(config.name)
-    if existing is not None and is_running(existing):
-        raise GuestError(f"guest {config.name} is already running (init pid {existing.init_pid})")
-    if not os.path.isdir(config.root):
-        raise GuestError(f"guest {config.name}: root {config.root} does not exist")
-    if registry.mounts_serving(config.root):
-        raise GuestError(f"guest {config.name}: its root {config.root} is mounted already")
-    undo = _Undo()
-    try:
-        cgroup = Cgroup(config.name)
-        if cgroup.exists():
-            cgroup.kill_all()
-            cgroup.remove()
-        cgroup.create(config.limits)
-        undo.push("cgroup", lambda: _kill_and_remove(cgroup))
-        mountpoint = _root_only_dir(run_dir() / "roots") / config.name
-        mountpoint.mkdir(exist_ok=True)
-        _apply_disk_limits(config)
-        _mount_root(config, str(mountpoint), cgroup)
-        undo.push("cowfs mount", lambda: unmount(str(mountpoint), lazy=True))
-        # The console logger (started below) ends once nothing of the guest holds
-        # its pipe: waited for after the cgroup's processes are killed.
-        undo.push("console logger", lambda: _end_logger(config.name))
-        console_log = _root_only_dir(log_dir()) / f"{config.name}.console.log"
-        console_r, console_w = os.pipe2(os.O_CLOEXEC)
-        try:
-            with _devnull() as null:
-                logger = helpers.run("console", {"log": str(console_log)}, [console_r, null, null])
-            with contextlib.suppress(ProcessLookupError):  # gone already: nothing to wait for
-                _console_loggers[config.name] = os.pidfd_open(logger)
-        except ForkServerError as e:
-            os.close(console_w)
-            raise GuestError(f"guest {config.name}: console logger not started: {e}") from None
-        finally:
-            os.close(console_r)
-        undo.push("network", lambda: network.unplug(config))
-        try:
-            pid = _spawn(config, str(mountpoint), console_w, cgroup)
-        finally:
-            os.close(console_w)
-        state = RunState(
-            name=config.name,
-            xid=config.xid,
-            init_pid=pid,
-            init_start=procfs.start_time(pid) or 0,
-            mountpoint=str(mountpoint),
-            root=config.root,
-            started=time.time(),
-            console_log=str(console_log),
-        )
-        _save_state(state)
-        return state
-    except BaseException:
-        undo.run()
-        raise
+    set_disk_limits(
+        CowfsGuest(config.name, config.root), space=limits.disk_space, inodes=limits.disk_inodes
+    )
 
 
 def _kill_and_remove(cgroup: Cgroup) -> None:
@@ -215,149 +100,220 @@ def _root_only_dir(path: Path) -> Path:
     return path
 
 
-def _mount_root(config: GuestConfig, mountpoint: str, cgroup: Cgroup) -> None:
-    """Mount the guest's cowfs root at mountpoint: a FUSE server forked by the fork server
-    into the guest's cgroup, so that the guest pays for the work it makes it do."""
-    # Not forked from contextd itself: its threads must not be forked.
-    answer_r, answer_w = os.pipe2(os.O_CLOEXEC)
-    try:
-        with _devnull() as null:
-            args = {
-                "backing": config.root,
-                "mountpoint": mountpoint,
-                "xid": config.xid,
-                "log": str(_root_only_dir(log_dir()) / f"{config.name}.cowfs.log"),
-                "cgroup_dirs": [str(d) for d in cgroup.fuse_server_dirs],
-            }
-            helpers.run("mount", args, [null, answer_w, answer_w])
-    except ForkServerError as e:
-        os.close(answer_r)
-        raise GuestError(f"guest {config.name}: root not mounted: {e}") from None
-    finally:
-        os.close(answer_w)
-    with os.fdopen(answer_r) as answer:  # until the job ends
-        output = answer.read().strip()
-    # Its answer is its last line; anything before it went to its stderr.
-    try:
-        reply = json.loads(output.splitlines()[-1])
-    except (IndexError, ValueError):
-        raise GuestError(f"guest {config.name}: root not mounted: {output}") from None
-    if "error" in reply:
-        raise GuestError(f"guest {config.name}: {reply['error']}")
+class Runtime:
+    """Guests' lifecycle, and what the daemon keeps for it: the fork server its guests'
+    helper processes come from (contextd.forkserver), and a pidfd of each guest's
+    console logger (stop waits for it: it ends with the guest's last process)."""
 
+    def __init__(self, helpers: ForkServer | None = None):
+        self.helpers = helpers or ForkServer()
+        self._console_loggers: dict[str, int] = {}
 
-def _spawn(config: GuestConfig, mountpoint: str, console_w: int, cgroup: Cgroup) -> int:
-    request: dict[str, object] = {
-        "root": mountpoint,
-        "hostname": config.hostname,
-        "init": config.init,
-        "environment": config.environment,
-        "capabilities": config.capabilities,
-        "net": config.net.mode,
-        "console_fd": 3,
-    }
-    ours, theirs = socket.socketpair()
-    errors_r, errors_w = os.pipe2(os.O_CLOEXEC)
-    try:
-        helpers.run("spawn", {}, [theirs.fileno(), theirs.fileno(), errors_w, console_w])
-    except ForkServerError as e:
-        ours.close()
-        os.close(errors_r)
-        raise GuestError(f"guest {config.name}: context not created: {e}") from None
-    finally:
-        theirs.close()
-        os.close(errors_w)
-    to_helper = ours.makefile("w")
-    from_helper = ours.makefile("r")
-    try:
-        to_helper.write(json.dumps(request) + "\n")
-        to_helper.flush()
-        line = from_helper.readline().strip()
-        if not line.isdigit():
-            with os.fdopen(os.dup(errors_r)) as errors:
-                problem = errors.read().strip()
-            raise GuestError(f"guest {config.name}: context not created: {problem}")
-        pid = int(line)
-        try:
-            cgroup.add(pid)
-            if config.net.mode == "isolated":
-                network.plug(config, pid)
-        except BaseException:
-            os.kill(pid, signal.SIGKILL)
-            raise
-        to_helper.write("go\n")
-        to_helper.flush()
-        result = from_helper.readline().strip()
-        if result != "ok":
+    def close(self) -> None:
+        """End the fork server (guests and their helpers run on)."""
+        self.helpers.close()
+
+    def start(self, config: GuestConfig) -> runstate.RunState:
+        """Boot a guest (see the module docstring); its run state."""
+        existing = runstate.load(config.name)
+        if existing is not None and runstate.is_running(existing):
             raise GuestError(
-                f"guest {config.name}: init did not start: {result.removeprefix('error: ')}"
+                f"guest {config.name} is already running (init pid {existing.init_pid})"
             )
-        return pid
-    finally:
-        to_helper.close()
-        from_helper.close()
-        ours.close()
-        os.close(errors_r)
-
-
-def stop(config: GuestConfig, timeout: float | None = None) -> None:
-    """Stop a running guest and leave nothing behind."""
-    state = load_state(config.name)
-    cgroup = Cgroup(config.name)
-    if state is None and not cgroup.exists():
-        raise GuestError(f"guest {config.name} is not running")
-    timeout = config.stop_timeout if timeout is None else timeout
-    if state is not None and is_running(state):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(state.init_pid, config.stop_signal)
-        deadline = time.monotonic() + timeout
-        pause = 0.001  # init mostly ends within a few ms: look again soon, then less often
-        while time.monotonic() < deadline and cgroup.pids():
-            time.sleep(pause)
-            pause = min(pause * 2, 0.05)
-    cgroup.kill_all()
-    _reap(config.name, state)
-    mountpoint = state.mountpoint if state else str(run_dir() / "roots" / config.name)
-    if os.path.realpath(mountpoint) in registry.mounted_points():
-        for _ in range(100):
-            try:
-                unmount(mountpoint)
-                break
-            except CowfsError as e:
-                if "busy" not in str(e):
-                    raise
-                time.sleep(0.05)  # the guest's mount namespace is being torn down
-        else:
-            unmount(mountpoint, lazy=True)
-    network.unplug(config)
-    cgroup.remove()
-    _drop_state(config.name)
-
-
-def _reap(name: str, state: RunState | None) -> None:
-    """Collect a stopped guest's init (ours while we are its subreaper) and console logger."""
-    if state is not None:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(state.init_pid, os.WNOHANG)
-    _end_logger(name)
-
-
-def _end_logger(name: str) -> None:
-    """Wait for a guest's console logger to end (it does with the guest's last process)."""
-    logger = _console_loggers.pop(name, None)
-    if logger is not None:
-        # The fork server's child, not ours: wait through its pidfd, so that the
-        # log is complete once stop returns.
+        if not os.path.isdir(config.root):
+            raise GuestError(f"guest {config.name}: root {config.root} does not exist")
+        if registry.mounts_serving(config.root):
+            raise GuestError(f"guest {config.name}: its root {config.root} is mounted already")
+        undo = _Undo()
         try:
-            if not select.select([logger], [], [], 5)[0]:
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(logger, signal.SIGKILL)
-                select.select([logger], [], [], 5)
-            # Ours to reap if the fork server died before it: we are the subreaper.
-            with contextlib.suppress(ChildProcessError):
-                os.waitid(os.P_PIDFD, logger, os.WEXITED | os.WNOHANG)
+            cgroup = Cgroup(config.name)
+            if cgroup.exists():
+                cgroup.kill_all()
+                cgroup.remove()
+            cgroup.create(config.limits)
+            undo.push("cgroup", lambda: _kill_and_remove(cgroup))
+            mountpoint = _root_only_dir(run_dir() / "roots") / config.name
+            mountpoint.mkdir(exist_ok=True)
+            _apply_disk_limits(config)
+            self._mount_root(config, str(mountpoint), cgroup)
+            undo.push("cowfs mount", lambda: unmount(str(mountpoint), lazy=True))
+            # The console logger (started below) ends once nothing of the guest holds
+            # its pipe: waited for after the cgroup's processes are killed.
+            undo.push("console logger", lambda: self._end_logger(config.name))
+            console_log = _root_only_dir(log_dir()) / f"{config.name}.console.log"
+            console_r, console_w = os.pipe2(os.O_CLOEXEC)
+            try:
+                with _devnull() as null:
+                    logger = self.helpers.run(
+                        "console", {"log": str(console_log)}, [console_r, null, null]
+                    )
+                with contextlib.suppress(ProcessLookupError):  # gone already: nothing to wait for
+                    self._console_loggers[config.name] = os.pidfd_open(logger)
+            except ForkServerError as e:
+                os.close(console_w)
+                raise GuestError(f"guest {config.name}: console logger not started: {e}") from None
+            finally:
+                os.close(console_r)
+            undo.push("network", lambda: network.unplug(config))
+            try:
+                pid = self._spawn(config, str(mountpoint), console_w, cgroup)
+            finally:
+                os.close(console_w)
+            state = runstate.RunState(
+                name=config.name,
+                xid=config.xid,
+                init_pid=pid,
+                init_start=procfs.start_time(pid) or 0,
+                mountpoint=str(mountpoint),
+                root=config.root,
+                started=time.time(),
+                console_log=str(console_log),
+            )
+            runstate.save(state)
+            return state
+        except BaseException:
+            undo.run()
+            raise
+
+    def _mount_root(self, config: GuestConfig, mountpoint: str, cgroup: Cgroup) -> None:
+        """Mount the guest's cowfs root at mountpoint: a FUSE server forked by the fork server
+        into the guest's cgroup, so that the guest pays for the work it makes it do."""
+        # Not forked from contextd itself: its threads must not be forked.
+        answer_r, answer_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            with _devnull() as null:
+                args = {
+                    "backing": config.root,
+                    "mountpoint": mountpoint,
+                    "xid": config.xid,
+                    "log": str(_root_only_dir(log_dir()) / f"{config.name}.cowfs.log"),
+                    "cgroup_dirs": [str(d) for d in cgroup.fuse_server_dirs],
+                }
+                self.helpers.run("mount", args, [null, answer_w, answer_w])
+        except ForkServerError as e:
+            os.close(answer_r)
+            raise GuestError(f"guest {config.name}: root not mounted: {e}") from None
         finally:
-            os.close(logger)
+            os.close(answer_w)
+        with os.fdopen(answer_r) as answer:  # until the job ends
+            output = answer.read().strip()
+        # Its answer is its last line; anything before it went to its stderr.
+        try:
+            reply = json.loads(output.splitlines()[-1])
+        except (IndexError, ValueError):
+            raise GuestError(f"guest {config.name}: root not mounted: {output}") from None
+        if "error" in reply:
+            raise GuestError(f"guest {config.name}: {reply['error']}")
+
+    def _spawn(self, config: GuestConfig, mountpoint: str, console_w: int, cgroup: Cgroup) -> int:
+        request: dict[str, object] = {
+            "root": mountpoint,
+            "hostname": config.hostname,
+            "init": config.init,
+            "environment": config.environment,
+            "capabilities": config.capabilities,
+            "net": config.net.mode,
+            "console_fd": 3,
+        }
+        ours, theirs = socket.socketpair()
+        errors_r, errors_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.helpers.run("spawn", {}, [theirs.fileno(), theirs.fileno(), errors_w, console_w])
+        except ForkServerError as e:
+            ours.close()
+            os.close(errors_r)
+            raise GuestError(f"guest {config.name}: context not created: {e}") from None
+        finally:
+            theirs.close()
+            os.close(errors_w)
+        to_helper = ours.makefile("w")
+        from_helper = ours.makefile("r")
+        try:
+            to_helper.write(json.dumps(request) + "\n")
+            to_helper.flush()
+            line = from_helper.readline().strip()
+            if not line.isdigit():
+                with os.fdopen(os.dup(errors_r)) as errors:
+                    problem = errors.read().strip()
+                raise GuestError(f"guest {config.name}: context not created: {problem}")
+            pid = int(line)
+            try:
+                cgroup.add(pid)
+                if config.net.mode == "isolated":
+                    network.plug(config, pid)
+            except BaseException:
+                os.kill(pid, signal.SIGKILL)
+                raise
+            to_helper.write("go\n")
+            to_helper.flush()
+            result = from_helper.readline().strip()
+            if result != "ok":
+                raise GuestError(
+                    f"guest {config.name}: init did not start: {result.removeprefix('error: ')}"
+                )
+            return pid
+        finally:
+            to_helper.close()
+            from_helper.close()
+            ours.close()
+            os.close(errors_r)
+
+    def stop(self, config: GuestConfig, timeout: float | None = None) -> None:
+        """Stop a running guest and leave nothing behind."""
+        state = runstate.load(config.name)
+        cgroup = Cgroup(config.name)
+        if state is None and not cgroup.exists():
+            raise GuestError(f"guest {config.name} is not running")
+        timeout = config.stop_timeout if timeout is None else timeout
+        if state is not None and runstate.is_running(state):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(state.init_pid, config.stop_signal)
+            deadline = time.monotonic() + timeout
+            pause = 0.001  # init mostly ends within a few ms: look again soon, then less often
+            while time.monotonic() < deadline and cgroup.pids():
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+        cgroup.kill_all()
+        self._reap(config.name, state)
+        mountpoint = state.mountpoint if state else str(run_dir() / "roots" / config.name)
+        if os.path.realpath(mountpoint) in registry.mounted_points():
+            for _ in range(100):
+                try:
+                    unmount(mountpoint)
+                    break
+                except CowfsError as e:
+                    if "busy" not in str(e):
+                        raise
+                    time.sleep(0.05)  # the guest's mount namespace is being torn down
+            else:
+                unmount(mountpoint, lazy=True)
+        network.unplug(config)
+        cgroup.remove()
+        runstate.drop(config.name)
+
+    def _reap(self, name: str, state: runstate.RunState | None) -> None:
+        """Collect a stopped guest's init (ours while we are its subreaper) and console logger."""
+        if state is not None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(state.init_pid, os.WNOHANG)
+        self._end_logger(name)
+
+    def _end_logger(self, name: str) -> None:
+        """Wait for a guest's console logger to end (it does with the guest's last process)."""
+        logger = self._console_loggers.pop(name, None)
+        if logger is not None:
+            # The fork server's child, not ours: wait through its pidfd, so that the
+            # log is complete once stop returns.
+            try:
+                if not select.select([logger], [], [], 5)[0]:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(logger, signal.SIGKILL)
+                    select.select([logger], [], [], 5)
+                # Ours to reap if the fork server died before it: we are the subreaper.
+                with contextlib.suppress(ChildProcessError):
+                    os.waitid(os.P_PIDFD, logger, os.WEXITED | os.WNOHANG)
+            finally:
+                os.close(logger)
 
 
 @dataclass
@@ -386,8 +342,8 @@ class Status:
 
 def status(config: GuestConfig) -> Status:
     """A guest's state and accounting."""
-    state = load_state(config.name)
-    running = state is not None and is_running(state)
+    state = runstate.load(config.name)
+    running = state is not None and runstate.is_running(state)
     cgroup = Cgroup(config.name)
     stats = cgroup.stats() if cgroup.exists() else None
     hits: dict[str, int] = {}

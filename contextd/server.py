@@ -28,7 +28,7 @@ import msgspec
 import trio
 
 from contextd import config as configs
-from contextd import runtime
+from contextd import runstate, runtime
 from contextd.cgroups import Cgroup
 from contextd.paths import socket_path
 from cowfs.clone import clone
@@ -61,8 +61,9 @@ def _event(message: str, **fields: object) -> None:
 class Daemon:
     """The verbs, each run under its guest's lock."""
 
-    def __init__(self, config_dir: Path):
+    def __init__(self, config_dir: Path, guests: runtime.Runtime):
         self.config_dir = config_dir
+        self.runtime = guests
         self.locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
 
     def _config(self, name: str) -> configs.GuestConfig:
@@ -113,8 +114,8 @@ class Daemon:
     async def do_attach(self, request: dict[str, Any]) -> dict[str, Any]:
         """What contextd exec and enter need to enter a running guest (contextd.attach)."""
         config = self._config(request["name"])
-        state = runtime.load_state(config.name)
-        if state is None or not runtime.is_running(state):
+        state = runstate.load(config.name)
+        if state is None or not runstate.is_running(state):
             raise runtime.GuestError(f"guest {config.name} is not running")
         return {
             "init_pid": state.init_pid,
@@ -126,23 +127,23 @@ class Daemon:
 
     async def do_start(self, request: dict[str, Any]) -> dict[str, Any]:
         config = self._config(request["name"])
-        state = await trio.to_thread.run_sync(runtime.start, config)
+        state = await trio.to_thread.run_sync(self.runtime.start, config)
         _event("started", guest=config.name, xid=config.xid, init_pid=state.init_pid)
         return {"init_pid": state.init_pid}
 
     async def do_stop(self, request: dict[str, Any]) -> dict[str, Any]:
         config = self._config(request["name"])
         timeout = request.get("timeout")
-        await trio.to_thread.run_sync(runtime.stop, config, timeout)
+        await trio.to_thread.run_sync(self.runtime.stop, config, timeout)
         _event("stopped", guest=config.name)
         return {}
 
     async def do_restart(self, request: dict[str, Any]) -> dict[str, Any]:
         config = self._config(request["name"])
-        state = runtime.load_state(config.name)
-        if state is not None and runtime.is_running(state):
-            await trio.to_thread.run_sync(runtime.stop, config, request.get("timeout"))
-        new = await trio.to_thread.run_sync(runtime.start, config)
+        state = runstate.load(config.name)
+        if state is not None and runstate.is_running(state):
+            await trio.to_thread.run_sync(self.runtime.stop, config, request.get("timeout"))
+        new = await trio.to_thread.run_sync(self.runtime.start, config)
         _event("restarted", guest=config.name, init_pid=new.init_pid)
         return {"init_pid": new.init_pid}
 
@@ -182,8 +183,8 @@ class Daemon:
 
     async def do_delete(self, request: dict[str, Any]) -> dict[str, Any]:
         config = self._config(request["name"])
-        state = runtime.load_state(config.name)
-        if state is not None and runtime.is_running(state):
+        state = runstate.load(config.name)
+        if state is not None and runstate.is_running(state):
             raise runtime.GuestError(f"guest {config.name} is running: stop it first")
         if request.get("remove_root"):  # first: a tree in use is refused, the guest kept
             await trio.to_thread.run_sync(remove_tree, config.root)
@@ -221,27 +222,26 @@ async def _serve_client(daemon: Daemon, stream: Any) -> None:
         await stream.send_all(json.dumps(answer).encode() + b"\n")
 
 
-def adopt_or_clean(config_dir: Path) -> None:
+def adopt_or_clean(config_dir: Path, guests: runtime.Runtime) -> None:
     """At start: keep running guests, clean up after those that died while we were away."""
     all_configs = configs.load_all(config_dir)
-    state_dir = runtime.run_dir() / "guests"
-    for path in sorted(state_dir.glob("*.json")) if state_dir.is_dir() else []:
-        state = runtime.load_state(path.stem)
+    for name in runstate.recorded():
+        state = runstate.load(name)
         if state is None:
             continue
-        if runtime.is_running(state):
+        if runstate.is_running(state):
             _event("adopted", guest=state.name, init_pid=state.init_pid)
             continue
         config = all_configs.get(state.name)
         if config is not None:
             try:
-                runtime.stop(config, timeout=0)
+                guests.stop(config, timeout=0)
             except CowfsError as e:
                 log.error("cleaning up %s: %s", state.name, e)
         else:
             Cgroup(state.name).kill_all()
             Cgroup(state.name).remove()
-            path.unlink(missing_ok=True)
+            runstate.drop(state.name)
         _event("cleaned up after a guest that died", guest=state.name)
 
 
@@ -254,11 +254,10 @@ async def _reap_children() -> None:
     Only guests' inits: waitpid(-1) would take the exit status of the helpers
     that the verbs wait for themselves.
     """
-    state_dir = runtime.run_dir() / "guests"
     while True:
         await trio.sleep(0.5)
-        for path in state_dir.glob("*.json") if state_dir.is_dir() else []:
-            state = runtime.load_state(path.stem)
+        for name in runstate.recorded():
+            state = runstate.load(name)
             if state is None:
                 continue
             with contextlib.suppress(ChildProcessError):
@@ -273,11 +272,12 @@ async def serve(config_dir: Path, task_status: Any = trio.TASK_STATUS_IGNORED) -
 
     syscalls.prctl(PR_SET_CHILD_SUBREAPER, 1)
     configs.load_all(config_dir)  # a bad file stops the daemon with its message
-    await trio.to_thread.run_sync(adopt_or_clean, config_dir)
-    daemon = Daemon(config_dir)
+    guests = runtime.Runtime()
+    await trio.to_thread.run_sync(adopt_or_clean, config_dir, guests)
+    daemon = Daemon(config_dir, guests)
     for config in configs.load_all(config_dir).values():
-        state = runtime.load_state(config.name)
-        if config.autostart and (state is None or not runtime.is_running(state)):
+        state = runstate.load(config.name)
+        if config.autostart and (state is None or not runstate.is_running(state)):
             try:
                 await daemon.handle({"verb": "start", "name": config.name})
             except CowfsError as e:
@@ -299,5 +299,5 @@ async def serve(config_dir: Path, task_status: Any = trio.TASK_STATUS_IGNORED) -
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_reap_children)
         # Ready before the first start asks for it (it imports for ~0.3 s).
-        nursery.start_soon(trio.to_thread.run_sync, runtime.helpers.start)
+        nursery.start_soon(trio.to_thread.run_sync, guests.helpers.start)
         await trio.serve_listeners(lambda stream: _serve_client(daemon, stream), listeners)

@@ -13,7 +13,7 @@ from cowfs import registry
 from cowfs.errors import CowfsError
 from cowfs.guesttree import read_regular
 from cowfs.paths import state_root
-from cowfs.statedb import StateDB
+from cowfs.statedb import LimitRow, StateDB
 
 
 @dataclass
@@ -40,6 +40,42 @@ def resolve(spec: str) -> Guest:
     if not named.is_dir():
         raise CowfsError(f"unknown guest {spec!r} (no directory {named}; give a path instead)")
     return Guest(spec, os.path.realpath(named))
+
+
+class _Keep:
+    """What a limit left out of set_disk_limits keeps: its stored value."""
+
+
+KEEP = _Keep()
+
+
+def set_disk_limits(
+    guest: Guest,
+    space: int | _Keep | None = KEEP,
+    inodes: int | _Keep | None = KEEP,
+    reserved_percent: float | _Keep = KEEP,
+) -> LimitRow:
+    """Set a guest's disk limits (None: unlimited; KEEP: as stored); the limits now.
+
+    The one way limits are set, for `cowfs limit set` and contextd's guest
+    configurations alike: a running mount applies them at once.
+    """
+    db = StateDB()
+    try:
+        row = db.guest(guest.path, guest.name)
+        assert row is not None
+        limits = db.limits(row.id)
+        if not isinstance(space, _Keep):
+            limits.space = space
+        if not isinstance(inodes, _Keep):
+            limits.inodes = inodes
+        if not isinstance(reserved_percent, _Keep):
+            limits.reserved_percent = reserved_percent
+        db.set_limits(row.id, limits)
+    finally:
+        db.close()
+    notify_mounts(guest)
+    return limits
 
 
 def notify_mounts(guest: Guest) -> bool:

@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cowfs.atomicfile import write_atomically
 from cowfs.paths import run_dir
 
 FSTYPE = "fuse.cowfs"
@@ -39,11 +40,7 @@ def _record_path(mountpoint: str) -> Path:
 
 def write_record(record: MountRecord) -> None:
     """Publish a mount's record (atomically)."""
-    path = _record_path(record.mountpoint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(record)))
-    tmp.replace(path)
+    write_atomically(_record_path(record.mountpoint), json.dumps(asdict(record)))
 
 
 def remove_record(mountpoint: str) -> None:

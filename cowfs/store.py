@@ -41,6 +41,7 @@ from typing import Any
 
 import blake3
 
+from cowfs.atomicfile import write_atomically
 from cowfs.barrier import make_private_dirs
 from cowfs.errors import CowfsError
 from cowfs.marks import STORE_MARK, fd_path, is_reserved_name, mark_of, set_mark
@@ -154,9 +155,7 @@ class Store:
 
     def _write_meta(self) -> None:
         info = {"format": FORMAT, "hash": self.algorithm, "store_mark": self.store_marks}
-        tmp = self.root / f"{META_FILE}.tmp"
-        tmp.write_text(json.dumps(info) + "\n")
-        os.replace(tmp, self.root / META_FILE)
+        write_atomically(self.root / META_FILE, json.dumps(info) + "\n", durable=True)
 
     def give_entries_store_marks(self) -> int:
         """Give every entry the store's mark value, once per store; how many needed it.

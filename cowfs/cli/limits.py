@@ -7,7 +7,16 @@ import json
 import click
 
 from cowfs.errors import CowfsError
-from cowfs.guests import Guest, OwnerNames, fresh_usage, notify_mounts, resolve, resolve_owner
+from cowfs.guests import (
+    KEEP,
+    Guest,
+    OwnerNames,
+    fresh_usage,
+    notify_mounts,
+    resolve,
+    resolve_owner,
+    set_disk_limits,
+)
 from cowfs.limits import parse_duration
 from cowfs.reports import quota_report
 from cowfs.statedb import LimitRow, QuotaRow, StateDB
@@ -63,18 +72,12 @@ def limit_set(guest: str, space: str | None, inodes: str | None, reserved: str |
     new_reserved = _percent(reserved) if reserved is not None else None
     if new_space is None and new_inodes is None and new_reserved is None:
         raise CowfsError("nothing to set: give --space, --inodes or --reserved")
-    db = _db()
-    row = db.guest(target.path, target.name)
-    assert row is not None
-    limits = db.limits(row.id)
-    if new_space is not None:
-        limits.space = new_space
-    if new_inodes is not None:
-        limits.inodes = new_inodes
-    if new_reserved is not None:
-        limits.reserved_percent = new_reserved
-    db.set_limits(row.id, limits)
-    notify_mounts(target)
+    limits = set_disk_limits(
+        target,
+        space=KEEP if new_space is None else new_space,
+        inodes=KEEP if new_inodes is None else new_inodes,
+        reserved_percent=KEEP if new_reserved is None else new_reserved,
+    )
     click.echo(f"{target.name}: {_describe(limits)}")
 
 
