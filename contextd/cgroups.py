@@ -183,6 +183,11 @@ class Cgroup:
         for directory in self.guest_dirs:
             _write(directory / "cgroup.procs", str(pid))
 
+    def add_fuse_server(self, pid: int) -> None:
+        """Move the guest's FUSE server (every thread of it) into contextd/NAME/cowfs."""
+        for directory in self.fuse_server_dirs:
+            _write(directory / "cgroup.procs", str(pid))
+
     def pids(self) -> set[int]:
         """Every live process of the guest (zombies waiting to be reaped are dead)."""
         return _live_pids(self.guest_dirs)

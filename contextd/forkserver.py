@@ -55,15 +55,10 @@ _MAX_FDS = 8
 
 
 def _mount_job(args: dict[str, Any]) -> int:
-    from pathlib import Path
-
-    from contextd.cgroups import join
     from cowfs.errors import CowfsError
     from cowfs.mount import MountOptions, mount
 
     try:
-        # The FUSE server this forks is the guest's: in the guest's cgroup from its start.
-        join([Path(d) for d in args.get("cgroup_dirs", [])])
         pid = mount(
             args["backing"],
             args["mountpoint"],
@@ -104,7 +99,6 @@ def _preload() -> None:
     import pyfuse3  # noqa: F401
     import trio  # noqa: F401
 
-    import contextd.cgroups
     import contextd.console
     import contextd.spawn  # noqa: F401
     import cowfs.fs

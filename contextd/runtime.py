@@ -135,7 +135,7 @@ class Runtime:
             mountpoint = _root_only_dir(run_dir() / "roots") / config.name
             mountpoint.mkdir(exist_ok=True)
             _apply_disk_limits(config)
-            self._mount_root(config, str(mountpoint), cgroup)
+            fuse_server = self._mount_root(config, str(mountpoint))
             undo.push("cowfs mount", lambda: unmount(str(mountpoint), lazy=True))
             # The console logger (started below) ends once nothing of the guest holds
             # its pipe: waited for after the cgroup's processes are killed.
@@ -156,7 +156,7 @@ class Runtime:
                 os.close(console_r)
             undo.push("network", lambda: network.unplug(config))
             try:
-                pid = self._spawn(config, str(mountpoint), console_w, cgroup)
+                pid = self._spawn(config, str(mountpoint), console_w, cgroup, fuse_server)
             finally:
                 os.close(console_w)
             state = runstate.RunState(
@@ -175,9 +175,9 @@ class Runtime:
             undo.run()
             raise
 
-    def _mount_root(self, config: GuestConfig, mountpoint: str, cgroup: Cgroup) -> None:
-        """Mount the guest's cowfs root at mountpoint: a FUSE server forked by the fork server
-        into the guest's cgroup, so that the guest pays for the work it makes it do."""
+    def _mount_root(self, config: GuestConfig, mountpoint: str) -> int:
+        """Mount the guest's cowfs root at mountpoint: a FUSE server forked by the fork
+        server; its pid."""
         # Not forked from contextd itself: its threads must not be forked.
         answer_r, answer_w = os.pipe2(os.O_CLOEXEC)
         try:
@@ -187,7 +187,6 @@ class Runtime:
                     "mountpoint": mountpoint,
                     "xid": config.xid,
                     "log": str(_root_only_dir(log_dir()) / f"{config.name}.cowfs.log"),
-                    "cgroup_dirs": [str(d) for d in cgroup.fuse_server_dirs],
                 }
                 self.helpers.run("mount", args, [null, answer_w, answer_w])
         except ForkServerError as e:
@@ -204,8 +203,11 @@ class Runtime:
             raise GuestError(f"guest {config.name}: root not mounted: {output}") from None
         if "error" in reply:
             raise GuestError(f"guest {config.name}: {reply['error']}")
+        return int(reply["pid"])
 
-    def _spawn(self, config: GuestConfig, mountpoint: str, console_w: int, cgroup: Cgroup) -> int:
+    def _spawn(
+        self, config: GuestConfig, mountpoint: str, console_w: int, cgroup: Cgroup, fuse_server: int
+    ) -> int:
         request: dict[str, object] = {
             "root": mountpoint,
             "hostname": config.hostname,
@@ -239,6 +241,11 @@ class Runtime:
             pid = int(line)
             try:
                 cgroup.add(pid)
+                # The FUSE server is the guest's too, so that the guest pays for the
+                # work it makes it do. Moved right after init: in cgroup v1 the first
+                # move of a burst waits for an RCU grace period (~10 ms here), the
+                # ones right after it do not.
+                cgroup.add_fuse_server(fuse_server)
                 if config.net.mode == "isolated":
                     network.plug(config, pid)
             except BaseException:
