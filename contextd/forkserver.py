@@ -18,7 +18,7 @@ which become the job's stdin, stdout, stderr, 3, ...; the server forks a job pro
 answers ``{"pid": N}`` at once (a job may need contextd to act before it
 ends: the spawn helper waits for "go"). Jobs:
 
-- ``mount``: mounts a cowfs root (cowfs.mount.mount: it forks the FUSE
+- ``mount``: mounts a cowfs root (cowfs.serve.mount.mount: it forks the FUSE
   server) and writes ``{"pid": N}`` or ``{"error": "..."}`` on its stdout.
   The job then ends, so the FUSE server passes to contextd, the subreaper.
 - ``console``: copies stdin to the log file (contextd.console) until the
@@ -56,7 +56,7 @@ _MAX_FDS = 8
 
 def _mount_job(args: dict[str, Any]) -> int:
     from cowfs.errors import CowfsError
-    from cowfs.mount import MountOptions, mount
+    from cowfs.serve.mount import MountOptions, mount
 
     try:
         pid = mount(
@@ -101,10 +101,6 @@ def _preload() -> None:
 
     import contextd.console
     import contextd.spawn  # noqa: F401
-    import cowfs.fs
-    import cowfs.ledger
-    import cowfs.mount
-    import cowfs.statedb  # noqa: F401
 
     gc.collect()
     gc.freeze()

@@ -32,12 +32,12 @@ from contextd.cgroups import Cgroup
 from contextd.config import GuestConfig
 from contextd.forkserver import ForkServer, ForkServerError
 from contextd.paths import log_dir, run_dir
-from cowfs import registry
 from cowfs.errors import CowfsError
-from cowfs.guests import Guest as CowfsGuest
-from cowfs.guests import set_disk_limits
-from cowfs.mount import unmount
-from cowfs.statedb import StateDB
+from cowfs.host import registry
+from cowfs.host.guests import Guest as CowfsGuest
+from cowfs.host.guests import set_disk_limits
+from cowfs.host.statedb import StateDB
+from cowfs.serve.mount import unmount
 
 log = logging.getLogger(__name__)
 

@@ -31,10 +31,10 @@ from contextd import config as configs
 from contextd import runstate, runtime
 from contextd.cgroups import Cgroup
 from contextd.paths import socket_path
-from cowfs.clone import clone
 from cowfs.errors import CowfsError
-from cowfs.paths import state_root
-from cowfs.treelock import remove_tree
+from cowfs.host.paths import state_root
+from cowfs.host.treelock import remove_tree
+from cowfs.unify.clone import clone
 
 log = logging.getLogger("contextd")
 

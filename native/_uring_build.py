@@ -6,7 +6,7 @@ of to a worker thread: the kernel completes it asynchronously and posts
 the result to an eventfd that the trio loop watches, so no Python thread has to
 wake up and take the GIL (a thread hand-off cost ~100 µs a read on the
 development VM). liburing (Debian's liburing-dev) sets the ring up; the Python
-side is ``cowfs/uring.py``.
+side is ``cowfs/serve/uring.py``.
 """
 
 from cffi import FFI

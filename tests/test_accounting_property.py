@@ -11,7 +11,7 @@ from conftest import Mounts, cowfs, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cowfs.usage import scan
+from cowfs.accounting.usage import scan
 from native import syscalls
 
 NAMES = [
@@ -146,7 +146,7 @@ def write_unifiable(path: Path, content: bytes) -> None:
 
 
 def _owners(guest: Path) -> dict[tuple[str, int], tuple[int, int]]:
-    from cowfs.statedb import StateDB
+    from cowfs.host.statedb import StateDB
 
     db = StateDB()
     try:

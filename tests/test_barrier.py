@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import COWFS, ROOT, Mounts, cowfs, is_marked, run, snapshot
 
-from cowfs.barrier import exposure
+from cowfs.host.barrier import exposure
 
 NOBODY = 65534
 ALICE = 1000  # alice in the guest, and the host user with the same uid

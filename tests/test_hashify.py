@@ -15,7 +15,7 @@ import blake3
 import pytest
 from conftest import COWFS, Mounts, cowfs, is_marked, run
 
-from cowfs.excludes import Rules
+from cowfs.unify.excludes import Rules
 
 CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")
 
@@ -398,7 +398,7 @@ def test_hashified_guests_read_the_same_through_cowfs_and_writes_stay_private(
 
 def test_many_small_files_hashed_in_two_processes_link_the_same(tmp_path: Path) -> None:
     """Past _FORK_MIN candidates a forked child hashes about half: its results and errors count."""
-    from cowfs import hashify as hashify_module
+    from cowfs.unify import hashify as hashify_module
 
     per_guest = hashify_module._FORK_MIN  # two guests: twice the threshold
     guests = [tmp_path / "g0", tmp_path / "g1"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import COWFS, Mounts, cowfs, run
 
-from cowfs.guesttree import remove_tree, walk
+from cowfs.tree.walk import remove_tree, walk
 
 FD_LIMIT = "--nofile=1024:1024"
 DEPTH = 2000
@@ -166,7 +166,7 @@ def test_clone_copies_any_shape_within_the_fd_limit(shaped: Path, tmp_path: Path
 
 def test_remove_tree_removes_any_shape_within_the_fd_limit(shaped: Path) -> None:
     code = (
-        "import os, sys; from cowfs.guesttree import remove_tree;"
+        "import os, sys; from cowfs.tree.walk import remove_tree;"
         " fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY);"
         " remove_tree(fd, sys.argv[2].encode())"
     )
@@ -319,7 +319,7 @@ def test_walk_skips_a_directory_swapped_while_its_fd_was_let_go(tmp_path: Path) 
 
 def test_a_guest_tree_of_any_shape_is_deleted_within_the_fd_limit(shaped: Path) -> None:
     """What contextd delete --remove-root calls: treelock.remove_tree."""
-    code = "import sys; from cowfs.treelock import remove_tree; remove_tree(sys.argv[1])"
+    code = "import sys; from cowfs.host.treelock import remove_tree; remove_tree(sys.argv[1])"
     python = str(Path(COWFS).parent / "python")
     run("prlimit", FD_LIMIT, python, "-c", code, shaped, timeout=120)
     assert not shaped.exists()

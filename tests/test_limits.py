@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import Mounts, cowfs, run
 
-from cowfs.usage import scan
+from cowfs.accounting.usage import scan
 from native import syscalls
 
 
@@ -342,7 +342,7 @@ def test_guests_scanned_at_once_count_as_scanned_one_by_one(
     guest: Path, guest_tree: Path, tmp_path: Path
 ) -> None:
     """scan_many deals the guests out to forked children: the figures must not change."""
-    from cowfs.usage import scan, scan_many
+    from cowfs.accounting.usage import scan, scan_many
 
     second = tmp_path / "second"
     cowfs("clone", guest_tree, second)

@@ -2,7 +2,7 @@
 
 The server is measured from /proc (USS: its private resident pages) while a guest
 user does what costs it most, and listings stay correct while their state comes and
-goes (cowfs/listings.py).
+goes (cowfs/serve/listings.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from conftest import Mounts
 
-from cowfs import registry
-from cowfs.listings import MAX_STREAMS
+from cowfs.host import registry
+from cowfs.serve.listings import MAX_STREAMS
 
 # What the attacks below may add to the server's private memory. Before listings were
 # bounded, one partial listing of a directory kept all its names: +52 MB for 150,000

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from conftest import COWFS, Mounts, cowfs, is_marked, run
 
-from cowfs.clone import CloneStats, clone
 from cowfs.errors import CowfsError
-from cowfs.hashify import Hashify, HashifyOptions, HashifyReport
-from cowfs.treelock import remove_tree, tree_lock
+from cowfs.host.treelock import remove_tree, tree_lock
+from cowfs.unify.clone import CloneStats, clone
+from cowfs.unify.hashify import Hashify, HashifyOptions, HashifyReport
 
 WRITE = "written through a handle opened before\n"
 
@@ -154,7 +154,9 @@ def test_a_guest_is_not_mounted_while_hashify_runs_on_it(tmp_path: Path, guest_t
     cowfs("umount", mnt)
 
 
-HOLDER = "import sys, cowfs.treelock as t; k = t.tree_lock(sys.argv[1], True); print(1); input()"
+HOLDER = (
+    "import sys, cowfs.host.treelock as t; k = t.tree_lock(sys.argv[1], True); print(1); input()"
+)
 
 
 def test_a_tree_held_by_another_command_names_it(tmp_path: Path, guest_tree: Path) -> None:

@@ -1,4 +1,4 @@
-"""Disk reads through io_uring (cowfs/uring.py) and through the mount, on the real kernel."""
+"""Disk reads through io_uring (cowfs/serve/uring.py) and through the mount, on the real kernel."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import trio
 from conftest import Mounts, run
 
-from cowfs.uring import Ring
+from cowfs.serve.uring import Ring
 
 T = TypeVar("T")
 

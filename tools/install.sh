@@ -59,7 +59,7 @@ fi
 # (20-40 ms of each start here). Up-to-date files are skipped.
 .venv/bin/python -m compileall -q cowfs contextd native >/dev/null
 
-# The host layout, reachable by root only (cowfs/barrier.py): a host user who could
+# The host layout, reachable by root only (cowfs/host/barrier.py): a host user who could
 # reach a guest's tree could run its setuid files as root, read and write its users'
 # files and write the inodes every guest shares. Made if missing, repaired if opened;
 # cowfs does the same whenever it uses the layout (but refuses, rather than chowns,

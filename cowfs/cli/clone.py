@@ -9,7 +9,7 @@ import click
 
 from cowfs.cli.options import allow_reachable_option
 from cowfs.cli.progress import ProgressLine
-from cowfs.clone import CloneStats, clone
+from cowfs.unify.clone import CloneStats, clone
 
 
 @click.command("clone")

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 
+from cowfs.cli.reports import disk_usage
 from cowfs.errors import CowfsError
-from cowfs.guests import all_guests, resolve
-from cowfs.reports import disk_usage
-from cowfs.statedb import StateDB
-from cowfs.store import default_store
+from cowfs.host.guests import all_guests, resolve
+from cowfs.host.statedb import StateDB
+from cowfs.unify.store import default_store
 from cowfs.units import format_bytes
 
 

@@ -12,9 +12,9 @@ from cowfs.cli import exit_at_once
 from cowfs.cli.display import display_path
 from cowfs.cli.options import allow_reachable_option
 from cowfs.cli.progress import ProgressLine
-from cowfs.excludes import DEFAULT_EXCLUDES, Rules
-from cowfs.hashify import Hashify, HashifyOptions, HashifyReport
-from cowfs.store import Store, default_store
+from cowfs.unify.excludes import DEFAULT_EXCLUDES, Rules
+from cowfs.unify.hashify import Hashify, HashifyOptions, HashifyReport
+from cowfs.unify.store import Store, default_store
 from cowfs.units import format_bytes, parse_size
 
 

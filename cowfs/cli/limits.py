@@ -6,8 +6,10 @@ import json
 
 import click
 
+from cowfs.accounting.limits import parse_duration
+from cowfs.cli.reports import quota_report
 from cowfs.errors import CowfsError
-from cowfs.guests import (
+from cowfs.host.guests import (
     KEEP,
     Guest,
     OwnerNames,
@@ -17,9 +19,7 @@ from cowfs.guests import (
     resolve_owner,
     set_disk_limits,
 )
-from cowfs.limits import parse_duration
-from cowfs.reports import quota_report
-from cowfs.statedb import LimitRow, QuotaRow, StateDB
+from cowfs.host.statedb import LimitRow, QuotaRow, StateDB
 from cowfs.units import format_bytes, parse_size
 
 

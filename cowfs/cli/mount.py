@@ -7,8 +7,8 @@ import os
 import click
 
 from cowfs.cli.options import allow_reachable_option
-from cowfs.guests import resolve
-from cowfs.mount import MountOptions, mount, unmount
+from cowfs.host.guests import resolve
+from cowfs.serve.mount import MountOptions, mount, unmount
 
 
 @click.command("mount")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from cowfs.barrier import OVERRIDE_OPTION
+from cowfs.host.barrier import OVERRIDE_OPTION
 
 allow_reachable_option = click.option(
     OVERRIDE_OPTION,

@@ -22,8 +22,8 @@ from __future__ import annotations
 import os
 import stat
 
-from cowfs.limits import DiskPolicy
-from cowfs.marks import store_links
+from cowfs.accounting.limits import DiskPolicy
+from cowfs.tree.marks import store_links
 from native import syscalls
 
 BLOCK = 512

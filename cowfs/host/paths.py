@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cowfs.barrier import secure_host_layout
+from cowfs.host.barrier import secure_host_layout
 
 _secured: set[Path] = set()
 

@@ -11,7 +11,7 @@ import fcntl
 import os
 import stat
 
-from cowfs.marks import fd_path, is_reserved_xattr
+from cowfs.tree.marks import fd_path, is_reserved_xattr
 from native import syscalls
 
 FICLONE = 0x40049409

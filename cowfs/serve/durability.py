@@ -30,7 +30,7 @@ import enum
 import glob
 import os
 
-from cowfs import registry
+from cowfs.host import registry
 from native import syscalls
 
 

@@ -2,7 +2,7 @@
 
 A read that misses the page cache must not stall the mount's event loop, nor a
 write on a filesystem that cannot promise not to wait (ext4 refuses RWF_NOWAIT
-for buffered writes). Handing one to a worker thread (cowfs/workers.py) costs two
+for buffered writes). Handing one to a worker thread (cowfs/serve/workers.py) costs two
 thread wake-ups and a GIL hand-off; io_uring lets the kernel do it on its own and
 post the result to an eventfd that the loop watches.
 
@@ -26,7 +26,7 @@ from typing import Any
 import outcome
 import trio
 
-from cowfs.workers import wait_eventfd
+from cowfs.serve.workers import wait_eventfd
 from native._uring import ffi, lib  # type: ignore[import-not-found]
 
 log = logging.getLogger(__name__)

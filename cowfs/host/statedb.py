@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cowfs.barrier import create_private_file, make_private_dirs
-from cowfs.paths import state_root
+from cowfs.host.barrier import create_private_file, make_private_dirs
+from cowfs.host.paths import state_root
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS guests (

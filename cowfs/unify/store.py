@@ -42,11 +42,11 @@ from typing import Any
 import blake3
 
 from cowfs.atomicfile import write_atomically
-from cowfs.barrier import make_private_dirs
 from cowfs.errors import CowfsError
-from cowfs.marks import STORE_MARK, fd_path, is_reserved_name, mark_of, set_mark
-from cowfs.metadata import read_xattrs
-from cowfs.paths import state_root
+from cowfs.host.barrier import make_private_dirs
+from cowfs.host.paths import state_root
+from cowfs.tree.marks import STORE_MARK, fd_path, is_reserved_name, mark_of, set_mark
+from cowfs.tree.metadata import read_xattrs
 
 FORMAT = 1
 HASH = "blake3"  # what new stores use

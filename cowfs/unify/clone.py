@@ -15,13 +15,13 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cowfs.barrier import make_private_dirs, refuse_reachable
 from cowfs.errors import CowfsError
-from cowfs.guesttree import open_below, remove_tree, walk
-from cowfs.marks import fd_path, is_marked, is_reserved_name, set_mark
-from cowfs.metadata import copy_data, copy_metadata
-from cowfs.statedb import usage_changed
-from cowfs.treelock import refuse_mounted_nearby, tree_lock
+from cowfs.host.barrier import make_private_dirs, refuse_reachable
+from cowfs.host.statedb import usage_changed
+from cowfs.host.treelock import refuse_mounted_nearby, tree_lock
+from cowfs.tree.marks import fd_path, is_marked, is_reserved_name, set_mark
+from cowfs.tree.metadata import copy_data, copy_metadata
+from cowfs.tree.walk import open_below, remove_tree, walk
 from native import syscalls
 
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

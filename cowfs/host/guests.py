@@ -9,11 +9,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cowfs import registry
 from cowfs.errors import CowfsError
-from cowfs.guesttree import read_regular
-from cowfs.paths import state_root
-from cowfs.statedb import LimitRow, StateDB
+from cowfs.host import registry
+from cowfs.host.paths import state_root
+from cowfs.host.statedb import LimitRow, StateDB
+from cowfs.tree.walk import read_regular
 
 
 @dataclass

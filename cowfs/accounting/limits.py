@@ -21,8 +21,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cowfs.statedb import LimitRow, QuotaRow
-from cowfs.usage import Usage
+from cowfs.accounting.usage import Usage
+from cowfs.host.statedb import LimitRow, QuotaRow
 
 
 @dataclass

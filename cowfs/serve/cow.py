@@ -29,12 +29,12 @@ from collections.abc import Callable
 
 import trio
 
-from cowfs.accounting import Accountant
-from cowfs.durability import CopySync, make_durable
-from cowfs.inodes import InodeTable, Node
-from cowfs.marks import clear_mark, fd_path, is_marked, mark_of, temp_name
-from cowfs.metadata import copy_data, copy_metadata
-from cowfs.workers import WorkerPool
+from cowfs.accounting.accountant import Accountant
+from cowfs.serve.durability import CopySync, make_durable
+from cowfs.serve.inodes import InodeTable, Node
+from cowfs.serve.workers import WorkerPool
+from cowfs.tree.marks import clear_mark, fd_path, is_marked, mark_of, temp_name
+from cowfs.tree.metadata import copy_data, copy_metadata
 from native import syscalls
 
 log = logging.getLogger(__name__)

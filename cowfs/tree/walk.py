@@ -26,7 +26,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from cowfs.marks import fd_path
+from cowfs.tree.marks import fd_path
 from native import syscalls
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -22,23 +22,23 @@ import pyfuse3
 import trio
 from pyfuse3 import FUSEError
 
-from cowfs import durability
-from cowfs.accounting import Accountant
-from cowfs.cow import LinkBreaker
-from cowfs.inodes import InodeTable, Node
-from cowfs.limits import DiskPolicy
-from cowfs.listings import Listings
-from cowfs.marks import (
+from cowfs.accounting.accountant import Accountant
+from cowfs.accounting.limits import DiskPolicy
+from cowfs.accounting.usage import Usage
+from cowfs.host.statedb import LimitRow
+from cowfs.serve import durability
+from cowfs.serve.cow import LinkBreaker
+from cowfs.serve.inodes import InodeTable, Node
+from cowfs.serve.listings import Listings
+from cowfs.serve.uring import Ring
+from cowfs.serve.workers import WorkerPool
+from cowfs.tree.marks import (
     COW_MARK,
     fd_path,
     is_marked,
     is_reserved_name,
     is_reserved_xattr,
 )
-from cowfs.statedb import LimitRow
-from cowfs.uring import Ring
-from cowfs.usage import Usage
-from cowfs.workers import WorkerPool
 from native import syscalls
 
 log = logging.getLogger(__name__)
@@ -654,7 +654,7 @@ class CowFS(pyfuse3.Operations):
 
     @_errors_to_errno
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        # Offsets are the backing directory's own (cowfs/listings.py).
+        # Offsets are the backing directory's own (cowfs/serve/listings.py).
         directory = self.table.get(token.ino if fh == 0 else self.dir_handles[fh])
         stream = self.listings.at(directory, start_id)
         dev = os.fstat(directory.fd).st_dev

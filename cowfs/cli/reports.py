@@ -6,12 +6,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cowfs import registry
+from cowfs.accounting.usage import Usage, scan, scan_many
 from cowfs.errors import warn
-from cowfs.guests import Guest, OwnerNames
-from cowfs.statedb import StateDB, UsageRow
-from cowfs.store import META_FILE, Store
-from cowfs.usage import Usage, scan, scan_many
+from cowfs.host import registry
+from cowfs.host.guests import Guest, OwnerNames
+from cowfs.host.statedb import StateDB, UsageRow
+from cowfs.unify.store import META_FILE, Store
 
 
 def _grace_left(since: float | None, grace: int, now: float) -> float | None:

@@ -23,11 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cowfs import recovery, registry
-from cowfs.barrier import refuse_reachable
 from cowfs.errors import CowfsError
-from cowfs.paths import log_dir
-from cowfs.treelock import tree_lock
+from cowfs.host import registry
+from cowfs.host.barrier import refuse_reachable
+from cowfs.host.paths import log_dir
+from cowfs.host.treelock import tree_lock
+from cowfs.serve import recovery
 from native import syscalls
 
 log = logging.getLogger(__name__)
@@ -136,9 +137,9 @@ def serve(
     import pyfuse3
     import trio
 
-    from cowfs.fs import CowFS
-    from cowfs.ledger import GuestLedger
-    from cowfs.statedb import StateDB
+    from cowfs.accounting.ledger import GuestLedger
+    from cowfs.host.statedb import StateDB
+    from cowfs.serve.operations import CowFS
 
     try:
         root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cowfs.atomicfile import write_atomically
-from cowfs.paths import run_dir
+from cowfs.host.paths import run_dir
 
 FSTYPE = "fuse.cowfs"
 

@@ -15,9 +15,9 @@ import logging
 import time
 from collections import Counter
 
-from cowfs.limits import DiskPolicy
-from cowfs.statedb import StateDB, UsageRow
-from cowfs.usage import Usage, scan
+from cowfs.accounting.limits import DiskPolicy
+from cowfs.accounting.usage import Usage, scan
+from cowfs.host.statedb import StateDB, UsageRow
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import errno
 import logging
 import os
 
-from cowfs.guesttree import walk
-from cowfs.marks import DIRTY_MARK, fd_path, is_reserved_name
+from cowfs.tree.marks import DIRTY_MARK, fd_path, is_reserved_name
+from cowfs.tree.walk import walk
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import struct
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from cowfs.inodes import InodeTable, Node
-from cowfs.marks import fd_path
+from cowfs.serve.inodes import InodeTable, Node
+from cowfs.tree.marks import fd_path
 from native import syscalls
 
 # Directories being listed at once whose backing fd stays open. A listing

@@ -26,8 +26,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from cowfs.forked import ForkedCall
-from cowfs.guesttree import DIR_FLAGS, walk
-from cowfs.marks import COW_MARK, is_reserved_name, store_links
+from cowfs.tree.marks import COW_MARK, is_reserved_name, store_links
+from cowfs.tree.walk import DIR_FLAGS, walk
 from native.syscalls import xattr_at
 
 OwnerKey = tuple[str, int]  # ("user", uid) or ("group", gid)

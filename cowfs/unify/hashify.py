@@ -37,15 +37,15 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cowfs.barrier import refuse_reachable
 from cowfs.errors import CowfsError
-from cowfs.excludes import Rules
 from cowfs.forked import ForkedCall
-from cowfs.guesttree import PATH_CHUNK, open_below, walk
-from cowfs.marks import COW_MARK, is_reserved_name, is_reserved_xattr, temp_name
-from cowfs.metadata import read_xattrs
-from cowfs.store import MetaKey, Store, StoreEntry, meta_key
-from cowfs.treelock import refuse_mounted_nearby, tree_lock
+from cowfs.host.barrier import refuse_reachable
+from cowfs.host.treelock import refuse_mounted_nearby, tree_lock
+from cowfs.tree.marks import COW_MARK, is_reserved_name, is_reserved_xattr, temp_name
+from cowfs.tree.metadata import read_xattrs
+from cowfs.tree.walk import PATH_CHUNK, open_below, walk
+from cowfs.unify.excludes import Rules
+from cowfs.unify.store import MetaKey, Store, StoreEntry, meta_key
 from native import syscalls
 
 Key = tuple[int, int]  # (st_dev, st_ino)
@@ -420,7 +420,9 @@ class Hashify:
             finally:
                 self.store.close()
         if not self.options.dry_run and report.unified_files:
-            from cowfs.statedb import usage_changed  # a dry run or one linking nothing needs none
+            from cowfs.host.statedb import (
+                usage_changed,  # a dry run or one linking nothing needs none
+            )
 
             usage_changed(self.roots)
         # The store as this run found it plus what it added: no second walk of

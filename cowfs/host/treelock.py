@@ -32,9 +32,9 @@ import fcntl
 import os
 from types import TracebackType
 
-from cowfs import registry
 from cowfs.errors import CowfsError
-from cowfs.guesttree import remove_below
+from cowfs.host import registry
+from cowfs.tree.walk import remove_below
 
 _MAX_COMMAND = 300  # characters of a holder's command line an error shows
 _OPEN_ROOT = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -1,0 +1,7 @@
+"""Unification: sharing identical files between guests as COW-marked hard links.
+
+- clone: a new guest as COW links to a template (`cowfs clone`).
+- hashify: deduplicating existing guests into the content store (`cowfs hashify`),
+  with excludes (which paths it may touch).
+- store: the content store, one inode per unique content and metadata (`cowfs store`).
+"""
