@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -121,9 +122,9 @@ def measure(work: Path, args: argparse.Namespace) -> None:
         sh(COWFS, "mount", guest, mnt)
         try:
             r = rows[label] = {}
-            r["create+delete 10k files"] = best_of(3, lambda m=mnt: create_delete(m, 10000))
-            r["20,000 appends of 4 KiB"] = best_of(3, lambda m=mnt: small_appends(m, 20000))
-            r["write 512 MiB in 1 MiB writes"] = best_of(3, lambda m=mnt: big_write(m, 512))
+            r["create+delete 10k files"] = best_of(3, partial(create_delete, mnt, 10000))
+            r["20,000 appends of 4 KiB"] = best_of(3, partial(small_appends, mnt, 20000))
+            r["write 512 MiB in 1 MiB writes"] = best_of(3, partial(big_write, mnt, 512))
         finally:
             sh(COWFS, "umount", mnt)
     guests = [work / "free", work / "limited"]

@@ -245,7 +245,7 @@ def test_commands_refuse_a_reachable_path_and_change_nothing(
         point = reachable if role == "mountpoint" else private / "mnt"
         point.mkdir()
         mounts.points.append(point)  # unmounted at the end, should it ever be mounted
-        args = ["mount", backing, point]
+        args: list[str | Path] = ["mount", backing, point]
         what = {"backing": "backing tree", "mountpoint": "mountpoint"}[role]
     elif command == "clone":
         template = _tree(reachable if role == "template" else private / "template")

@@ -31,7 +31,7 @@ def guests(tmp_path: Path, guest_tree: Path, mounts: Mounts) -> tuple[Path, Path
     return template, a, b, mnt
 
 
-MODIFICATIONS: dict[str, Callable[[Path], None]] = {
+MODIFICATIONS: dict[str, Callable[[Path], object]] = {
     "append": lambda m: run("sh", "-c", f"echo more >> {m}/etc/config"),
     "overwrite-in-place": lambda m: _pwrite(m / "usr/lib/libbig.so", b"PATCH", 4096),
     "truncate": lambda m: os.truncate(m / "usr/lib/libbig.so", 100),

@@ -301,7 +301,7 @@ def test_walk_skips_a_directory_swapped_while_its_fd_was_let_go(tmp_path: Path) 
     for name in ("y1", "y2"):
         (tmp_path / "t" / "x" / name).mkdir(parents=True)
     root = os.open(tmp_path / "t", os.O_RDONLY | os.O_DIRECTORY)
-    errors: list[tuple[bytes, int]] = []
+    errors: list[tuple[bytes, int | None]] = []
     seen: list[bytes] = []
     try:
         for listing in walk(

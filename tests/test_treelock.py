@@ -106,7 +106,9 @@ def test_hashify_of_a_mounted_guest_is_refused_and_the_writer_stays_in_its_guest
     pid = mount(mounts, a, mnt)
     writer = Writer(mnt, "/etc/hostname")
     writer_cleanup.append(writer)
-    args = ["hashify", "--no-default-excludes", "--min-size", "1", "--store", store, a, b]
+    args: list[str | Path] = [
+        "hashify", "--no-default-excludes", "--min-size", "1", "--store", store, a, b
+    ]  # fmt: skip
     attempt = cowfs(*args, check=False)
     writer.write_and_end(WRITE)
     # what the attack would have done: the write in b or the store, or lost from a's name

@@ -20,6 +20,7 @@ packages=(
     systemd-container                          # systemd-nspawn, a peer in bench/contextd_bench.py
     iproute2                                   # guest networking (veth, bridges)
     libseccomp2 keyutils                       # guests' seccomp filter; keyctl for its tests
+    shellcheck                                 # tools/test.sh checks the shell scripts
     xfsprogs btrfs-progs e2fsprogs             # loop filesystems for reflink tests and benches
     python3-venv
 )

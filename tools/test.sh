@@ -5,5 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install.sh
 .venv/bin/ruff check cowfs contextd native tests tools bench
-.venv/bin/mypy cowfs contextd native
+.venv/bin/ruff format --check --quiet cowfs contextd native tests tools bench
+.venv/bin/mypy cowfs contextd native tests bench
+shellcheck --severity=warning tools/*.sh .ci/run
 .venv/bin/pytest -q "$@"
