@@ -1,9 +1,11 @@
 """The state database (sqlite, WAL): guests, their usage, limits, quotas and limit hits.
 
 One file (``/var/lib/cowfs/state.db``) shared by the admin commands and the
-FUSE processes. A mount keeps its usage counters in memory, writes them back
-every few seconds and at unmount, and marks them ``stale`` while it runs: a
-mount that finds them stale (its predecessor died) recomputes them by a scan.
+FUSE processes, with a schema version (SCHEMA_VERSION): an older database is
+migrated when first opened, a newer one refused. A mount keeps its usage
+counters in memory, writes them back every few seconds and at unmount, and
+marks them ``stale`` while it runs: a mount that finds them stale (its
+predecessor died) recomputes them by a scan.
 """
 
 from __future__ import annotations
@@ -15,16 +17,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from cowfs.errors import CowfsError
 from cowfs.host.barrier import create_private_file, make_private_dirs
 from cowfs.host.paths import state_root
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS guests (
+CREATE TABLE guests (
     id INTEGER PRIMARY KEY,
     path TEXT UNIQUE NOT NULL,
     name TEXT NOT NULL
 );
-CREATE TABLE IF NOT EXISTS usage (
+CREATE TABLE usage (
     guest_id INTEGER PRIMARY KEY REFERENCES guests(id) ON DELETE CASCADE,
     bytes INTEGER NOT NULL,
     inodes INTEGER NOT NULL,
@@ -33,7 +36,7 @@ CREATE TABLE IF NOT EXISTS usage (
     stale INTEGER NOT NULL,
     updated REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS owner_usage (
+CREATE TABLE owner_usage (
     guest_id INTEGER NOT NULL REFERENCES guests(id) ON DELETE CASCADE,
     kind TEXT NOT NULL CHECK (kind IN ('user', 'group')),
     owner INTEGER NOT NULL,
@@ -41,19 +44,19 @@ CREATE TABLE IF NOT EXISTS owner_usage (
     inodes INTEGER NOT NULL,
     PRIMARY KEY (guest_id, kind, owner)
 );
-CREATE TABLE IF NOT EXISTS own_marked (
+CREATE TABLE own_marked (
     guest_id INTEGER NOT NULL REFERENCES guests(id) ON DELETE CASCADE,
     dev INTEGER NOT NULL,
     ino INTEGER NOT NULL,
     PRIMARY KEY (guest_id, dev, ino)
 );
-CREATE TABLE IF NOT EXISTS limits (
+CREATE TABLE limits (
     guest_id INTEGER PRIMARY KEY REFERENCES guests(id) ON DELETE CASCADE,
     space INTEGER,
     inodes INTEGER,
     reserved_percent REAL NOT NULL DEFAULT 0
 );
-CREATE TABLE IF NOT EXISTS quotas (
+CREATE TABLE quotas (
     guest_id INTEGER NOT NULL REFERENCES guests(id) ON DELETE CASCADE,
     kind TEXT NOT NULL CHECK (kind IN ('user', 'group')),
     owner INTEGER NOT NULL,
@@ -66,7 +69,7 @@ CREATE TABLE IF NOT EXISTS quotas (
     inodes_over_since REAL,
     PRIMARY KEY (guest_id, kind, owner)
 );
-CREATE TABLE IF NOT EXISTS limit_hits (
+CREATE TABLE limit_hits (
     guest_id INTEGER NOT NULL REFERENCES guests(id) ON DELETE CASCADE,
     what TEXT NOT NULL,
     count INTEGER NOT NULL,
@@ -74,6 +77,63 @@ CREATE TABLE IF NOT EXISTS limit_hits (
     PRIMARY KEY (guest_id, what)
 );
 """
+
+# The schema's version (PRAGMA user_version): SCHEMA is the newest. A database of an
+# older version is brought up to date by the steps from its version on, in order;
+# databases made before versions were kept have none (0) and the tables of version 1.
+SCHEMA_VERSION = 2
+MIGRATIONS: dict[int, str] = {
+    # 1 -> 2: the marked files each guest's last scan charged (a charge is given back
+    # only from that list). Every guest's usage is recomputed by its next mount.
+    1: """
+    CREATE TABLE own_marked (
+        guest_id INTEGER NOT NULL REFERENCES guests(id) ON DELETE CASCADE,
+        dev INTEGER NOT NULL,
+        ino INTEGER NOT NULL,
+        PRIMARY KEY (guest_id, dev, ino)
+    );
+    UPDATE usage SET stale = 1;
+    """,
+}
+
+
+class SchemaError(CowfsError):
+    """A state database this cowfs cannot use."""
+
+
+def _bring_up_to_date(conn: sqlite3.Connection, path: Path) -> None:
+    """Create the schema in a new database, or migrate an older one, in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")  # one process migrates; the others then see it done
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            has_tables = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'guests'"
+            ).fetchone()
+            if not has_tables:
+                for statement in _statements(SCHEMA):
+                    conn.execute(statement)
+                version = SCHEMA_VERSION
+            else:
+                version = 1
+        if version > SCHEMA_VERSION:
+            raise SchemaError(
+                f"state database {path} has schema version {version}, newer than this"
+                f" cowfs knows ({SCHEMA_VERSION}): use a newer cowfs"
+            )
+        while version < SCHEMA_VERSION:
+            for statement in _statements(MIGRATIONS[version]):
+                conn.execute(statement)
+            version += 1
+        conn.execute(f"PRAGMA user_version = {version}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _statements(script: str) -> list[str]:
+    return [part.strip() for part in script.split(";") if part.strip()]
 
 
 def default_path() -> Path:
@@ -137,7 +197,8 @@ class StateDB:
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA foreign_keys=ON")
-        self.conn.executescript(SCHEMA)
+        if self.conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            _bring_up_to_date(self.conn, self.path)
 
     def close(self) -> None:
         """Close the connection."""
