@@ -1,4 +1,4 @@
-"""Where cowfs keeps things on the host (DESIGN.md's host layout), all overridable."""
+"""Where cowfs keeps things on the host (docs/design.md, "Host layout"), all overridable."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The content store: one COW-marked inode per unique content + metadata, hard-linked by guests.
 
-Layout (DESIGN.md's host layout)::
+Layout (docs/design.md, "Host layout")::
 
     store/.cowfs-store.json        {"format": 1, "hash": "blake3"}
     store/ab/abcdef…-0123456789abcdef
