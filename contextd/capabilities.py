@@ -21,10 +21,13 @@ CAPABILITIES: dict[str, int] = {
 # "Security model", compares the three). SYS_PTRACE would let a guest trace
 # processes that are not its own to trace; DAC_READ_SEARCH opens files by handle
 # (open_by_handle_at, the "shocker" escape), and DAC_OVERRIDE already covers
-# what it adds to reading and searching.
+# what it adds to reading and searching. SYS_BOOT is kept: in a PID namespace
+# reboot(2) only ends that namespace's init (halt, poweroff and reboot inside
+# stop or restart the guest), and kexec, its other use, is refused by seccomp.
 DEFAULT_KEEP: tuple[str, ...] = (
     "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETUID", "SETGID",
-    "NET_BIND_SERVICE", "SYS_CHROOT", "SYS_TTY_CONFIG", "LEASE", "SETFCAP", "AUDIT_WRITE",
+    "NET_BIND_SERVICE", "SYS_CHROOT", "SYS_BOOT", "SYS_TTY_CONFIG", "LEASE", "SETFCAP",
+    "AUDIT_WRITE",
 )  # fmt: skip
 
 

@@ -193,6 +193,9 @@ def status(name: str | None, as_json: bool) -> None:
     for g in guests:
         if g["net_mode"] == "isolated":
             click.echo(f"{g['name']}: {_network(g)}")
+    for g in guests:
+        if g.get("last_end") and g["state"] != "running":
+            click.echo(f"{g['name']}: {g['last_end']}")
 
 
 def _network(g: dict[str, Any]) -> str:
@@ -264,8 +267,9 @@ def enter(name: str, shell: str) -> None:
 @click.option(
     "--raw",
     is_flag=True,
-    help="Print control characters as the guest wrote them, also to a terminal"
-    " (by default a terminal gets them shown as ^X, colours excepted).",
+    help="Print the log's bytes as they are, also to a terminal (by default line ends"
+    " are plain newlines and a terminal gets control characters shown as ^X, colours"
+    " excepted).",
 )
 def logs(name: str, lines: int, raw: bool) -> None:
     """The guest's console: init's output."""
@@ -277,6 +281,8 @@ def logs(name: str, lines: int, raw: bool) -> None:
     if not path.exists():
         raise CowfsError(f"guest {name} has no console log yet")
     data = path.read_bytes()
+    if not raw:  # the console is a pty: its lines end in CR LF
+        data = data.replace(b"\r\n", b"\n")
     if lines:
         data = b"".join(data.splitlines(keepends=True)[-lines:])
     if not raw and os.isatty(1):

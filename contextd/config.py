@@ -8,8 +8,9 @@
     hostname = "web1"
     init = "plain"                # the guest's /sbin/init as PID 1, or a command list
     environment = { TERM = "xterm" }
-    stop_signal = "SIGTERM"
+    stop_signal = "auto"          # or a signal: "SIGRTMIN+3", "SIGINT", 15 ...
     stop_timeout = 5.0            # then SIGKILL to every process of the guest
+    boot_check = 0.5              # seconds start watches init: an end within is a failed start
     capabilities = ["CHOWN", ...] # kept; all others dropped (default: util-vserver's set)
     autostart = false
 
@@ -125,22 +126,37 @@ class Size(int):
 
 
 class Signal(int):
-    """A signal by name ("SIGTERM", "term") or number."""
+    """A signal by name ("SIGTERM", "term", "SIGRTMIN+3") or number; 0 is "auto"."""
 
     @classmethod
     def from_toml(cls, value: object) -> Signal:
         if isinstance(value, int) and not isinstance(value, bool) and 0 < value < signal.NSIG:
             return cls(value)
         if isinstance(value, str):
+            if value == "auto":
+                return AUTO_SIGNAL
             name = value.upper()
             name = name if name.startswith("SIG") else "SIG" + name
             if name in signal.Signals.__members__:
                 return cls(signal.Signals[name])
+            base, plus, offset = name.partition("+")
+            if base == "SIGRTMIN" and plus and offset.isdigit():
+                number = signal.SIGRTMIN + int(offset)
+                if number <= signal.SIGRTMAX:
+                    return cls(number)
         raise _Problem(f"{value!r} is not a signal")
+
+
+# stop_signal "auto": chosen by the guest's init (contextd.runtime.stop_signal_for).
+AUTO_SIGNAL = Signal(0)
 
 
 def _signal_text(number: int) -> str | int:
     """A signal as the file names it: by name if it has one."""
+    if number == AUTO_SIGNAL:
+        return "auto"
+    if signal.SIGRTMIN < number <= signal.SIGRTMAX:
+        return f"SIGRTMIN+{number - signal.SIGRTMIN}"
     try:
         return signal.Signals(number).name
     except ValueError:
@@ -321,8 +337,9 @@ class GuestConfig(msgspec.Struct, forbid_unknown_fields=True):
     hostname: HostName = ""
     init: Command = msgspec.field(default_factory=lambda: Command(PLAIN_INIT))
     environment: Environment = msgspec.field(default_factory=Environment)
-    stop_signal: Signal = Signal(signal.SIGTERM)
+    stop_signal: Signal = AUTO_SIGNAL
     stop_timeout: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    boot_check: Annotated[float, msgspec.Meta(ge=0)] = 0.5
     capabilities: list[Capability] = msgspec.field(
         default_factory=lambda: [Capability(c) for c in DEFAULT_KEEP]
     )
@@ -500,6 +517,7 @@ def _file_contents(config: GuestConfig) -> dict[str, Any]:
         "init": "plain" if tuple(config.init) == PLAIN_INIT else list(config.init),
         "stop_signal": _signal_text(config.stop_signal),
         "stop_timeout": float(config.stop_timeout),
+        "boot_check": float(config.boot_check),
         "capabilities": list(config.capabilities),
         "autostart": config.autostart,
     }

@@ -1,10 +1,10 @@
 """contextd's helper processes, forked from one process that has their code imported already.
 
-A guest costs three helper processes: its cowfs FUSE server (for the guest's
-life), its console logger (likewise) and the spawn helper that makes its
-context (for the start). Started as new Python processes, each imported
-what it runs anew (`cowfs mount` 0.2 s until it served) and kept its own copy
-of it: ~20 MiB PSS for a FUSE server, ~5 MiB for a console logger.
+A guest costs two helper processes: its cowfs FUSE server and its supervisor
+(contextd.supervisor: makes its context, is its init's parent, keeps its
+console), both for the guest's life. Started as new Python processes, each
+imported what it runs anew (`cowfs mount` 0.2 s until it served) and kept its
+own copy of it: ~20 MiB PSS for a FUSE server, ~5 MiB for a bare Python.
 
 The fork server imports all of it once, moves it out of the cyclic garbage
 collector's way (gc.freeze: the collector then never writes to those pages)
@@ -16,14 +16,13 @@ Protocol, over a Unix socket pair (the server's end is its stdin): contextd
 sends one JSON request ``{"job": ..., "args": {...}}`` with three fds or more,
 which become the job's stdin, stdout, stderr, 3, ...; the server forks a job process and
 answers ``{"pid": N}`` at once (a job may need contextd to act before it
-ends: the spawn helper waits for "go"). Jobs:
+goes on: the supervisor waits for "go"). Jobs:
 
 - ``mount``: mounts a cowfs root (cowfs.serve.mount.mount: it forks the FUSE
   server) and writes ``{"pid": N}`` or ``{"error": "..."}`` on its stdout.
   The job then ends, so the FUSE server passes to contextd, the subreaper.
-- ``console``: copies stdin to the log file (contextd.console) until the
-  guest's last process closes the pipe.
-- ``spawn``: contextd.spawn on its stdin and stdout.
+- ``supervisor``: contextd.supervisor on its stdin and stdout (a socket), for
+  the guest's life.
 
 The server reaps its jobs. It ends when contextd closes its end of the socket;
 jobs still running pass to contextd.
@@ -73,24 +72,16 @@ def _mount_job(args: dict[str, Any]) -> int:
     return 0
 
 
-def _console_job(args: dict[str, Any]) -> int:
-    from contextd import console
+def _supervisor_job(args: dict[str, Any]) -> int:
+    from contextd import supervisor
 
-    console.copy_to_log(str(args["log"]))
-    return 0
-
-
-def _spawn_job(args: dict[str, Any]) -> int:
-    from contextd import spawn
-
-    spawn.main()
+    supervisor.main()
     return 0
 
 
 JOBS: dict[str, Callable[[dict[str, Any]], int]] = {
     "mount": _mount_job,
-    "console": _console_job,
-    "spawn": _spawn_job,
+    "supervisor": _supervisor_job,
 }
 
 
@@ -99,8 +90,11 @@ def _preload() -> None:
     import pyfuse3  # noqa: F401
     import trio  # noqa: F401
 
-    import contextd.console
-    import contextd.spawn  # noqa: F401
+    import contextd.supervisor  # noqa: F401
+    import cowfs.accounting.ledger
+    import cowfs.host.statedb
+    import cowfs.serve.mount
+    import cowfs.serve.operations  # noqa: F401
 
     gc.collect()
     gc.freeze()

@@ -8,9 +8,11 @@ or in a process joining a running guest (contextd.attach). They use only system 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import stat
+import struct
 from pathlib import Path
 
 from contextd.capabilities import drop_all_but
@@ -45,9 +47,15 @@ def _bind_readonly(path: str) -> None:
     _mount(None, path, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
 
 
-def setup_root(root: str) -> None:
+def setup_root(root: str, idmap: dict[str, int] | None = None) -> tuple[int, int]:
     """Make root (the guest's cowfs mount) this mount namespace's /, with its own /proc,
-    a read-only /sys and a minimal /dev, and detach the host's tree."""
+    a read-only /sys, a minimal /dev and tmpfs /run, and detach the host's tree; the
+    console's pty (master, slave), /dev/console being the slave.
+
+    idmap: the guest has a user namespace (owning this mount namespace): device
+    nodes are bound from the host's /dev rather than made, and /sys, when its
+    network namespace is the host's, is the host's bound read-only.
+    """
     _mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
     # A bind of the root onto itself: pivot_root needs a mount point, and it keeps
     # the guest's mounts below inside its own tree.
@@ -78,14 +86,39 @@ def setup_root(root: str) -> None:
     for name in READONLY_PROC:
         if os.path.isdir(f"{proc}/{name}"):
             _bind_readonly(f"{proc}/{name}")
-    _mount(
-        "sysfs", f"{root}/sys", "sysfs", sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
-    )
-    _make_dev(f"{root}/dev")
+    _mount_sys(f"{root}/sys")
+    console = _make_dev(f"{root}/dev", bind_devices=idmap is not None)
+    _mount_run(root)
     os.chdir(root)
     sc.pivot_root(".", ".")  # the old root is stacked on the new one ...
     sc.umount2(".", sc.MNT_DETACH)  # ... and detached: the host's tree is gone
     os.chdir("/")
+    return console
+
+
+def _mount_sys(target: str) -> None:
+    flags = sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+    try:
+        _mount("sysfs", target, "sysfs", flags)
+    except PermissionError:  # a user namespace that does not own the network namespace
+        _mount("/sys", target, None, sc.MS_BIND | sc.MS_REC)
+        _mount(None, target, None, sc.MS_REMOUNT | sc.MS_BIND | flags)
+
+
+def _mount_run(root: str) -> None:
+    """/run and /run/lock as tmpfs, as a booting distribution expects them."""
+    run = f"{root}/run"
+    if not os.path.isdir(run) or os.path.islink(run):
+        return
+    _mount("tmpfs", run, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=755,size=20%")
+    os.mkdir(f"{run}/lock", 0o755)
+    _mount(
+        "tmpfs",
+        f"{run}/lock",
+        "tmpfs",
+        sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC,
+        "mode=1777,size=5M",
+    )
 
 
 def _empty_read_only_file(directory: str) -> int:
@@ -100,12 +133,18 @@ def _empty_read_only_file(directory: str) -> int:
     return os.open(path, os.O_PATH | os.O_CLOEXEC)
 
 
-def _make_dev(dev: str) -> None:
+def _make_dev(dev: str, bind_devices: bool) -> tuple[int, int]:
+    """A minimal /dev on tmpfs; the console's pty (master, slave)."""
     _mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_STRICTATIME, "mode=755,size=65536k")
     old_umask = os.umask(0)
     try:
         for name, major, minor in DEVICES:
-            os.mknod(f"{dev}/{name}", 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+            node = f"{dev}/{name}"
+            if bind_devices:  # no mknod in a user namespace: the host's own node, bound
+                os.close(os.open(node, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
+                _mount(f"/dev/{name}", node, None, sc.MS_BIND)
+            else:
+                os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
         os.mkdir(f"{dev}/pts", 0o755)
         _mount(
             "devpts",
@@ -121,12 +160,32 @@ def _make_dev(dev: str) -> None:
         for name, target in (
             ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
             ("stderr", "/proc/self/fd/2"), ("core", "/proc/kcore"),
-            # The console is init's output: the log contextd keeps (logs NAME).
-            ("console", "/proc/1/fd/1"),
         ):  # fmt: skip
             os.symlink(target, f"{dev}/{name}")
+        return _make_console(dev)
     finally:
         os.umask(old_umask)
+
+
+TIOCGPTN = 0x80045430
+TIOCSPTLCK = 0x40045431
+TIOCGPTPEER = 0x5441
+
+
+def _make_console(dev: str) -> tuple[int, int]:
+    """/dev/console: a pty of the guest's own devpts, bound there; (master, slave).
+
+    Its master goes to the supervisor, which keeps the console log from it: a
+    distribution's init writes its boot to /dev/console and gives it to
+    whatever it runs there.
+    """
+    master = os.open(f"{dev}/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+    number = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))[0]
+    slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+    os.close(os.open(f"{dev}/console", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    _mount(f"{dev}/pts/{number}", f"{dev}/console", None, sc.MS_BIND)
+    return master, slave
 
 
 def close_fds(keep: tuple[int, ...] = ()) -> None:

@@ -7,6 +7,7 @@ start time tells a live init from a recycled pid.
 from __future__ import annotations
 
 import json
+import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,11 +28,41 @@ class RunState:
     root: str
     started: float
     console_log: str
+    supervisor_pid: int = 0  # its init's parent (contextd.supervisor), 0 if unknown
+    supervisor_start: int = 0
 
 
 def state_dir() -> Path:
     """Where run states are kept."""
     return run_dir() / "guests"
+
+
+def exit_record_path(name: str) -> Path:
+    """Where a guest's supervisor records how its init ended (the last time it ran)."""
+    return state_dir() / f"{name}.exit.json"
+
+
+def load_exit(name: str) -> dict[str, object] | None:
+    """How the guest's init last ended, if recorded."""
+    try:
+        record = json.loads(exit_record_path(name).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def describe_exit(record: dict[str, object]) -> str:
+    """One line: how init ended ("init exited with status 255", "init was killed by SIGKILL")."""
+    asked = record.get("asked")
+    if asked in ("halt", "reboot"):
+        return f"init asked for a {asked}"
+    if record.get("signal"):
+        try:
+            name = signal.Signals(int(record["signal"])).name  # type: ignore[call-overload]
+        except ValueError:
+            name = f"signal {record['signal']}"
+        return f"init was killed by {name}"
+    return f"init exited with status {record.get('exit_status')}"
 
 
 def load(name: str) -> RunState | None:
@@ -45,7 +76,9 @@ def load(name: str) -> RunState | None:
 def recorded() -> list[str]:
     """The names of the guests with a recorded run state."""
     directory = state_dir()
-    return sorted(p.stem for p in directory.glob("*.json")) if directory.is_dir() else []
+    if not directory.is_dir():
+        return []
+    return sorted(p.stem for p in directory.glob("*.json") if not p.name.endswith(".exit.json"))
 
 
 def save(state: RunState) -> None:

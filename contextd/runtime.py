@@ -1,13 +1,13 @@
 """Starting, stopping and observing guests: the library behind contextd's verbs.
 
-Start is transactional: mount the guest's cowfs root -> its cgroup with the
-limits -> the console logger -> the new context (contextd.spawn: namespaces,
-/proc, /sys, /dev, pivot_root, hostname, capabilities, exec of init; for an
-isolated network, contextd.network plugs the new namespace into its bridge
-before init runs). A step that fails undoes every step before it. Stop sends
-the stop signal to init, waits, then kills every process left in the cgroup
-(frozen first), unmounts the root, removes the guest's interfaces and the
-cgroup: nothing is left.
+Start is transactional: the guest's cgroup with its limits -> its cowfs root ->
+its supervisor (contextd.supervisor: namespaces, /proc, /sys, /dev, the console,
+pivot_root, hostname, capabilities, exec of init; for an isolated network,
+contextd.network plugs the new namespace into its bridge before init runs). A
+step that fails undoes every step before it, and so does an init that ends
+within the boot check. Stop sends the stop signal to init and waits for it to
+end, then kills every process left in the cgroup (frozen first), unmounts the
+root, removes the guest's interfaces and the cgroup: nothing is left.
 
 A running guest is recorded in /run/contextd/guests/NAME.json (contextd.runstate):
 a restarted contextd finds and adopts it.
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from contextd import network, procfs, runstate
 from contextd.cgroups import Cgroup
-from contextd.config import GuestConfig
+from contextd.config import AUTO_SIGNAL, GuestConfig
 from contextd.forkserver import ForkServer, ForkServerError
 from contextd.paths import log_dir, run_dir
 from cowfs.errors import CowfsError
@@ -38,6 +38,7 @@ from cowfs.host.guests import Guest as CowfsGuest
 from cowfs.host.guests import set_disk_limits
 from cowfs.host.statedb import StateDB
 from cowfs.serve.mount import unmount
+from native.syscalls import open_in_root
 
 log = logging.getLogger(__name__)
 
@@ -102,19 +103,22 @@ def _root_only_dir(path: Path) -> Path:
 
 class Runtime:
     """Guests' lifecycle, and what the daemon keeps for it: the fork server its guests'
-    helper processes come from (contextd.forkserver), and a pidfd of each guest's
-    console logger (stop waits for it: it ends with the guest's last process)."""
+    helper processes come from (contextd.forkserver)."""
 
     def __init__(self, helpers: ForkServer | None = None):
         self.helpers = helpers or ForkServer()
-        self._console_loggers: dict[str, int] = {}
 
     def close(self) -> None:
         """End the fork server (guests and their helpers run on)."""
         self.helpers.close()
 
     def start(self, config: GuestConfig) -> runstate.RunState:
-        """Boot a guest (see the module docstring); its run state."""
+        """Boot a guest (see the module docstring); its run state.
+
+        The start fails if init ends within config.boot_check seconds: a boot
+        that failed at once is not a running guest (what its console said
+        last is in the error).
+        """
         existing = runstate.load(config.name)
         if existing is not None and runstate.is_running(existing):
             raise GuestError(
@@ -137,28 +141,13 @@ class Runtime:
             _apply_disk_limits(config)
             fuse_server = self._mount_root(config, str(mountpoint))
             undo.push("cowfs mount", lambda: unmount(str(mountpoint), lazy=True))
-            # The console logger (started below) ends once nothing of the guest holds
-            # its pipe: waited for after the cgroup's processes are killed.
-            undo.push("console logger", lambda: self._end_logger(config.name))
-            console_log = _root_only_dir(log_dir()) / f"{config.name}.console.log"
-            console_r, console_w = os.pipe2(os.O_CLOEXEC)
-            try:
-                with _devnull() as null:
-                    logger = self.helpers.run(
-                        "console", {"log": str(console_log)}, [console_r, null, null]
-                    )
-                with contextlib.suppress(ProcessLookupError):  # gone already: nothing to wait for
-                    self._console_loggers[config.name] = os.pidfd_open(logger)
-            except ForkServerError as e:
-                os.close(console_w)
-                raise GuestError(f"guest {config.name}: console logger not started: {e}") from None
-            finally:
-                os.close(console_r)
             undo.push("network", lambda: network.unplug(config))
-            try:
-                pid = self._spawn(config, str(mountpoint), console_w, cgroup, fuse_server)
-            finally:
-                os.close(console_w)
+            console_log = _root_only_dir(log_dir()) / f"{config.name}.console.log"
+            runstate.exit_record_path(config.name).unlink(missing_ok=True)
+            supervisor, pid = self._supervise(
+                config, str(mountpoint), console_log, cgroup, fuse_server
+            )
+            undo.push("supervisor", lambda: _end_started(supervisor, cgroup))
             state = runstate.RunState(
                 name=config.name,
                 xid=config.xid,
@@ -168,8 +157,21 @@ class Runtime:
                 root=config.root,
                 started=time.time(),
                 console_log=str(console_log),
+                supervisor_pid=supervisor.pid,
+                supervisor_start=procfs.start_time(supervisor.pid) or 0,
             )
             runstate.save(state)
+            undo.push("run state", lambda: runstate.drop(config.name))
+            if _wait_pidfd(supervisor, config.boot_check):
+                record = runstate.load_exit(config.name) or {}
+                tail = record.get("console_tail")
+                lines = [str(line) for line in tail] if isinstance(tail, list) else []
+                said = "; console: " + " | ".join(lines[-5:]) if lines else ""
+                raise GuestError(
+                    f"guest {config.name}: {runstate.describe_exit(record)} within"
+                    f" {config.boot_check:g} s of its start{said}"
+                )
+            os.close(supervisor.fd)
             return state
         except BaseException:
             undo.run()
@@ -205,40 +207,51 @@ class Runtime:
             raise GuestError(f"guest {config.name}: {reply['error']}")
         return int(reply["pid"])
 
-    def _spawn(
-        self, config: GuestConfig, mountpoint: str, console_w: int, cgroup: Cgroup, fuse_server: int
-    ) -> int:
+    def _supervise(
+        self,
+        config: GuestConfig,
+        mountpoint: str,
+        console_log: Path,
+        cgroup: Cgroup,
+        fuse_server: int,
+    ) -> tuple[_Process, int]:
+        """Start the guest's supervisor (contextd.supervisor), which makes its context and
+        execs init; (the supervisor, init's pid)."""
         request: dict[str, object] = {
             "root": mountpoint,
             "hostname": config.hostname,
-            "init": config.init,
-            "environment": config.environment,
-            "capabilities": config.capabilities,
+            "init": list(config.init),
+            "environment": dict(config.environment),
+            "capabilities": list(config.capabilities),
             "net": config.net.mode,
-            "console_fd": 3,
+            "log": str(console_log),
+            "exit_record": str(runstate.exit_record_path(config.name)),
         }
         ours, theirs = socket.socketpair()
-        errors_r, errors_w = os.pipe2(os.O_CLOEXEC)
+        with _devnull() as null:
+            try:
+                supervisor_pid = self.helpers.run(
+                    "supervisor", {}, [theirs.fileno(), theirs.fileno(), null]
+                )
+            except ForkServerError as e:
+                ours.close()
+                raise GuestError(f"guest {config.name}: context not created: {e}") from None
+            finally:
+                theirs.close()
         try:
-            self.helpers.run("spawn", {}, [theirs.fileno(), theirs.fileno(), errors_w, console_w])
-        except ForkServerError as e:
+            supervisor = _Process(supervisor_pid)
+        except ProcessLookupError:
             ours.close()
-            os.close(errors_r)
-            raise GuestError(f"guest {config.name}: context not created: {e}") from None
-        finally:
-            theirs.close()
-            os.close(errors_w)
-        to_helper = ours.makefile("w")
-        from_helper = ours.makefile("r")
+            raise GuestError(f"guest {config.name}: its supervisor ended at once") from None
+        to_supervisor = ours.makefile("w")
+        from_supervisor = ours.makefile("r")
         try:
-            to_helper.write(json.dumps(request) + "\n")
-            to_helper.flush()
-            line = from_helper.readline().strip()
-            if not line.isdigit():
-                with os.fdopen(os.dup(errors_r)) as errors:
-                    problem = errors.read().strip()
-                raise GuestError(f"guest {config.name}: context not created: {problem}")
-            pid = int(line)
+            to_supervisor.write(json.dumps(request) + "\n")
+            to_supervisor.flush()
+            answer = _answer(from_supervisor.readline())
+            if "pid" not in answer:
+                raise GuestError(f"guest {config.name}: context not created: {answer.get('error')}")
+            pid = int(str(answer["pid"]))
             try:
                 cgroup.add(pid)
                 # The FUSE server is the guest's too, so that the guest pays for the
@@ -251,19 +264,20 @@ class Runtime:
             except BaseException:
                 os.kill(pid, signal.SIGKILL)
                 raise
-            to_helper.write("go\n")
-            to_helper.flush()
-            result = from_helper.readline().strip()
-            if result != "ok":
-                raise GuestError(
-                    f"guest {config.name}: init did not start: {result.removeprefix('error: ')}"
-                )
-            return pid
+            to_supervisor.write("go\n")
+            to_supervisor.flush()
+            answer = _answer(from_supervisor.readline())
+            if not answer.get("ok"):
+                raise GuestError(f"guest {config.name}: init did not start: {answer.get('error')}")
+            return supervisor, pid
+        except BaseException:
+            _wait_pidfd(supervisor, 5)
+            os.close(supervisor.fd)
+            raise
         finally:
-            to_helper.close()
-            from_helper.close()
+            to_supervisor.close()
+            from_supervisor.close()
             ours.close()
-            os.close(errors_r)
 
     def stop(self, config: GuestConfig, timeout: float | None = None) -> None:
         """Stop a running guest and leave nothing behind."""
@@ -273,15 +287,12 @@ class Runtime:
             raise GuestError(f"guest {config.name} is not running")
         timeout = config.stop_timeout if timeout is None else timeout
         if state is not None and runstate.is_running(state):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(state.init_pid, config.stop_signal)
-            deadline = time.monotonic() + timeout
-            pause = 0.001  # init mostly ends within a few ms: look again soon, then less often
-            while time.monotonic() < deadline and cgroup.pids():
-                time.sleep(pause)
-                pause = min(pause * 2, 0.05)
+            self._ask_to_stop(config, state, timeout)
         cgroup.kill_all()
-        self._reap(config.name, state)
+        if state is not None:
+            with contextlib.suppress(ChildProcessError):  # ours if its supervisor died
+                os.waitpid(state.init_pid, os.WNOHANG)
+            _end_supervisor(state)
         mountpoint = state.mountpoint if state else str(run_dir() / "roots" / config.name)
         if os.path.realpath(mountpoint) in registry.mounted_points():
             for _ in range(100):
@@ -298,29 +309,117 @@ class Runtime:
         cgroup.remove()
         runstate.drop(config.name)
 
-    def _reap(self, name: str, state: runstate.RunState | None) -> None:
-        """Collect a stopped guest's init (ours while we are its subreaper) and console logger."""
-        if state is not None:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(state.init_pid, os.WNOHANG)
-        self._end_logger(name)
+    def _ask_to_stop(self, config: GuestConfig, state: runstate.RunState, timeout: float) -> None:
+        """The stop signal to init; wait until init and everything of the guest has ended."""
+        try:
+            init = _Process(state.init_pid)
+        except ProcessLookupError:
+            return
+        try:
+            init.signal(stop_signal_for(config))
+            _wait_pidfd(init, timeout)
+        finally:
+            os.close(init.fd)
 
-    def _end_logger(self, name: str) -> None:
-        """Wait for a guest's console logger to end (it does with the guest's last process)."""
-        logger = self._console_loggers.pop(name, None)
-        if logger is not None:
-            # The fork server's child, not ours: wait through its pidfd, so that the
-            # log is complete once stop returns.
-            try:
-                if not select.select([logger], [], [], 5)[0]:
-                    with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(logger, signal.SIGKILL)
-                    select.select([logger], [], [], 5)
-                # Ours to reap if the fork server died before it: we are the subreaper.
-                with contextlib.suppress(ChildProcessError):
-                    os.waitid(os.P_PIDFD, logger, os.WEXITED | os.WNOHANG)
-            finally:
-                os.close(logger)
+
+class _Process:
+    """A pidfd of a process (not our child as a rule): to signal it and see it end."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.fd = os.pidfd_open(pid)
+
+    def signal(self, number: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.fd, number)
+
+
+def _wait_pidfd(process: _Process, timeout: float) -> bool:
+    """True if the process ended within timeout seconds (reaped if it is ours to reap)."""
+    ended = bool(select.select([process.fd], [], [], timeout)[0])
+    if ended:
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PIDFD, process.fd, os.WEXITED | os.WNOHANG)
+    return ended
+
+
+def _end_started(supervisor: _Process, cgroup: Cgroup) -> None:
+    """Undo a start's supervisor: the guest's processes killed, the supervisor waited for."""
+    cgroup.kill_all()
+    try:
+        if not _wait_pidfd(supervisor, 5):
+            supervisor.signal(signal.SIGKILL)
+            _wait_pidfd(supervisor, 5)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(supervisor.fd)
+
+
+def _end_supervisor(state: runstate.RunState) -> None:
+    """Wait for the guest's supervisor to record init's end and finish (it does once init
+    has ended); the fork server's child, ours only if the fork server is gone."""
+    if (
+        not state.supervisor_pid
+        or procfs.start_time(state.supervisor_pid) != state.supervisor_start
+    ):
+        return
+    try:
+        supervisor = _Process(state.supervisor_pid)
+    except ProcessLookupError:
+        return
+    try:
+        if not _wait_pidfd(supervisor, 5):
+            supervisor.signal(signal.SIGKILL)
+            _wait_pidfd(supervisor, 5)
+    finally:
+        os.close(supervisor.fd)
+
+
+def _answer(line: str) -> dict[str, object]:
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        return {"error": "the supervisor ended without an answer"}
+    return answer if isinstance(answer, dict) else {"error": repr(answer)}
+
+
+def stop_signal_for(config: GuestConfig) -> int:
+    """The signal that asks the guest's init to shut the guest down.
+
+    Configured, or by the init it runs: systemd halts on SIGRTMIN+3; sysvinit
+    and busybox init run their ctrlaltdel action on SIGINT (a clean shutdown,
+    halt or reboot: contextd is stopping the guest either way); a command as
+    init gets SIGTERM.
+    """
+    if config.stop_signal != AUTO_SIGNAL:
+        return int(config.stop_signal)
+    if list(config.init) != ["/sbin/init"]:
+        return int(signal.SIGTERM)
+    return int(signal.SIGRTMIN + 3) if init_kind(config.root) == "systemd" else int(signal.SIGINT)
+
+
+def init_kind(root: str) -> str:
+    """ "systemd", "busybox" or "sysvinit": what the guest's /sbin/init is (its link's text,
+    read within the guest's tree: nothing of the host is followed)."""
+    try:
+        root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return "sysvinit"
+    try:
+        fd = open_in_root(root_fd, b"/sbin/init", os.O_PATH | os.O_NOFOLLOW)
+    except OSError:
+        return "sysvinit"
+    finally:
+        os.close(root_fd)
+    try:
+        target = os.readlink("", dir_fd=fd)
+    except OSError:  # not a link: Debian's sysvinit-core installs the program itself
+        return "sysvinit"
+    finally:
+        os.close(fd)
+    if "systemd" in target:
+        return "systemd"
+    return "busybox" if "busybox" in target else "sysvinit"
 
 
 @dataclass
@@ -345,6 +444,8 @@ class Status:
     bridge: str | None
     addresses: list[str]
     traffic: dict[str, int] | None
+    last_end: str | None  # how init last ended, while the guest is not running
+    last_console: list[str]  # what its console said last then
 
 
 def status(config: GuestConfig) -> Status:
@@ -366,6 +467,14 @@ def status(config: GuestConfig) -> Status:
     finally:
         db.close()
     counters = network.traffic(config) if running else None
+    ended = None if running else runstate.load_exit(config.name)
+    if ended is not None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(str(ended.get("ended")))))
+        last_end = f"{runstate.describe_exit(ended)} at {when}"
+        tail = ended.get("console_tail")
+        last_console = [str(line) for line in tail] if isinstance(tail, list) else []
+    else:
+        last_end, last_console = None, []
     if stats is not None:
         if stats.pids_limit_hits:
             hits["pids"] = stats.pids_limit_hits
@@ -390,4 +499,6 @@ def status(config: GuestConfig) -> Status:
         bridge=config.net.bridge if config.net.mode == "isolated" else None,
         addresses=[str(a) for a in config.net.addresses],
         traffic=asdict(counters) if counters else None,
+        last_end=last_end,
+        last_console=last_console,
     )

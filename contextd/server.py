@@ -28,7 +28,7 @@ import msgspec
 import trio
 
 from contextd import config as configs
-from contextd import runstate, runtime
+from contextd import procfs, runstate, runtime
 from contextd.cgroups import Cgroup
 from contextd.paths import socket_path
 from cowfs.errors import CowfsError
@@ -59,12 +59,61 @@ def _event(message: str, **fields: object) -> None:
 
 
 class Daemon:
-    """The verbs, each run under its guest's lock."""
+    """The verbs, each run under its guest's lock, and a watch on each running guest."""
 
-    def __init__(self, config_dir: Path, guests: runtime.Runtime):
+    def __init__(self, config_dir: Path, guests: runtime.Runtime, nursery: trio.Nursery):
         self.config_dir = config_dir
         self.runtime = guests
+        self.nursery = nursery
         self.locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
+
+    def watch(self, state: runstate.RunState) -> None:
+        """Notice at once when the guest's init ends (its supervisor does then)."""
+        self.nursery.start_soon(self._watch, state)
+
+    async def _watch(self, state: runstate.RunState) -> None:
+        name = state.name
+        supervisor = None
+        if (
+            state.supervisor_pid
+            and procfs.start_time(state.supervisor_pid) == state.supervisor_start
+        ):
+            with contextlib.suppress(ProcessLookupError):
+                supervisor = os.pidfd_open(state.supervisor_pid)
+        if supervisor is not None:
+            try:
+                await trio.lowlevel.wait_readable(supervisor)
+                with contextlib.suppress(ChildProcessError):  # ours if the fork server died
+                    os.waitid(os.P_PIDFD, supervisor, os.WEXITED | os.WNOHANG)
+            finally:
+                os.close(supervisor)
+        async with self.locks[name]:
+            current = runstate.load(name)
+            if current is None or current.supervisor_pid != state.supervisor_pid:
+                return  # stopped (or started again) by a verb meanwhile
+            record = runstate.load_exit(name) or {}
+            how = runstate.describe_exit(record)
+            try:
+                config = self._config(name)
+                await trio.to_thread.run_sync(self.runtime.stop, config, 0)
+            except CowfsError as e:
+                log.error("cleaning up after %s: %s", name, e)
+                return
+            tail = record.get("console_tail")
+            _event(
+                "guest ended",
+                guest=name,
+                how=how,
+                console=tail[-5:] if isinstance(tail, list) else [],
+            )
+            if record.get("asked") == "reboot":
+                try:
+                    new = await trio.to_thread.run_sync(self.runtime.start, config)
+                except CowfsError as e:
+                    log.error("reboot of %s failed: %s", name, e)
+                    return
+                _event("rebooted", guest=name, init_pid=new.init_pid)
+                self.watch(new)
 
     def _config(self, name: str) -> configs.GuestConfig:
         all_configs = configs.load_all(self.config_dir)
@@ -129,6 +178,7 @@ class Daemon:
         config = self._config(request["name"])
         state = await trio.to_thread.run_sync(self.runtime.start, config)
         _event("started", guest=config.name, xid=config.xid, init_pid=state.init_pid)
+        self.watch(state)
         return {"init_pid": state.init_pid}
 
     async def do_stop(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -145,6 +195,7 @@ class Daemon:
             await trio.to_thread.run_sync(self.runtime.stop, config, request.get("timeout"))
         new = await trio.to_thread.run_sync(self.runtime.start, config)
         _event("restarted", guest=config.name, init_pid=new.init_pid)
+        self.watch(new)
         return {"init_pid": new.init_pid}
 
     async def do_create(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -274,29 +325,33 @@ async def serve(config_dir: Path, task_status: Any = trio.TASK_STATUS_IGNORED) -
     configs.load_all(config_dir)  # a bad file stops the daemon with its message
     guests = runtime.Runtime()
     await trio.to_thread.run_sync(adopt_or_clean, config_dir, guests)
-    daemon = Daemon(config_dir, guests)
-    for config in configs.load_all(config_dir).values():
-        state = runstate.load(config.name)
-        if config.autostart and (state is None or not runstate.is_running(state)):
-            try:
-                await daemon.handle({"verb": "start", "name": config.name})
-            except CowfsError as e:
-                log.error("autostart of %s failed: %s", config.name, e)
-    path = socket_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        await listener.bind(str(path))
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    listener.listen(64)
-    _event("listening", socket=str(path), pid=os.getpid(), started=time.time())
-    task_status.started()
-    listeners = [trio.SocketListener(listener)]
     async with trio.open_nursery() as nursery:
+        daemon = Daemon(config_dir, guests, nursery)
+        for name in runstate.recorded():
+            adopted = runstate.load(name)
+            if adopted is not None:
+                daemon.watch(adopted)
+        for config in configs.load_all(config_dir).values():
+            state = runstate.load(config.name)
+            if config.autostart and (state is None or not runstate.is_running(state)):
+                try:
+                    await daemon.handle({"verb": "start", "name": config.name})
+                except CowfsError as e:
+                    log.error("autostart of %s failed: %s", config.name, e)
+        path = socket_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            await listener.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        listener.listen(64)
+        _event("listening", socket=str(path), pid=os.getpid(), started=time.time())
+        task_status.started()
+        listeners = [trio.SocketListener(listener)]
         nursery.start_soon(_reap_children)
         # Ready before the first start asks for it (it imports for ~0.3 s).
         nursery.start_soon(trio.to_thread.run_sync, guests.helpers.start)

@@ -101,8 +101,8 @@ def test_defaults(tmp_path: Path) -> None:
     assert (config.name, config.hostname, config.xid, config.root) == ("g1", "g1", 7, "/srv/g")
     assert config.init == ["/sbin/init"]
     assert config.environment == {}
-    assert config.stop_signal == signal.SIGTERM
-    assert config.stop_timeout == 5.0
+    assert config.stop_signal == 0  # "auto": chosen by the guest's init
+    assert config.stop_timeout == 5.0 and config.boot_check == 0.5
     assert config.capabilities == [
         "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETUID", "SETGID",
         "NET_BIND_SERVICE", "SYS_CHROOT", "SYS_TTY_CONFIG", "LEASE", "SETFCAP", "AUDIT_WRITE",
@@ -125,14 +125,17 @@ def test_write_then_parse_gives_every_key_back(tmp_path: Path) -> None:
     assert config.path.read_text() == text  # nothing drifts from one write to the next
 
 
-@pytest.mark.parametrize("stop_signal", [9, "SIGUSR1", "term", 33])
+@pytest.mark.parametrize("stop_signal", [9, "SIGUSR1", "term", 33, "SIGRTMIN+3", "auto"])
 def test_signals_by_name_or_number_are_written_back(tmp_path: Path, stop_signal: object) -> None:
     """33 is a real-time signal without a name: the file keeps its number."""
     path = config_file(tmp_path, MINIMAL + f"stop_signal = {json.dumps(stop_signal)}\n")
     number = parse(path).stop_signal
     write(parse(path))
     assert parse(path).stop_signal == number
-    assert number == {9: 9, "SIGUSR1": signal.SIGUSR1, "term": signal.SIGTERM, 33: 33}[stop_signal]
+    assert number == {
+        9: 9, "SIGUSR1": signal.SIGUSR1, "term": signal.SIGTERM, 33: 33,
+        "SIGRTMIN+3": signal.SIGRTMIN + 3, "auto": 0,
+    }[stop_signal]  # fmt: skip
 
 
 # Strings the old hand-written writer put between quotes as they were: a newline or any

@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import cowfs, run
@@ -58,8 +61,16 @@ def test_boot_exec_service_stop_leaves_nothing(ctx: Contextd, guest_tree: Path) 
     # enter: a shell on a pty of the guest's own
     entered = ctx("enter", "web", stdin="tty; echo inside-$((6*7)); exit 3\n", check=False)
     assert entered.returncode == 3
-    assert "inside-42" in entered.stdout and "/dev/pts/0" in entered.stdout
-    assert "booted" in ctx("logs", "web").stdout
+    assert "inside-42" in entered.stdout and re.search(
+        r"^/dev/pts/[1-9]\d*\r?$", entered.stdout, re.M
+    )
+    # /dev/console is a pty of the guest's own (its first), init's stdio, and the log
+    console = ctx(
+        "exec", "web", "--", "/bin/sh", "-c", "ls -l /proc/1/fd/0; echo hi > /dev/console"
+    )
+    assert console.stdout.rstrip().endswith("/dev/pts/0"), console.stdout
+    logged = ctx("logs", "web").stdout
+    assert "booted" in logged and "hi" in logged
     text = ctx("status").stdout
     assert "web" in text and "running" in text
     ctx("stop", "web", "--timeout", "1")
@@ -400,3 +411,87 @@ def test_a_running_guest_is_not_cloned(ctx: Contextd, guest_tree: Path) -> None:
     assert not (root / "copy").exists() and not (ctx.base / "etc" / "copy.toml").exists()
     ctx("stop", "busy")
     ctx("create", "copy", "--from", str(root / "busy"))
+
+
+def _wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def _state(ctx: Contextd, name: str) -> dict[str, Any]:
+    return dict(json.loads(ctx("status", name, "--json").stdout))
+
+
+def test_a_boot_that_fails_at_once_is_a_failed_start(ctx: Contextd, guest_tree: Path) -> None:
+    ctx(
+        "create",
+        "bad",
+        "--from",
+        str(guest_tree),
+        "--init",
+        "/bin/sh -c 'echo no-such-disk; exit 7'",
+    )
+    result = ctx("start", "bad", check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "init exited with status 7 within 0.5 s of its start" in result.stderr
+    assert "console: no-such-disk" in result.stderr
+    assert left_behind("bad", ctx) == []
+    status = _state(ctx, "bad")
+    assert status["state"] == "stopped" and status["last_end"].startswith(
+        "init exited with status 7"
+    )
+    assert status["last_console"] == ["no-such-disk"]
+
+
+def test_the_end_of_init_is_noticed_at_once(ctx: Contextd, guest_tree: Path) -> None:
+    ctx("create", "brief", "--from", str(guest_tree), "--init", "/bin/sh -c 'sleep 1; exit 3'")
+    ctx("start", "brief")
+    assert _state(ctx, "brief")["state"] == "running"
+    # Cleaned up by the daemon within moments of init's end: nothing left, and why it ended.
+    assert _wait_for(lambda: left_behind("brief", ctx) == [], 5), left_behind("brief", ctx)
+    status = _state(ctx, "brief")
+    assert status["state"] == "stopped" and status["last_end"].startswith(
+        "init exited with status 3"
+    )
+    assert '"guest ended"' in ctx.log() and "brief" in ctx("status").stdout
+
+
+def test_halt_and_reboot_inside_stop_and_restart_the_guest(ctx: Contextd, guest_tree: Path) -> None:
+    # busybox init with the template's inittab, stopped by its ctrlaltdel action
+    ctx("create", "box", "--from", str(guest_tree), "--init", "/sbin/init")
+    ctx("start", "box")
+    first = _state(ctx, "box")["init_pid"]
+    ctx("exec", "box", "--", "/sbin/reboot")
+    assert _wait_for(
+        lambda: _state(ctx, "box")["state"] == "running" and _state(ctx, "box")["init_pid"] != first
+    ), ctx.log()
+    assert '"rebooted"' in ctx.log()
+    ctx("exec", "box", "--", "/sbin/poweroff")
+    assert _wait_for(lambda: left_behind("box", ctx) == []), left_behind("box", ctx)
+    status = _state(ctx, "box")
+    assert status["state"] == "stopped" and status["last_end"].startswith("init asked for a halt")
+    assert "guest init stopping" in ctx("logs", "box").stdout  # its shutdown actions ran
+    # and stop asks busybox init to shut down (SIGINT: its ctrlaltdel action), not SIGKILL
+    ctx("start", "box")
+    ctx("stop", "box", "--timeout", "10")
+    assert ctx("logs", "box").stdout.count("guest init stopping") == 3  # reboot, poweroff, stop
+
+
+def test_a_guest_whose_init_ends_while_the_daemon_is_away(ctx: Contextd, guest_tree: Path) -> None:
+    ctx("create", "alone", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("start", "alone")
+    init = _state(ctx, "alone")["init_pid"]
+    ctx.kill(signal.SIGKILL)
+    os.kill(init, signal.SIGKILL)
+    # Its supervisor reaps it and records the end: no zombie waits for a daemon.
+    assert _wait_for(lambda: not Path(f"/proc/{init}").exists(), 5)
+    ctx.serve()
+    status = _state(ctx, "alone")
+    assert status["state"] == "stopped" and status["last_end"].startswith(
+        "init was killed by SIGKILL"
+    )
+    assert left_behind("alone", ctx) == []
