@@ -112,11 +112,12 @@ class Contextd:
         """Seconds from the start command to "ready" on the console (the command itself
         returns later: it watches init for its boot check, config boot_check)."""
         log = self.work / "log" / f"{name}.console.log"
+        before = log.stat().st_size if log.exists() else 0  # the log keeps earlier boots
         started = time.perf_counter()
         command = subprocess.Popen(
             [str(BIN / "contextd"), "start", name], env=self.env, stdout=subprocess.DEVNULL
         )
-        while not log.exists() or "ready" not in log.read_text():
+        while not log.exists() or b"ready" not in log.read_bytes()[before:]:
             time.sleep(0.001)
         self.starting.append((name, command))  # its boot check goes on meanwhile
         return time.perf_counter() - started
