@@ -69,6 +69,7 @@ class Target:
     capabilities: list[str]
     environment: dict[str, str]
     cgroup_dirs: list[str]
+    userns: bool = False
 
 
 def _open_init(target: Target) -> int:
@@ -157,7 +158,12 @@ def _join_and_run(
         syscalls.prctl(syscalls.PR_SET_DUMPABLE, 0)
         syscalls.join_new_session_keyring()
         cgroups.join([Path(d) for d in target.cgroup_dirs])
-        syscalls.setns(pidfd, JOINED)  # root and cwd: the guest's root
+        # All at once (root and cwd become the guest's root), its user namespace first.
+        syscalls.setns(pidfd, JOINED | (syscalls.CLONE_NEWUSER if target.userns else 0))
+        if target.userns:  # host root is no id in there: be the guest's root
+            os.setgroups([])
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
         os.chdir("/")
         for number, fd in enumerate(stdio):
             os.dup2(fd, number)

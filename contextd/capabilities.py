@@ -31,6 +31,14 @@ DEFAULT_KEEP: tuple[str, ...] = (
 )  # fmt: skip
 
 
+# A user-namespaced guest's root: every capability, over what its namespaces own
+# (which is all a capability there reaches), but the network's own: with them
+# it could change its addresses or send forged packets on the host's bridge.
+USERNS_KEEP: tuple[str, ...] = tuple(
+    name for name in CAPABILITIES if name not in ("NET_ADMIN", "NET_RAW")
+)
+
+
 def last_cap() -> int:
     """The highest capability number this kernel knows."""
     with open("/proc/sys/kernel/cap_last_cap") as f:

@@ -231,6 +231,7 @@ def _target(name: str) -> Any:
         capabilities=answer["capabilities"],
         environment=answer["environment"],
         cgroup_dirs=answer["cgroup_dirs"],
+        userns=bool(answer.get("userns")),
     )
 
 

@@ -38,6 +38,7 @@ with tomli-w, which escapes every control character and quotes keys where TOML n
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 import re
 import signal
@@ -48,7 +49,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeAlias
 import msgspec
 import tomli_w
 
-from contextd.capabilities import CAPABILITIES, DEFAULT_KEEP
+from contextd.capabilities import CAPABILITIES, DEFAULT_KEEP, USERNS_KEEP
 from cowfs.atomicfile import write_atomically
 from cowfs.errors import CowfsError
 from cowfs.units import parse_size
@@ -327,6 +328,27 @@ def _in_bridge_subnets(net: NetConfig, given: list[Interface]) -> list[Interface
     return addresses
 
 
+ID_RANGE = 65536  # ids a user-namespaced guest has: 0..65535 inside
+# Not given in the file: the kept set of the guest's mode (replaced in __post_init__).
+_MODE_DEFAULT = Capability("default of the mode")
+_FIRST_RANGE = 16  # ranges below 16 * 65536 (1048576) are left to the host's own ids
+
+
+class Security(msgspec.Struct, forbid_unknown_fields=True):
+    """How much of the host a guest's root is (docs/contextd.md, "Security model").
+
+    userns: the guest gets a user namespace of its own, its ids 0..65535 being
+    host ids id_base..id_base+65535, so that its root is an unprivileged id on
+    the host; cowfs maps those ids back to the backing tree's own. Otherwise
+    guest root is host root with a reduced capability set (Linux-VServer's way).
+    id_base: by default (xid + 16) * 65536, so that guests' ranges, like their
+    xids, never overlap, and none overlaps the host's ids below 1048576.
+    """
+
+    userns: bool = False
+    id_base: Annotated[int, msgspec.Meta(ge=_FIRST_RANGE * ID_RANGE)] | None = None
+
+
 class GuestConfig(msgspec.Struct, forbid_unknown_fields=True):
     """Everything contextd needs to run one guest."""
 
@@ -340,15 +362,34 @@ class GuestConfig(msgspec.Struct, forbid_unknown_fields=True):
     stop_signal: Signal = AUTO_SIGNAL
     stop_timeout: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     boot_check: Annotated[float, msgspec.Meta(ge=0)] = 0.5
-    capabilities: list[Capability] = msgspec.field(
-        default_factory=lambda: [Capability(c) for c in DEFAULT_KEEP]
-    )
+    capabilities: list[Capability] = msgspec.field(default_factory=lambda: [_MODE_DEFAULT])
     autostart: bool = False
     limits: Limits = msgspec.field(default_factory=Limits)
     net: NetConfig = msgspec.field(default_factory=NetConfig)
+    security: Security = msgspec.field(default_factory=Security)
 
     def __post_init__(self) -> None:
         self.root = os.path.normpath(self.root)
+        if self.capabilities == [_MODE_DEFAULT]:
+            kept = USERNS_KEEP if self.security.userns else DEFAULT_KEEP
+            self.capabilities = [Capability(c) for c in kept]
+        if self.security.userns:
+            base = self.id_base()
+            if base + ID_RANGE > 2**32 - 1:
+                raise _Problem(
+                    f"xid {self.xid} leaves no room for a user namespace's ids:"
+                    " give [security] id_base",
+                    "security",
+                )
+
+    def id_base(self) -> int:
+        """The host id of the guest's id 0 (user namespaces only)."""
+        given = self.security.id_base
+        return given if given is not None else (self.xid + _FIRST_RANGE) * ID_RANGE
+
+    def idmap(self) -> dict[str, int] | None:
+        """{"base": ..., "count": ...} if the guest has a user namespace, else None."""
+        return {"base": self.id_base(), "count": ID_RANGE} if self.security.userns else None
 
 
 def config_dir() -> Path:
@@ -500,7 +541,22 @@ def load_all(directory: Path | None = None) -> dict[str, GuestConfig]:
         configs[config.name] = config
         xids[config.xid] = config.name
     check_networks(configs)
+    _check_id_ranges(configs)
     return configs
+
+
+def _check_id_ranges(configs: dict[str, GuestConfig]) -> None:
+    """No two user-namespaced guests share a host id."""
+    ranges = sorted(
+        ((c.id_base(), c) for c in configs.values() if c.security.userns), key=lambda r: r[0]
+    )
+    for (base, config), (next_base, other) in itertools.pairwise(ranges):
+        if base + ID_RANGE > next_base:
+            raise _fail(
+                other.path,
+                "security.id_base",
+                f"host ids {next_base}.. overlap guest {config.name}'s ({base}..)",
+            )
 
 
 def write(config: GuestConfig) -> None:
@@ -521,6 +577,8 @@ def _file_contents(config: GuestConfig) -> dict[str, Any]:
         "capabilities": list(config.capabilities),
         "autostart": config.autostart,
     }
+    if config.security.userns:
+        data["security"] = {"userns": True, "id_base": config.id_base()}
     if config.environment:
         data["environment"] = dict(config.environment)
     limits = {k: v for k, v in msgspec.structs.asdict(config.limits).items() if v is not None}

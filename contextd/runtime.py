@@ -189,6 +189,7 @@ class Runtime:
                     "mountpoint": mountpoint,
                     "xid": config.xid,
                     "log": str(_root_only_dir(log_dir()) / f"{config.name}.cowfs.log"),
+                    "idmap": config.idmap(),
                 }
                 self.helpers.run("mount", args, [null, answer_w, answer_w])
         except ForkServerError as e:
@@ -226,6 +227,7 @@ class Runtime:
             "net": config.net.mode,
             "log": str(console_log),
             "exit_record": str(runstate.exit_record_path(config.name)),
+            "idmap": config.idmap(),
         }
         ours, theirs = socket.socketpair()
         with _devnull() as null:

@@ -172,6 +172,7 @@ class Daemon:
             "capabilities": config.capabilities,
             "environment": config.environment,
             "cgroup_dirs": [str(d) for d in Cgroup(config.name).guest_dirs],
+            "userns": config.security.userns,
         }
 
     async def do_start(self, request: dict[str, Any]) -> dict[str, Any]:

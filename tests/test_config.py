@@ -9,6 +9,7 @@ import json
 import signal
 from pathlib import Path
 
+import msgspec
 import pytest
 import tomli_w
 from contextd_harness import Contextd
@@ -105,8 +106,10 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.stop_timeout == 5.0 and config.boot_check == 0.5
     assert config.capabilities == [
         "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETUID", "SETGID",
-        "NET_BIND_SERVICE", "SYS_CHROOT", "SYS_TTY_CONFIG", "LEASE", "SETFCAP", "AUDIT_WRITE",
+        "NET_BIND_SERVICE", "SYS_CHROOT", "SYS_BOOT", "SYS_TTY_CONFIG", "LEASE", "SETFCAP",
+        "AUDIT_WRITE",
     ]  # fmt: skip
+    assert config.security.userns is False and config.idmap() is None
     assert config.autostart is False
     limits = config.limits
     assert [limits.memory, limits.cpu_weight, limits.cpu_quota] == [None, None, None]
@@ -420,3 +423,34 @@ def test_the_test_harness_can_rewrite_a_written_file(tmp_path: Path) -> None:
     assert again.init == ["/bin/sh", "-c", "exec sleep 1\n"]
     assert again.autostart is True and again.limits.pids == 40
     assert again.net.mode == "host"
+
+
+def test_a_user_namespace_gets_a_range_of_host_ids_and_every_capability(tmp_path: Path) -> None:
+    config = parse(config_file(tmp_path, MINIMAL + "[security]\nuserns = true\n"))
+    assert config.idmap() == {"base": (7 + 16) * 65536, "count": 65536}
+    assert "SYS_ADMIN" in config.capabilities and "MKNOD" in config.capabilities
+    assert "NET_ADMIN" not in config.capabilities and "NET_RAW" not in config.capabilities
+    written = tmp_path / "out.toml"
+    write(msgspec.structs.replace(config, path=written))
+    again = parse(written)
+    assert again.idmap() == config.idmap() and again.capabilities == config.capabilities
+
+
+def test_user_namespaces_of_two_guests_never_share_a_host_id(tmp_path: Path) -> None:
+    config_file(tmp_path, MINIMAL + "[security]\nuserns = true\n", name="a")  # 1507328..
+    config_file(
+        tmp_path,
+        'xid = 8\nroot = "/srv/b"\n[security]\nuserns = true\nid_base = 1540000\n',
+        name="b",
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_all(tmp_path)
+    assert str(refused.value) == (
+        f"{tmp_path}/b.toml: security.id_base: host ids 1540000.. overlap guest a's (1507328..)"
+    )
+
+
+def test_an_xid_too_high_for_a_default_id_range(tmp_path: Path) -> None:
+    path = config_file(tmp_path, 'xid = 65530\nroot = "/srv/g"\n[security]\nuserns = true\n')
+    with pytest.raises(ConfigError, match="xid 65530 leaves no room for a user namespace's ids"):
+        parse(path)
