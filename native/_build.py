@@ -51,7 +51,8 @@ ffibuilder.cdef(
                                size_t size);
 
     struct native_probe {
-        uint64_t dev; uint64_t ino; int64_t size; int64_t mtime_ns; int64_t ctime_ns;
+        uint64_t st_dev; uint64_t st_ino; int64_t st_size; int64_t st_mtime_ns;
+        int64_t st_ctime_ns; uint32_t st_mode; uint32_t st_uid; uint32_t st_gid;
         int64_t content_len; int64_t names_len;
     };
     int native_probe_file(int dirfd, const char *path, int flags, unsigned char *buf,
@@ -183,7 +184,8 @@ ffibuilder.set_source(
     }
 
     struct native_probe {
-        uint64_t dev; uint64_t ino; int64_t size; int64_t mtime_ns; int64_t ctime_ns;
+        uint64_t st_dev; uint64_t st_ino; int64_t st_size; int64_t st_mtime_ns;
+        int64_t st_ctime_ns; uint32_t st_mode; uint32_t st_uid; uint32_t st_gid;
         int64_t content_len; int64_t names_len;
     };
 
@@ -205,11 +207,14 @@ ffibuilder.set_source(
         struct stat st;
         if (fstat(fd, &st) < 0)
             goto fail;
-        out->dev = st.st_dev;
-        out->ino = st.st_ino;
-        out->size = st.st_size;
-        out->mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
-        out->ctime_ns = (int64_t)st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec;
+        out->st_dev = st.st_dev;
+        out->st_ino = st.st_ino;
+        out->st_size = st.st_size;
+        out->st_mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+        out->st_ctime_ns = (int64_t)st.st_ctim.tv_sec * 1000000000 + st.st_ctim.tv_nsec;
+        out->st_mode = st.st_mode;
+        out->st_uid = st.st_uid;
+        out->st_gid = st.st_gid;
         out->content_len = -1;
         out->names_len = -1;
         if (!S_ISREG(st.st_mode)) {

@@ -186,9 +186,11 @@ class FileProbe:
     def probe(self, dirfd: int, path: bytes, flags: int) -> Any:
         """Probe path beneath dirfd (openat2 as open_beneath); the native_probe result.
 
-        Its fields: dev, ino, size, mtime_ns, ctime_ns (fstat); content_len, the
-        bytes read into .content (-1 if the file holds capacity bytes or more);
-        names_len, the bytes of names() (-1 if they did not fit).
+        Its fields: st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns, st_mode,
+        st_uid, st_gid (fstat's, named as os.stat_result names them, so that
+        code comparing stat results reads either); content_len, the bytes read
+        into .content (-1 if the file holds capacity bytes or more); names_len,
+        the bytes of names() (-1 if they did not fit).
         """
         _check(
             lib.native_probe_file(

@@ -16,6 +16,12 @@ import pytest
 from conftest import COWFS, Mounts, cowfs, is_marked, run
 
 from cowfs.unify.excludes import Rules
+from cowfs.unify.hashify import HashifyOptions, HashifyReport, hashify
+from cowfs.unify.hashify.grouping import group, with_partners
+from cowfs.unify.hashify.hashing import FORK_MIN, hash_all
+from cowfs.unify.hashify.linking import link_groups
+from cowfs.unify.hashify.scan import Roots, scan
+from cowfs.unify.store import Store
 
 CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")
 
@@ -397,10 +403,8 @@ def test_hashified_guests_read_the_same_through_cowfs_and_writes_stay_private(
 
 
 def test_many_small_files_hashed_in_two_processes_link_the_same(tmp_path: Path) -> None:
-    """Past _FORK_MIN candidates a forked child hashes about half: its results and errors count."""
-    from cowfs.unify import hashify as hashify_module
-
-    per_guest = hashify_module._FORK_MIN  # two guests: twice the threshold
+    """Past FORK_MIN candidates a forked child hashes about half: its results and errors count."""
+    per_guest = FORK_MIN  # two guests: twice the threshold
     guests = [tmp_path / "g0", tmp_path / "g1"]
     for g in guests:
         for d in range(per_guest // 100):
@@ -414,13 +418,13 @@ def test_many_small_files_hashed_in_two_processes_link_the_same(tmp_path: Path) 
     before = manifest(guests)
     total = 2 * per_guest
 
-    def delete_victims_after_the_scan(phase: str, report: hashify_module.HashifyReport) -> None:
+    def delete_victims_after_the_scan(phase: str, report: HashifyReport) -> None:
         if phase == "scanning" and report.files_scanned == total:
             for victim in victims:
                 victim.unlink(missing_ok=True)
 
-    options = hashify_module.HashifyOptions(store=tmp_path / "store")
-    report = hashify_module.hashify(list(map(str, guests)), options, delete_victims_after_the_scan)
+    options = HashifyOptions(store=tmp_path / "store")
+    report = hashify(list(map(str, guests)), options, delete_victims_after_the_scan).report
     assert report.candidates == total
     assert report.files_hashed == total - len(victims)
     assert sorted(report.errors) == sorted(
@@ -463,3 +467,103 @@ def test_clone_files_unified_without_their_template(tmp_path: Path) -> None:
     assert (other / "usr" / "lib.so").stat().st_ino == shared
     assert (third / "usr" / "lib.so").stat().st_ino == (tmp_path / "outside-link").stat().st_ino
     assert (third / "usr" / "lib.so").stat().st_ino != shared
+
+
+MTIME = (10**18, 10**18)
+
+
+def same_file_in_three_guests(base: Path, size: int) -> list[Path]:
+    """Three guests with one identical usr/lib.so (content, mode, owner, mtime)."""
+    data = (b"shared library " * (size // 15 + 1))[:size]
+    guests = [base / f"g{i}" for i in range(3)]
+    for guest in guests:
+        (guest / "usr").mkdir(parents=True)
+        (guest / "usr" / "lib.so").write_bytes(data)
+        os.utime(guest / "usr" / "lib.so", ns=MTIME)
+    return guests
+
+
+def change_keeping_size_and_mtime(path: Path, how: str) -> None:
+    """Change a file so that only its ctime (and what changed) tells: never its size or mtime."""
+    if how == "mode":
+        os.chmod(path, 0o600)
+    elif how == "xattr":
+        os.setxattr(path, "user.label", b"the guest's own")
+    else:
+        with open(path, "r+b") as f:
+            f.write(b"S")  # was "s"
+        os.utime(path, ns=MTIME)
+
+
+@pytest.mark.parametrize("how", ["mode", "xattr", "content"])
+def test_a_file_changed_after_hashing_is_not_replaced(tmp_path: Path, how: str) -> None:
+    """The re-check right before a name is replaced: a name whose file changed keeps it."""
+    guests = same_file_in_three_guests(tmp_path, 4096)
+    victim = guests[2] / "usr" / "lib.so"  # the last name linked (guest 0's becomes the entry)
+    victim_ino = victim.stat().st_ino
+    changed: list[dict[bytes, tuple[object, ...]]] = []  # what the guest sees once changed
+
+    def change_before_linking(phase: str, report: HashifyReport) -> None:
+        if phase == "linking" and not changed:
+            change_keeping_size_and_mtime(victim, how)
+            changed.append(manifest([victim.parent]))
+
+    options = HashifyOptions(store=tmp_path / "store", rules=Rules.build([], [], False))
+    report = hashify(list(map(str, guests)), options, change_before_linking).report
+    assert len(changed) == 1
+    assert report.skipped_changed == 1
+    assert report.unified_files == 2 and report.errors == []
+    entry = (guests[0] / "usr" / "lib.so").stat().st_ino
+    assert (guests[1] / "usr" / "lib.so").stat().st_ino == entry  # the others were linked
+    assert victim.stat().st_ino == victim_ino != entry
+    assert not is_marked(victim)
+    assert manifest([victim.parent]) == changed[0]
+
+
+@pytest.mark.parametrize("size", [4096, 2 << 20])  # read in one native call / the long way
+def test_a_file_changed_after_the_scan_is_not_hashed(tmp_path: Path, size: int) -> None:
+    """A file whose ctime moved since the scan (its size and mtime did not) is left alone."""
+    guests = same_file_in_three_guests(tmp_path, size)
+    victim = guests[2] / "usr" / "lib.so"
+
+    def change_after_the_scan(phase: str, report: HashifyReport) -> None:
+        if phase == "scanning" and report.files_scanned == 3 and not is_changed():
+            change_keeping_size_and_mtime(victim, "content")
+
+    def is_changed() -> bool:
+        return victim.read_bytes()[:1] == b"S"
+
+    options = HashifyOptions(store=tmp_path / "store", rules=Rules.build([], [], False))
+    report = hashify(list(map(str, guests)), options, change_after_the_scan).report
+    assert is_changed()
+    assert (report.candidates, report.files_hashed, report.unified_files) == (3, 2, 2)
+    assert report.errors == [] and report.skipped_changed == 0
+    assert victim.stat().st_ino != (guests[0] / "usr" / "lib.so").stat().st_ino
+    assert not is_marked(victim)
+
+
+def test_an_inode_changed_before_it_enters_the_store_is_not_entered(tmp_path: Path) -> None:
+    """The phases one by one: the inode to become the entry changes after it was hashed."""
+    guests = same_file_in_three_guests(tmp_path, 4096)
+    inodes_before = [(g / "usr" / "lib.so").stat().st_ino for g in guests]
+    store = Store.open(tmp_path / "store", create=True)
+    fds = [os.open(g, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) for g in guests]
+    try:
+        roots = Roots([str(g) for g in guests], fds)
+        report = HashifyReport()
+        found = scan(roots, Rules.build([], [], False), 16, set(), report, None)
+        candidates = with_partners(found.inodes.values(), [], with_mtime=True)
+        hash_all(candidates.inodes, roots, store, report, None)
+        groups = group(candidates, store, with_mtime=True)
+        assert [len(members) for _, members in groups] == [3]
+        os.chmod(guests[0] / "usr" / "lib.so", 0o600)  # the inode that would become the entry
+        new_entries = link_groups(groups, roots, store, report, dry_run=False, progress=None)
+    finally:
+        store.close()
+        for fd in fds:
+            os.close(fd)
+    assert new_entries == []
+    assert report.errors == ["/usr/lib.so: into the store: changed since it was hashed"]
+    assert [(g / "usr" / "lib.so").stat().st_ino for g in guests] == inodes_before
+    assert not any(is_marked(g / "usr" / "lib.so") for g in guests)
+    assert list(Store(tmp_path / "store").entries()) == []

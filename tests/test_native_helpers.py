@@ -27,12 +27,15 @@ def tree(tmp_path: Path) -> Path:
 
 def test_small_file_read_whole_with_its_stat(tree: Path) -> None:
     probe = FileProbe(16)
+    os.chown(tree / "d" / "small", 1234, 5678)  # an owner no zeroed field could match
+    os.chmod(tree / "d" / "small", 0o751)
     dirfd = os.open(tree, os.O_PATH)
     try:
         found = probe.probe(dirfd, b"d/small", READ)
         st = os.stat(tree / "d" / "small")
-        assert (found.dev, found.ino, found.size) == (st.st_dev, st.st_ino, st.st_size)
-        assert (found.mtime_ns, found.ctime_ns) == (st.st_mtime_ns, st.st_ctime_ns)
+        assert (found.st_dev, found.st_ino, found.st_size) == (st.st_dev, st.st_ino, st.st_size)
+        assert (found.st_mtime_ns, found.st_ctime_ns) == (st.st_mtime_ns, st.st_ctime_ns)
+        assert (found.st_mode, found.st_uid, found.st_gid) == (st.st_mode, st.st_uid, st.st_gid)
         assert found.content_len == 11
         assert bytes(probe.content[: found.content_len]) == b"hello world"
         assert probe.probe(dirfd, b"d/empty", READ).content_len == 0
@@ -101,7 +104,7 @@ def test_probe_reads_nothing_but_a_regular_file(tree: Path) -> None:
     dirfd = os.open(tree, os.O_PATH)
     try:
         found = FileProbe(64).probe(dirfd, b"d/fifo", READ | os.O_NONBLOCK)
-        assert found.ino == os.lstat(tree / "d" / "fifo").st_ino
+        assert found.st_ino == os.lstat(tree / "d" / "fifo").st_ino
         assert (found.content_len, found.names_len) == (-1, -1)
     finally:
         os.close(dirfd)

@@ -25,7 +25,7 @@ from conftest import COWFS, Mounts, cowfs, is_marked, run
 from cowfs.errors import CowfsError
 from cowfs.host.treelock import remove_tree, tree_lock
 from cowfs.unify.clone import CloneStats, clone
-from cowfs.unify.hashify import Hashify, HashifyOptions, HashifyReport
+from cowfs.unify.hashify import HashifyOptions, HashifyReport, hashify
 
 WRITE = "written through a handle opened before\n"
 
@@ -139,7 +139,7 @@ def test_a_guest_is_not_mounted_while_hashify_runs_on_it(tmp_path: Path, guest_t
             attempts.append(run(COWFS, "mount", a, mnt, check=False))
 
     options = HashifyOptions(store=tmp_path / "store", ignore_mtime=True)
-    report = Hashify([str(a), str(b)], options).run(mount_meanwhile)
+    report = hashify([str(a), str(b)], options, mount_meanwhile).report
     try:
         assert report.unified_files > 0
         assert attempts and (attempts[0].returncode, attempts[0].stdout) == (1, "")

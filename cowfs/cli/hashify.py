@@ -13,7 +13,7 @@ from cowfs.cli.display import display_path
 from cowfs.cli.options import allow_reachable_option
 from cowfs.cli.progress import ProgressLine
 from cowfs.unify.excludes import DEFAULT_EXCLUDES, Rules
-from cowfs.unify.hashify import Hashify, HashifyOptions, HashifyReport
+from cowfs.unify.hashify import HashifyOptions, HashifyReport, hashify
 from cowfs.unify.store import Store, default_store
 from cowfs.units import format_bytes, parse_size
 
@@ -125,10 +125,9 @@ def hashify_command(
             f" {report.unified_files} unified"
         )
 
-    run = Hashify(list(guests), options)
-    report = run.run(progress)
+    run = hashify(list(guests), options, progress)
     line.done()
-    _print_report(report, as_json, verbose, dry_run)
+    _print_report(run.report, as_json, verbose, dry_run)
     exit_at_once()  # with run's scan still in memory: see exit_at_once
 
 

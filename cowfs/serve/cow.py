@@ -7,7 +7,8 @@ The break of a node whose backing inode carries the COW mark:
    owner, mode, xattrs but the mark, timestamps; its data made durable no
    later than the rename (durability.py);
 2. link it under a hidden temporary name and rename that over the guest's
-   name, so the name always reaches a complete file, old or new;
+   name (cowfs.tree.replace), so the name always reaches a complete file,
+   old or new;
 3. re-point the node (and the guest's open read-only handles) to the copy.
 
 Where the guest's name is the inode's last link, the mark is just cleared.
@@ -21,7 +22,6 @@ mount (recovery.py).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import stat
@@ -33,9 +33,9 @@ from cowfs.accounting.accountant import Accountant
 from cowfs.serve.durability import CopySync, make_durable
 from cowfs.serve.inodes import InodeTable, Node
 from cowfs.serve.workers import WorkerPool
-from cowfs.tree.marks import clear_mark, fd_path, is_marked, mark_of, temp_name
+from cowfs.tree.marks import clear_mark, fd_path, is_marked, mark_of
 from cowfs.tree.metadata import copy_data, copy_metadata
-from native import syscalls
+from cowfs.tree.replace import link_inode_over
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +75,6 @@ def make_private_copy(
         os.close(copy_fd)
         raise
     return copy_fd
-
-
-def put_in_place(copy_fd: int, parent_fd: int, name: bytes) -> None:
-    """Atomically make parent_fd/name reach the (unnamed) inode behind copy_fd."""
-    tmp = temp_name()
-    os.link(fd_path(copy_fd), tmp, dst_dir_fd=parent_fd, follow_symlinks=True)
-    try:
-        syscalls.renameat2(parent_fd, tmp, parent_fd, name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=parent_fd)
-        raise
 
 
 def names_inode(parent: Node | None, name: bytes | None, st: os.stat_result) -> bool:
@@ -165,7 +153,7 @@ class LinkBreaker:
             # so the check and the rename below see the same guest tree.
             if names_inode(node.parent, node.name, st):
                 assert node.parent is not None and node.name is not None
-                put_in_place(copy_fd, node.parent.fd, node.name)
+                link_inode_over(copy_fd, node.parent.fd, node.name)
                 if takes_charge_off:
                     self.acct.removed(st)
             new_st = os.fstat(copy_fd)

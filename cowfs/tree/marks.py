@@ -82,14 +82,3 @@ def clear_mark(fd: int) -> None:
     except OSError as e:
         if e.errno != errno.ENODATA:
             raise
-
-
-def is_marked_path(path: str | bytes) -> bool:
-    """True if the file at a host path (not following symlinks) carries the COW mark."""
-    try:
-        os.getxattr(path, COW_MARK, follow_symlinks=False)
-    except OSError as e:
-        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
-            return False
-        raise
-    return True

@@ -11,7 +11,8 @@ sweep, the reports' user names) goes through here:
   ancestor whose fd was let go is reopened by name from the nearest open one
   and must be the same (dev, ino) it was. Symlinks are never followed.
 * ``open_below``: a path below a tree's root, no symlink followed, however
-  long (``openat2`` takes at most PATH_MAX bytes at once).
+  long (``openat2`` takes at most PATH_MAX bytes at once); ``open_dir_below``
+  the same for a directory.
 * ``remove_tree``, ``remove_below``: a whole tree, as bounded and as careful as ``walk``.
 * ``read_regular``: a small file of the guest, read only if it is a regular
   file: resolved as if the guest's root were "/", its last component not
@@ -229,6 +230,11 @@ class _Walker:
         for frame in self.stack:
             self._close(frame)
         self.stack.clear()
+
+
+def open_dir_below(root_fd: int, path: bytes) -> int:
+    """A directory fd (O_RDONLY) on path below root_fd (b"" for the root), following no symlink."""
+    return open_below(root_fd, path, DIR_FLAGS)
 
 
 def open_below(root_fd: int, path: bytes, flags: int) -> int:

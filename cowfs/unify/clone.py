@@ -21,7 +21,7 @@ from cowfs.host.statedb import usage_changed
 from cowfs.host.treelock import refuse_mounted_nearby, tree_lock
 from cowfs.tree.marks import fd_path, is_marked, is_reserved_name, set_mark
 from cowfs.tree.metadata import copy_data, copy_metadata
-from cowfs.tree.walk import open_below, remove_tree, walk
+from cowfs.tree.walk import open_dir_below, remove_tree, walk
 from native import syscalls
 
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -141,12 +141,12 @@ def _not_reserved(path: bytes, name: bytes) -> bool:
 def _clone_tree(src_root: int, dst_root: int, stats: CloneStats, progress: Progress | None) -> None:
     """Fill dst_root with the template tree under src_root (both O_RDONLY directory fds).
 
-    The template is read as every guest tree is (guesttree.walk: a fixed number
+    The template is read as every guest tree is (cowfs.tree.walk: a fixed number
     of fds whatever its depth or width); each directory of the copy is opened
     by its path below dst_root, a tree this clone made.
     """
     for listing in walk(src_root, _not_reserved, leave=True):
-        dst_dir = open_below(dst_root, listing.path, _OPEN_DIR)
+        dst_dir = open_dir_below(dst_root, listing.path)
         try:
             if listing.leaving:
                 copy_metadata(listing.fd, dst_dir, listing.st)  # last: children changed its mtime

@@ -16,9 +16,10 @@ compares) and which metadata it carries: two files share an inode only if
 size, mode, owner, extended attributes and (unless hashify is told to
 ignore it) mtime are all equal, so a guest's view never changes.
 
-Entries appear atomically (linked under a temporary name, renamed into
-place) and are marked before they are linked: a store inode is never
-unmarked, so no mount ever writes to one in place. Their mark's value is
+Entries appear atomically (link(2) gives the complete inode its entry's
+name in one step, and fails if the name exists) and are marked before they
+are linked: a store inode is never unmarked, so no mount ever writes to one
+in place. Their mark's value is
 ``STORE_MARK``: accounting then knows one of the inode's links is the store's,
 not another guest's. Entries of stores made before that value existed are
 given it by the next ``hashify`` or ``store gc`` (``"store_mark": true`` in
@@ -167,7 +168,7 @@ class Store:
             return 0
         changed = 0
         for entry in self.entries():
-            fd = os.open(self.path_of(entry.name), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = self._open_entry(entry)
             try:
                 if mark_of(fd) != STORE_MARK:
                     set_mark(fd, STORE_MARK)
@@ -216,6 +217,20 @@ class Store:
     def path_of(self, entry_name: str) -> Path:
         """Host path of an entry."""
         return self.root / entry_name[:2] / entry_name
+
+    def _open_entry(self, entry: StoreEntry) -> int:
+        return os.open(self.path_of(entry.name), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def xattrs_of(self, entry: StoreEntry) -> dict[bytes, bytes] | None:
+        """An entry's extended attributes (without cowfs's own); None if it is gone."""
+        try:
+            fd = self._open_entry(entry)
+        except FileNotFoundError:
+            return None
+        try:
+            return read_xattrs(fd)
+        finally:
+            os.close(fd)
 
     def subdir_fd(self, prefix: str) -> int:
         """An O_PATH fd on a subdirectory of the store (made if missing), kept until close()."""
