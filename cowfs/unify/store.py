@@ -19,11 +19,10 @@ ignore it) mtime are all equal, so a guest's view never changes.
 Entries appear atomically (link(2) gives the complete inode its entry's
 name in one step, and fails if the name exists) and are marked before they
 are linked: a store inode is never unmarked, so no mount ever writes to one
-in place. Their mark's value is
-``STORE_MARK``: accounting then knows one of the inode's links is the store's,
-not another guest's. Entries of stores made before that value existed are
-given it by the next ``hashify`` or ``store gc`` (``"store_mark": true`` in
-``.cowfs-store.json`` says it is done).
+in place. Their mark's value is ``STORE_MARK``: accounting then knows one of
+the inode's links is the store's, not another guest's. Entries of stores
+made before that value existed are given it by the next ``hashify`` or
+``store gc`` (``"store_mark": true`` in ``.cowfs-store.json`` says it is done).
 """
 
 from __future__ import annotations
