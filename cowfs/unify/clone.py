@@ -15,7 +15,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cowfs.errors import CowfsError
+from cowfs.errors import CowfsError, require_directory
 from cowfs.host.barrier import make_private_dirs, refuse_reachable
 from cowfs.host.statedb import usage_changed
 from cowfs.host.treelock import refuse_mounted_nearby, tree_lock
@@ -55,10 +55,7 @@ def check_clone_args(template: str, new: str, allow_reachable: bool = False) -> 
     both must be out of host users' reach (barrier.py) unless allow_reachable:
     a template's inodes become the clone's.
     """
-    if not os.path.lexists(template):
-        raise CowfsError(f"template {template}: no such directory")
-    if not os.path.isdir(template):
-        raise CowfsError(f"template {template}: not a directory")
+    require_directory("template", template)
     if os.path.lexists(new):
         raise CowfsError(f"{new}: already exists")
     template_real = os.path.realpath(template)

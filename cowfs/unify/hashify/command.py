@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from cowfs.errors import CowfsError
+from cowfs.errors import CowfsError, require_directory
 from cowfs.host.barrier import refuse_reachable
 from cowfs.host.treelock import refuse_mounted_nearby, tree_lock
 from cowfs.unify.hashify.grouping import group, with_partners
@@ -50,10 +50,7 @@ def check_hashify_args(
         raise CowfsError("no guest directory given")
     real = []
     for guest in guests:
-        if not os.path.lexists(guest):
-            raise CowfsError(f"guest {guest}: no such directory")
-        if not os.path.isdir(guest):
-            raise CowfsError(f"guest {guest}: not a directory")
+        require_directory("guest", guest)
         path = os.path.realpath(guest)
         if path in real:
             raise CowfsError(f"guest {guest}: given twice")
