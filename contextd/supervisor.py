@@ -52,6 +52,7 @@ from contextd.seccomp import GuestFilter
 from cowfs.atomicfile import write_atomically
 from native import syscalls as sc
 
+TIOCGPTPEER = 0x5441
 MAX_LOG = 8 << 20  # the console log is kept under this size: its older half dropped
 TAIL_LINES = 20  # of the console, kept in the exit record
 
@@ -261,6 +262,9 @@ def _supervise(init: Init, log: int, exit_record: str) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     pidfd = os.pidfd_open(init.pid)
     master = init.console_master
+    # A console side of our own: with none of the guest's open for a moment (sysvinit
+    # closes and reopens /dev/console), the pty would hang up and the log stop.
+    keep_open = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     tail = bytearray()
     console_open = True
     while True:
@@ -274,6 +278,7 @@ def _supervise(init: Init, log: int, exit_record: str) -> None:
         if pidfd in ready:
             break
     status = _wait(init.pid)
+    os.close(keep_open)
     os.set_blocking(master, False)
     while console_open and _copy_console(master, log, tail):
         pass
