@@ -22,7 +22,13 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except CowfsError as e:
-            click.echo(f"contextd: error: {e}", err=True)
+            message = f"contextd: error: {e}"
+            if sys.stderr.isatty():  # it may quote a guest's file names or console
+                from contextd.relay import TerminalFilter
+
+                shown = TerminalFilter()
+                message = (shown.feed(message.encode()) + shown.flush()).decode(errors="replace")
+            click.echo(message, err=True)
             sys.exit(1)
 
 

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -164,9 +165,7 @@ class Runtime:
             undo.push("run state", lambda: runstate.drop(config.name))
             if _wait_pidfd(supervisor, config.boot_check):
                 record = runstate.load_exit(config.name) or {}
-                tail = record.get("console_tail")
-                lines = [str(line) for line in tail] if isinstance(tail, list) else []
-                said = "; console: " + " | ".join(lines[-5:]) if lines else ""
+                said = "; console: " + " | ".join(last_lines(record)) if last_lines(record) else ""
                 raise GuestError(
                     f"guest {config.name}: {runstate.describe_exit(record)} within"
                     f" {config.boot_check:g} s of its start{said}"
@@ -383,6 +382,20 @@ def _answer(line: str) -> dict[str, object]:
     except ValueError:
         return {"error": "the supervisor ended without an answer"}
     return answer if isinstance(answer, dict) else {"error": repr(answer)}
+
+
+_SGR = re.compile(r"\x1b\[[0-9;]*m")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def last_lines(record: dict[str, object], count: int = 5) -> list[str]:
+    """The console's last non-empty lines from an exit record, as plain text (a guest's
+    colours dropped, its other control characters shown as '?': they go into messages
+    an admin's terminal prints)."""
+    tail = record.get("console_tail")
+    lines = [str(line) for line in tail] if isinstance(tail, list) else []
+    plain = [_CONTROL.sub("?", _SGR.sub("", line)).strip() for line in lines]
+    return [line for line in plain if line][-count:]
 
 
 def stop_signal_for(config: GuestConfig) -> int:

@@ -433,18 +433,19 @@ def test_a_boot_that_fails_at_once_is_a_failed_start(ctx: Contextd, guest_tree: 
         "--from",
         str(guest_tree),
         "--init",
-        "/bin/sh -c 'echo no-such-disk; exit 7'",
+        # a colour and a title sequence too: the message goes to the admin's terminal
+        "/bin/sh -c 'printf \"\\033[31mno-such-disk\\033]0;t\\007\\n\"; exit 7'",
     )
     result = ctx("start", "bad", check=False)
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "init exited with status 7 within 0.5 s of its start" in result.stderr
-    assert "console: no-such-disk" in result.stderr
+    assert "console: no-such-disk?]0;t?\n" in result.stderr and "\x1b" not in result.stderr
     assert left_behind("bad", ctx) == []
     status = _state(ctx, "bad")
     assert status["state"] == "stopped" and status["last_end"].startswith(
         "init exited with status 7"
     )
-    assert status["last_console"] == ["no-such-disk"]
+    assert status["last_console"] == ["\x1b[31mno-such-disk\x1b]0;t\x07"]  # JSON: as written
 
 
 def test_the_end_of_init_is_noticed_at_once(ctx: Contextd, guest_tree: Path) -> None:
