@@ -24,8 +24,10 @@ CAPABILITIES: dict[str, int] = {
 # what it adds to reading and searching. SYS_BOOT is kept: in a PID namespace
 # reboot(2) only ends that namespace's init (halt, poweroff and reboot inside
 # stop or restart the guest), and kexec, its other use, is refused by seccomp.
+# SETPCAP is kept (as Docker does): a distribution's systemd drops capabilities
+# from its services' bounding sets; it can only take away within the guest's set.
 DEFAULT_KEEP: tuple[str, ...] = (
-    "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETUID", "SETGID",
+    "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETUID", "SETGID", "SETPCAP",
     "NET_BIND_SERVICE", "SYS_CHROOT", "SYS_BOOT", "SYS_TTY_CONFIG", "LEASE", "SETFCAP",
     "AUDIT_WRITE",
 )  # fmt: skip

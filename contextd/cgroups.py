@@ -32,7 +32,9 @@ CGROUP_ROOT = Path(os.environ.get("CONTEXTD_CGROUP_ROOT", "/sys/fs/cgroup"))
 PARENT = "contextd"
 GUEST = "guest"
 FUSE_SERVER = "cowfs"
-V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "devices")
+# "systemd" is the named hierarchy (name=systemd) a distribution's systemd keeps
+# its units in: the guest's init gets its own part of it (see mount_for_guest).
+V1_CONTROLLERS = ("memory", "cpu", "cpuacct", "pids", "freezer", "devices", "systemd")
 _CFS_PERIOD_US = 100_000
 
 
@@ -225,9 +227,34 @@ class Cgroup:
                     f"processes of {self.name} survive SIGKILL: {sorted(self.pids())}"
                 )
 
+    def delegate(self, uid: int, gid: int) -> None:
+        """Give the guest's part of the systemd hierarchy to the guest's root (a user
+        namespace's), so that its init can make and fill cgroups of its own there."""
+        directory = self.dirs.get("systemd")
+        if directory is None:
+            return
+        guest = directory / GUEST
+        for path in [
+            guest,
+            *(
+                guest / f
+                for f in ("cgroup.procs", "tasks", "cgroup.clone_children", "notify_on_release")
+            ),
+        ]:
+            with contextlib.suppress(FileNotFoundError):
+                os.chown(path, uid, gid)
+
     def remove(self) -> None:
-        """Remove the (empty) cgroup(s), children first."""
-        for directory in [*self.guest_dirs, *self.fuse_server_dirs, *self.dirs.values()]:
+        """Remove the (empty) cgroup(s), children first (a guest's systemd makes its own)."""
+        nested: list[Path] = []
+        for directory in self.dirs.values():
+            if directory.is_dir():
+                nested += sorted(
+                    (Path(d) for d, _subdirs, _files in os.walk(directory)),
+                    key=lambda p: len(p.parts),
+                    reverse=True,
+                )
+        for directory in nested:
             for _ in range(50):
                 try:
                     directory.rmdir()

@@ -87,6 +87,7 @@ def setup_root(root: str, idmap: dict[str, int] | None = None) -> tuple[int, int
         if os.path.isdir(f"{proc}/{name}"):
             _bind_readonly(f"{proc}/{name}")
     _mount_sys(f"{root}/sys")
+    _mount_cgroup(f"{root}/sys/fs/cgroup")
     console = _make_dev(f"{root}/dev", bind_devices=idmap is not None)
     _mount_run(root)
     os.chdir(root)
@@ -103,6 +104,23 @@ def _mount_sys(target: str) -> None:
     except PermissionError:  # a user namespace that does not own the network namespace
         _mount("/sys", target, None, sc.MS_BIND | sc.MS_REC)
         _mount(None, target, None, sc.MS_REMOUNT | sc.MS_BIND | flags)
+
+
+def _mount_cgroup(target: str) -> None:
+    """The guest's own part of the systemd cgroup hierarchy at /sys/fs/cgroup/systemd (on
+    a tmpfs), where a distribution's systemd keeps its units: the cgroup namespace made
+    before this shows the guest's cgroup as its root. On hosts without that hierarchy,
+    nothing (a guest's systemd then needs the unified hierarchy, not set up yet)."""
+    with open("/proc/self/cgroup") as f:
+        if not any(line.split(":")[1] == "name=systemd" for line in f if line.count(":") >= 2):
+            return
+    if not os.path.isdir(target):
+        return
+    flags = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+    _mount("tmpfs", target, "tmpfs", flags, "mode=755,size=64k")
+    os.mkdir(f"{target}/systemd", 0o755)
+    _mount("cgroup", f"{target}/systemd", "cgroup", flags, "none,name=systemd")
+    _mount(None, target, None, sc.MS_REMOUNT | sc.MS_RDONLY | flags, "mode=755,size=64k")
 
 
 def _mount_run(root: str) -> None:

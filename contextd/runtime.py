@@ -137,6 +137,9 @@ class Runtime:
                 cgroup.remove()
             cgroup.create(config.limits)
             undo.push("cgroup", lambda: _kill_and_remove(cgroup))
+            idmap = config.idmap()
+            if idmap is not None:
+                cgroup.delegate(idmap["base"], idmap["base"])
             mountpoint = _root_only_dir(run_dir() / "roots") / config.name
             mountpoint.mkdir(exist_ok=True)
             _apply_disk_limits(config)

@@ -105,7 +105,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.stop_signal == 0  # "auto": chosen by the guest's init
     assert config.stop_timeout == 5.0 and config.boot_check == 0.5
     assert config.capabilities == [
-        "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETUID", "SETGID",
+        "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETUID", "SETGID", "SETPCAP",
         "NET_BIND_SERVICE", "SYS_CHROOT", "SYS_BOOT", "SYS_TTY_CONFIG", "LEASE", "SETFCAP",
         "AUDIT_WRITE",
     ]  # fmt: skip

@@ -35,7 +35,7 @@ ATTACKS = Path(__file__).parent / "attacks"
 # The capabilities a guest keeps by default, written out (docs/contextd.md,
 # "Security model"): numbers from linux/capability.h.
 DEFAULT_CAPABILITIES = {
-    "CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "KILL": 5, "SETGID": 6,
+    "CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "KILL": 5, "SETGID": 6, "SETPCAP": 8,
     "SETUID": 7, "NET_BIND_SERVICE": 10, "SYS_CHROOT": 18, "SYS_BOOT": 22, "SYS_TTY_CONFIG": 26,
     "LEASE": 28,
     "AUDIT_WRITE": 29, "SETFCAP": 31,
