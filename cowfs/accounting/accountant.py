@@ -1,10 +1,12 @@
 """Keeping a mounted guest's usage exact, operation by operation.
 
-The FUSE handlers tell the accountant what they are about to do (it refuses,
-through the guest's DiskPolicy, what would exceed a limit or quota) and what
-the backing filesystem then really did: blocks are measured with fstat before
-and after, never guessed, so the counters stay equal to what a scan of the
-backing tree finds (usage.py's rule: every private inode once, shared files not).
+A FUSE handler runs its change of the backing tree inside one of the
+accountant's context managers: on entry it refuses, through the guest's
+DiskPolicy, what would exceed a limit or quota; when the change is done it
+charges what the backing filesystem really did. Blocks are measured with fstat
+before and after, never guessed, so the counters stay equal to what a scan of
+the backing tree finds (usage.py's rule: every private inode once, shared files
+not). A change that fails charges nothing.
 
 Every operation that can allocate is checked first. A write or fallocate is
 checked as if each block of its range were new; only where that would be
@@ -19,11 +21,14 @@ charged when they appear, not estimated.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from cowfs.accounting.limits import DiskPolicy
-from cowfs.tree.marks import store_links
+from cowfs.tree.marks import COW_MARK, store_links
 from native import syscalls
 
 BLOCK = 512
@@ -63,6 +68,13 @@ def unallocated_bytes(fd: int, offset: int, length: int) -> int:
     return end - start - covered
 
 
+class HasFd(Protocol):
+    """What reaches a backing inode through an fd: a node (which may reopen it), an open file."""
+
+    @property
+    def fd(self) -> int: ...
+
+
 class Accountant:
     """The bridge between FUSE operations and a guest's usage and policy."""
 
@@ -71,22 +83,24 @@ class Accountant:
 
     # -- growth of an existing file -------------------------------------------
 
-    def before_write(self, fd: int, caller_uid: int, offset: int, length: int) -> os.stat_result:
-        """Refuse a write that could exceed a limit; the file's stat, for after_change."""
-        st = os.fstat(fd)
+    @contextlib.contextmanager
+    def writing(self, file: HasFd, caller_uid: int, offset: int, length: int) -> Iterator[None]:
+        """Around a write of bytes [offset, offset + length) of file."""
+        fd = file.fd
+        before = os.fstat(fd)
         if self.policy.active:
-            self._check_range(fd, st, caller_uid, offset, length)
-        return st
+            self._check_range(fd, before, caller_uid, offset, length)
+        yield
+        self._charge_change(file, before)
 
-    def before_allocate(
-        self, fd: int, caller_uid: int, mode: int, offset: int, length: int
-    ) -> os.stat_result:
-        """Refuse an fallocate(2) that could exceed a limit; the file's stat, for after_change."""
-        st = os.fstat(fd)
+    @contextlib.contextmanager
+    def allocating(
+        self, file: HasFd, caller_uid: int, mode: int, offset: int, length: int
+    ) -> Iterator[None]:
+        """Around an fallocate(2) of file: checked as a write of its range unless it frees space."""
         freeing = mode & (_FALLOC_PUNCH_HOLE | _FALLOC_COLLAPSE_RANGE)
-        if self.policy.active and not freeing:
-            self._check_range(fd, st, caller_uid, offset, length)
-        return st
+        with self.writing(file, caller_uid, offset, 0 if freeing else length):
+            yield
 
     def _check_range(
         self, fd: int, st: os.stat_result, caller_uid: int, offset: int, length: int
@@ -103,47 +117,93 @@ class Accountant:
             estimate = unallocated_bytes(fd, offset, length)
         policy.check(caller_uid, st.st_uid, st.st_gid, estimate, 0)
 
-    def before_growth(self, fd: int, caller_uid: int, estimate: int) -> os.stat_result:
-        """Refuse growing a file by about estimate bytes (an xattr); its stat."""
-        st = os.fstat(fd)
-        self.policy.check(caller_uid, st.st_uid, st.st_gid, max(estimate, _NEW_NAME), 0)
-        return st
+    @contextlib.contextmanager
+    def growth(self, file: HasFd, caller_uid: int, estimate: int) -> Iterator[None]:
+        """Around growing file by about estimate bytes (an xattr: it may take a block)."""
+        before = os.fstat(file.fd)
+        self.policy.check(caller_uid, before.st_uid, before.st_gid, max(estimate, _NEW_NAME), 0)
+        yield
+        self._charge_change(file, before)
 
-    def after_change(self, fd: int, before: os.stat_result) -> None:
-        """Charge what a file's allocation really changed by."""
-        after = os.fstat(fd)
+    @contextlib.contextmanager
+    def change(self, file: HasFd) -> Iterator[None]:
+        """Around a change that allocates nothing by itself (truncate, removing an xattr)."""
+        before = os.fstat(file.fd)
+        yield
+        self._charge_change(file, before)
+
+    def _charge_change(self, file: HasFd, before: os.stat_result) -> None:
+        """Charge what file's allocation really changed by since before."""
+        after = os.fstat(file.fd)
         delta = _allocated(after) - _allocated(before)
         if delta:
             self.policy.charge(after.st_uid, after.st_gid, delta, 0)
 
-    def chown(self, before: os.stat_result, uid: int, gid: int, caller_uid: int) -> None:
-        """Refuse a chown the new owner's quota cannot take."""
+    @contextlib.contextmanager
+    def chown(self, file: HasFd, uid: int, gid: int) -> Iterator[None]:
+        """Around a chown to uid:gid (-1: unchanged): the inode's usage moves to its new owner.
+
+        Refused if the new owner's quota cannot take it.
+        """
+        before = os.fstat(file.fd)
         if self.policy.quotas:
             new_uid = before.st_uid if uid == -1 else uid
             new_gid = before.st_gid if gid == -1 else gid
             self.policy.check_quota(new_uid, new_gid, _allocated(before), 1)
-
-    def chowned(self, before: os.stat_result, after: os.stat_result) -> None:
-        """Move a private inode's usage to its new owner."""
+        yield
+        after = os.fstat(file.fd)
         if (before.st_uid, before.st_gid) == (after.st_uid, after.st_gid):
             return
         self.policy.charge(before.st_uid, before.st_gid, -_allocated(before), -1)
         self.policy.charge(after.st_uid, after.st_gid, _allocated(after), 1)
 
-    # -- new inodes -------------------------------------------------------
+    # -- new inodes and names -------------------------------------------------
 
-    def before_new(
-        self, caller_uid: int, uid: int, gid: int, kind: int, data_bytes: int = 0
-    ) -> None:
-        """Refuse creating an inode of kind (S_IFDIR, S_IFREG, ...) that would exceed a limit.
+    @contextlib.contextmanager
+    def new_inode(
+        self,
+        directory: HasFd,
+        caller_uid: int,
+        uid: int,
+        gid: int,
+        kind: int,
+        data_bytes: int = 0,
+    ) -> Iterator[Callable[[os.stat_result], None]]:
+        """Around creating an inode of kind (S_IFDIR, S_IFREG, ...) owned by uid:gid in directory.
 
-        data_bytes: what it holds from the start (a symlink's target).
+        data_bytes: what it holds from the start (a symlink's target). Gives the
+        function that charges the new inode once made; the directory's growth
+        is charged after.
         """
         estimate = max(_DIR_BLOCK if kind == stat.S_IFDIR else _NEW_NAME, data_bytes)
         self.policy.check(caller_uid, uid, gid, estimate, 1)
+        dir_before = os.fstat(directory.fd)
+        yield self.new
+        self._charge_change(directory, dir_before)
 
-    def before_new_name(self, caller_uid: int, dir_st: os.stat_result) -> None:
-        """Refuse adding a name (link, rename) to a directory once the guest is at its limit."""
+    @contextlib.contextmanager
+    def new_name(self, directory: HasFd, caller_uid: int) -> Iterator[None]:
+        """Around adding a name (a link) to directory: refused once the guest is at its limit."""
+        before = os.fstat(directory.fd)
+        self._check_new_name(caller_uid, before)
+        yield
+        self._charge_change(directory, before)
+
+    @contextlib.contextmanager
+    def renaming(
+        self, old_dir: HasFd, new_dir: HasFd, caller_uid: int, adds_name: bool
+    ) -> Iterator[None]:
+        """Around a rename from old_dir to new_dir; adds_name if no name in new_dir is replaced."""
+        old_before = os.fstat(old_dir.fd)
+        new_before = os.fstat(new_dir.fd)
+        if adds_name:
+            self._check_new_name(caller_uid, new_before)
+        yield
+        self._charge_change(old_dir, old_before)
+        if new_dir is not old_dir:
+            self._charge_change(new_dir, new_before)
+
+    def _check_new_name(self, caller_uid: int, dir_st: os.stat_result) -> None:
         self.policy.check(caller_uid, dir_st.st_uid, dir_st.st_gid, _NEW_NAME, 0)
 
     def new(self, st: os.stat_result) -> None:
@@ -160,6 +220,18 @@ class Accountant:
         self.policy.check(caller_uid, shared.st_uid, shared.st_gid, estimate, 1)
 
     # -- removals ---------------------------------------------------------
+
+    @contextlib.contextmanager
+    def removing(self, directory: HasFd) -> Iterator[None]:
+        """Around removing a name from directory: its shrinking (or growth) charged after."""
+        before = os.fstat(directory.fd)
+        yield
+        self._charge_change(directory, before)
+
+    def name_leaves(self, dir_fd: int, name: bytes, st: os.stat_result) -> bool:
+        """True if removing dir_fd/name (st, as it is) takes its inode off the guest's usage."""
+        mark = syscalls.xattr_at(dir_fd, name, COW_MARK) if stat.S_ISREG(st.st_mode) else None
+        return self.leaves(st, mark)
 
     def leaves(self, st: os.stat_result, mark: bytes | None) -> bool:
         """True if removing one of the guest's names of an inode takes it off the guest's usage.
@@ -190,13 +262,3 @@ class Accountant:
     def unmarked(self, st: os.stat_result) -> None:
         """An inode the guest is charged for lost its mark: it leaves with its last link now."""
         self.policy.usage.own_marked.discard((st.st_dev, st.st_ino))
-
-    # -- directories changing size ---------------------------------------
-
-    def dir_before(self, dir_fd: int) -> os.stat_result:
-        """A directory's stat before entries are added or removed."""
-        return os.fstat(dir_fd)
-
-    def dir_after(self, dir_fd: int, before: os.stat_result) -> None:
-        """Charge a directory's growth (or shrinking) after entries changed."""
-        self.after_change(dir_fd, before)

@@ -4,7 +4,10 @@
   builds the collaborators below and hands them to the operations.
 - operations: the FUSE operations, each a thin translation into ``*at`` calls.
 - inodes: FUSE node ids to O_PATH handles on backing inodes (bounded fds).
+- openfiles: the guest's open files (each handle a backing fd), and inodes
+  unlinked while open, charged until their last close.
 - listings: directory listings read by the backing directory's own offsets.
+- unpatched: what differs on a pyfuse3 without cowfs's patch (directory handles).
 - cow: breaking a COW link at a guest's first modification; durability: how a
   private copy reaches the disk before it replaces the shared file.
 - workers, uring: blocking I/O off the trio loop (threads, io_uring).

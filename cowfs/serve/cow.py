@@ -25,21 +25,19 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Callable
 
 import trio
 
 from cowfs.accounting.accountant import Accountant
 from cowfs.serve.durability import CopySync, make_durable
 from cowfs.serve.inodes import InodeTable, Node
+from cowfs.serve.openfiles import OpenFiles
 from cowfs.serve.workers import WorkerPool
 from cowfs.tree.marks import clear_mark, fd_path, is_marked, mark_of
 from cowfs.tree.metadata import copy_data, copy_metadata
 from cowfs.tree.replace import link_inode_over
 
 log = logging.getLogger(__name__)
-
-ReopenHandles = Callable[[Node, int], None]
 
 
 def make_private_copy(
@@ -95,7 +93,7 @@ class LinkBreaker:
         self,
         table: InodeTable,
         workers: WorkerPool,
-        reopen_handles: ReopenHandles,
+        open_files: OpenFiles,
         acct: Accountant,
         durability: CopySync = CopySync.FULL,
     ):
@@ -103,7 +101,7 @@ class LinkBreaker:
         self.workers = workers
         self.acct = acct
         self.durability = durability
-        self.reopen_handles = reopen_handles
+        self.open_files = open_files
         self.breaks = 0
 
     async def ensure_private(self, node: Node, caller_uid: int, with_data: bool = True) -> None:
@@ -160,7 +158,7 @@ class LinkBreaker:
             self.acct.new(new_st)
             path_fd = os.open(fd_path(copy_fd), os.O_PATH | os.O_CLOEXEC)
             self.table.repoint(node, path_fd, new_st)
-            self.reopen_handles(node, copy_fd)
+            self.open_files.repoint(node, copy_fd)
             self.breaks += 1
             log.debug("broke link of %r", node)
         finally:

@@ -251,6 +251,37 @@ class InodeTable:
         node.nlookup += 1
         return node
 
+    def child(self, parent: Node, name: bytes) -> tuple[os.stat_result | None, Node | None]:
+        """What parent/name reaches now, and its node if the kernel knows it."""
+        try:
+            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None, None
+        return st, self.find(st)
+
+    def listed(
+        self, directory: Node, dev: int, name: bytes, ino: int
+    ) -> tuple[Node, os.stat_result, bool] | None:
+        """The node and attributes of a listed entry, and whether the node is new; None if gone.
+
+        A new node has lookup count 0: the caller counts it once the kernel has it.
+        """
+        known = self.by_key.get((dev, ino))
+        try:
+            if known is not None:
+                st = os.stat(name, dir_fd=directory.fd, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) == known.key:
+                    return known, st, False
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
+        except FileNotFoundError:
+            return None  # removed since the batch was read
+        st = os.fstat(fd)
+        node = self.find(st)
+        if node is not None:
+            os.close(fd)
+            return node, st, False
+        return self.add(fd, st, directory, name), st, True
+
     def forget(self, nodeid: int, count: int) -> None:
         """Lower a lookup count; at zero the kernel no longer knows the node."""
         node = self.by_nodeid.get(nodeid)

@@ -137,9 +137,17 @@ def serve(
     import pyfuse3
     import trio
 
+    from cowfs.accounting.accountant import Accountant
     from cowfs.accounting.ledger import GuestLedger
     from cowfs.host.statedb import StateDB
+    from cowfs.serve import durability, unpatched
+    from cowfs.serve.cow import LinkBreaker
+    from cowfs.serve.inodes import InodeTable
+    from cowfs.serve.listings import Listings
+    from cowfs.serve.openfiles import OpenFiles
     from cowfs.serve.operations import CowFS
+    from cowfs.serve.uring import Ring
+    from cowfs.serve.workers import WorkerPool
 
     try:
         root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -158,14 +166,26 @@ def serve(
         ready(f"state database: {e}")
         return
     os.umask(0)  # the kernel applied the caller's umask already
-    max_fds = _node_fd_budget(options.max_node_fds)
+    table = InodeTable(root_fd, _node_fd_budget(options.max_node_fds))
+    acct = Accountant(ledger.policy)
+    open_files = OpenFiles(table, acct)
+    workers = WorkerPool()
+    # Disk reads, and writes that may wait, go to the kernel through io_uring
+    # where it allows, else to the workers.
+    ring = Ring.open() if options.io_uring else None
+    breaker = LinkBreaker(
+        table, workers, open_files, acct, durability.for_backing(root_fd, options.sync_breaks)
+    )
     fs = CowFS(
-        root_fd,
+        table=table,
+        open_files=open_files,
+        listings=Listings(table),
+        dir_handles=unpatched.DirHandles(),
+        breaker=breaker,
+        acct=acct,
+        workers=workers,
+        disk=ring or workers,
         cache_timeout=options.cache_timeout,
-        max_fds=max_fds,
-        sync_breaks=options.sync_breaks,
-        policy=ledger.policy,
-        io_uring=options.io_uring,
     )
 
     def initialized() -> None:
@@ -195,8 +215,8 @@ def serve(
         backing,
         mountpoint,
         os.getpid(),
-        "io_uring" if fs.ring is not None else "worker threads",
-        fs.breaker.durability.value,
+        "io_uring" if ring is not None else "worker threads",
+        breaker.durability.value,
     )
 
     async def run() -> None:
@@ -222,9 +242,9 @@ def serve(
 
             nursery.start_soon(stop_on_signal)
             nursery.start_soon(keep_books)
-            nursery.start_soon(fs.workers.serve)
-            if fs.ring is not None:
-                nursery.start_soon(fs.ring.serve)
+            nursery.start_soon(workers.serve)
+            if ring is not None:
+                nursery.start_soon(ring.serve)
             await pyfuse3.main(min_tasks=2, max_tasks=64)
             nursery.cancel_scope.cancel()
 
@@ -242,14 +262,13 @@ def serve(
             except sqlite3.Error as e:
                 log.error("state database: %s; usage will be recomputed", e)
             recovery.mark_clean(root_fd)
-        direct_reads = getattr(pyfuse3, "direct_reads", lambda: 0)()
         log.info(
             "stopped serving %s (%d link breaks, %d node reopens; reads: %d from the"
             " page cache by pyfuse3, %d by cowfs)",
             mountpoint,
-            fs.breaker.breaks,
-            fs.table.reopens,
-            direct_reads,
+            breaker.breaks,
+            table.reopens,
+            unpatched.direct_reads(),
             fs.handler_reads,
         )
 

@@ -1,7 +1,10 @@
 """The FUSE operations: each a thin translation of a request into ``*at`` calls on backing fds.
 
-Policy lives elsewhere: the inode table (inodes.py), link breaking (cow.py),
-the reserved names and attributes (marks.py). Handlers that cannot block
+Policy lives elsewhere: what an operation may allocate and what it costs
+(cowfs.accounting.accountant), link breaking (cow.py), the reserved names and
+attributes (marks.py). The collaborators are built by mount.serve and handed
+in: the inode table (inodes.py), the open files (openfiles.py), directory
+listings (listings.py), directory handles (unpatched.py). Handlers that cannot block
 for long (metadata on a local filesystem) run on the event loop; data I/O
 that may wait on the disk runs in worker threads, so no slow request stalls
 the mount. Every OSError becomes the errno the caller sees; anything else is
@@ -23,30 +26,17 @@ import trio
 from pyfuse3 import FUSEError
 
 from cowfs.accounting.accountant import Accountant
-from cowfs.accounting.limits import DiskPolicy
-from cowfs.accounting.usage import Usage
-from cowfs.host.statedb import LimitRow
-from cowfs.serve import durability
 from cowfs.serve.cow import LinkBreaker
 from cowfs.serve.inodes import InodeTable, Node
 from cowfs.serve.listings import Listings
+from cowfs.serve.openfiles import OpenFiles
+from cowfs.serve.unpatched import DirHandles
 from cowfs.serve.uring import Ring
 from cowfs.serve.workers import WorkerPool
-from cowfs.tree.marks import (
-    COW_MARK,
-    fd_path,
-    is_marked,
-    is_reserved_name,
-    is_reserved_xattr,
-)
+from cowfs.tree.marks import fd_path, is_marked, is_reserved_name, is_reserved_xattr
 from native import syscalls
 
 log = logging.getLogger(__name__)
-
-# What cowfs's patch to pyfuse3 adds (native/pyfuse3/README.md): readdir can
-# tell the directory without opendir, so opendir can decline (the kernel then
-# caches listings and sends no OPENDIR/RELEASEDIR), and fallocate(2) works.
-PYFUSE3_PATCHED = hasattr(pyfuse3.ReaddirToken, "ino")
 
 NAME_MAX = 255
 # Reported as st_blksize: stdio and cp size their buffers by it, and every
@@ -85,19 +75,6 @@ def _check_new_name(name: bytes) -> None:
         raise FUSEError(errno.EPERM)
 
 
-class OpenFile:
-    """A file handle: the backing fd the guest's open file reads and writes."""
-
-    __slots__ = ("fd", "flags", "node", "uid", "writable")
-
-    def __init__(self, fd: int, node: Node, flags: int, uid: int):
-        self.fd = fd
-        self.node = node
-        self.flags = flags
-        self.uid = uid  # who opened it: the reserve is for uid 0 only
-        self.writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-
-
 class CowFS(pyfuse3.Operations):
     """A guest root served from a backing tree, with copy-on-write for shared inodes."""
 
@@ -110,37 +87,28 @@ class CowFS(pyfuse3.Operations):
 
     def __init__(
         self,
-        root_fd: int,
+        *,
+        table: InodeTable,
+        open_files: OpenFiles,
+        listings: Listings,
+        dir_handles: DirHandles,
+        breaker: LinkBreaker,
+        acct: Accountant,
+        workers: WorkerPool,
+        disk: Ring | WorkerPool,
         cache_timeout: float = 60.0,
-        max_fds: int = 4096,
-        sync_breaks: bool = True,
-        policy: DiskPolicy | None = None,
-        io_uring: bool = True,
     ):
+        """disk: what reads, and writes that may wait, go to (io_uring, else the workers)."""
         super().__init__()
-        self.table = InodeTable(root_fd, max_fds)
-        self.policy = policy or DiskPolicy(Usage(), LimitRow(), [])
-        self.acct = Accountant(self.policy)
-        # Private inodes unlinked while open: charged until their last close.
-        self.orphans: set[Node] = set()
-        self.files: dict[int, OpenFile] = {}
-        self.handles_of: dict[Node, set[OpenFile]] = {}
-        self.dir_handles: dict[int, int] = {}  # fh -> node id, unpatched pyfuse3 only
-        self._next_dir_fh = 0
-        self.listings = Listings(self.table)
+        self.table = table
+        self.open_files = open_files
+        self.listings = listings
+        self.dir_handles = dir_handles
+        self.breaker = breaker
+        self.acct = acct
+        self.workers = workers
+        self.disk = disk
         self.timeout = cache_timeout
-        self.workers = WorkerPool()
-        # Disk reads, and writes that may wait, go to the kernel through io_uring
-        # where it allows, else to the workers.
-        self.ring = Ring.open() if io_uring else None
-        self.disk: Ring | WorkerPool = self.ring or self.workers
-        self.breaker = LinkBreaker(
-            self.table,
-            self.workers,
-            self._reopen_read_handles,
-            self.acct,
-            durability.for_backing(root_fd, sync_breaks),
-        )
         self._nowait_writes = True
         self.handler_reads = 0
         self.after_init: Callable[[], None] | None = None
@@ -197,19 +165,26 @@ class CowFS(pyfuse3.Operations):
         make: Callable[[int], None],
         data_bytes: int = 0,
     ) -> pyfuse3.EntryAttributes:
-        """mkdir, mknod or symlink as root via make(dir_fd), then adopt the new inode.
-
-        It is opened, checked and chowned to its owner; the check guards against a
-        guest swapping another file in under the name between the creation and
-        the open: we only chown what we made. Limits are checked before, and
-        the new inode and the directory's growth charged after.
-        """
+        """mkdir, mknod or symlink as root via make(dir_fd), then adopt the new inode."""
         _check_new_name(name)
         parent = self.table.get(parent_inode)
         uid, gid = self._new_owner(parent, ctx)
-        self.acct.before_new(ctx.uid, uid, gid, kind, data_bytes)
-        dir_before = self.acct.dir_before(parent.fd)
-        make(parent.fd)
+        with self.acct.new_inode(parent, ctx.uid, uid, gid, kind, data_bytes) as charge:
+            make(parent.fd)
+            fd, st = self._adopt(parent, name, kind, uid, gid)
+            charge(st)
+        self.listings.changed(parent)
+        node = self.table.remember(fd, st, parent, name)
+        return self._entry(node, st)
+
+    def _adopt(
+        self, parent: Node, name: bytes, kind: int, uid: int, gid: int
+    ) -> tuple[int, os.stat_result]:
+        """An O_PATH fd on the inode just made as parent/name, and its stat once given to uid:gid.
+
+        The check guards against a guest swapping another file in under the
+        name between the creation and the open: we only chown what we made.
+        """
         fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
         try:
             st = os.fstat(fd)
@@ -221,45 +196,7 @@ class CowFS(pyfuse3.Operations):
         except BaseException:
             os.close(fd)
             raise
-        self.acct.new(st)
-        self.acct.dir_after(parent.fd, dir_before)
-        self.listings.changed(parent)
-        node = self.table.remember(fd, st, parent, name)
-        return self._entry(node, st)
-
-    def _reopen_read_handles(self, node: Node, copy_fd: int) -> None:
-        """After a link break, make the guest's open handles read the private copy.
-
-        The kernel's page cache for the node now holds the copy's pages, so
-        every open file of the node must agree with it.
-        """
-        for handle in self.handles_of.get(node, ()):
-            flags = handle.flags & ~(os.O_TRUNC | os.O_NOATIME)
-            new_fd = self.table.open_with_room(fd_path(copy_fd), flags | os.O_CLOEXEC)
-            try:
-                os.dup2(new_fd, handle.fd)
-            finally:
-                os.close(new_fd)
-
-    def _child(self, parent: Node, name: bytes) -> tuple[os.stat_result | None, Node | None]:
-        """What parent/name reaches now, and its node if the kernel knows it."""
-        try:
-            st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None, None
-        return st, self.table.find(st)
-
-    def _leaves(self, parent: Node, name: bytes, st: os.stat_result) -> bool:
-        """True if removing parent/name (st) takes its inode off the guest's usage."""
-        mark = syscalls.xattr_at(parent.fd, name, COW_MARK) if stat.S_ISREG(st.st_mode) else None
-        return self.acct.leaves(st, mark)
-
-    def _gone(self, st: os.stat_result, node: Node | None) -> None:
-        """Credit an inode whose last name was just removed (at its last close if open)."""
-        if node is not None and self.handles_of.get(node):
-            self.orphans.add(node)
-        else:
-            self.acct.removed(st)
+        return fd, st
 
     # -- inodes -------------------------------------------------------------
 
@@ -318,26 +255,23 @@ class CowFS(pyfuse3.Operations):
             await self.breaker.ensure_private(node, ctx.uid, with_data=not truncating_to_zero)
         if fields.update_size:
             # Growing a file by truncate allocates nothing; its real change is charged.
-            before = os.fstat(node.fd)
-            handle = self.files.get(fh) if fh is not None else None
-            if handle is not None and handle.writable:
-                os.ftruncate(handle.fd, attr.st_size)
-            else:
-                fd = os.open(fd_path(node.fd), os.O_WRONLY | os.O_CLOEXEC)
-                try:
-                    os.ftruncate(fd, attr.st_size)
-                finally:
-                    os.close(fd)
-            self.acct.after_change(node.fd, before)
+            with self.acct.change(node):
+                handle = self.open_files.get(fh)
+                if handle is not None and handle.writable:
+                    os.ftruncate(handle.fd, attr.st_size)
+                else:
+                    fd = os.open(fd_path(node.fd), os.O_WRONLY | os.O_CLOEXEC)
+                    try:
+                        os.ftruncate(fd, attr.st_size)
+                    finally:
+                        os.close(fd)
         if fields.update_mode:
             os.chmod(fd_path(node.fd), stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
-            before = os.fstat(node.fd)
-            self.acct.chown(before, uid, gid, ctx.uid)
-            syscalls.fchownat(node.fd, b"", uid, gid, _AT_FD)
-            self.acct.chowned(before, os.fstat(node.fd))
+            with self.acct.chown(node, uid, gid):
+                syscalls.fchownat(node.fd, b"", uid, gid, _AT_FD)
         if fields.update_atime or fields.update_mtime:
             syscalls.utimensat(
                 node.fd,
@@ -405,16 +339,15 @@ class CowFS(pyfuse3.Operations):
         if is_reserved_name(name):
             raise FUSEError(errno.ENOENT)
         parent = self.table.get(parent_inode)
-        st, node = self._child(parent, name)
-        leaves = st is not None and self._leaves(parent, name, st)
-        dir_before = self.acct.dir_before(parent.fd)
-        remove(name, dir_fd=parent.fd)
-        self.listings.changed(parent)
-        if node is not None:
-            self.table.unlinked(node, parent, name)
-        if st is not None and leaves:
-            self._gone(st, node)
-        self.acct.dir_after(parent.fd, dir_before)
+        st, node = self.table.child(parent, name)
+        leaves = st is not None and self.acct.name_leaves(parent.fd, name, st)
+        with self.acct.removing(parent):
+            remove(name, dir_fd=parent.fd)
+            self.listings.changed(parent)
+            if node is not None:
+                self.table.unlinked(node, parent, name)
+            if st is not None and leaves:
+                self.open_files.credit_removed(st, node)
 
     @_errors_to_errno
     async def rename(
@@ -433,34 +366,28 @@ class CowFS(pyfuse3.Operations):
         _check_new_name(name_new)
         old_parent = self.table.get(parent_inode_old)
         new_parent = self.table.get(parent_inode_new)
-        _, moving = self._child(old_parent, name_old)
-        replaced_st, replaced = self._child(new_parent, name_new)
+        _, moving = self.table.child(old_parent, name_old)
+        replaced_st, replaced = self.table.child(new_parent, name_new)
         exchanged = flags & syscalls.RENAME_EXCHANGE
-        old_dir_before = self.acct.dir_before(old_parent.fd)
-        new_dir_before = self.acct.dir_before(new_parent.fd)
-        if replaced_st is None:
-            self.acct.before_new_name(ctx.uid, new_dir_before)
-        leaves = (
-            replaced_st is not None
-            and not exchanged
-            and self._leaves(new_parent, name_new, replaced_st)
-        )
-        syscalls.renameat2(old_parent.fd, name_old, new_parent.fd, name_new, flags)
-        self.listings.changed(old_parent)
-        self.listings.changed(new_parent)
-        if replaced is not None:
-            if flags & syscalls.RENAME_EXCHANGE:
-                self.table.renamed(replaced, old_parent, name_old)
-            else:
-                self.table.unlinked(replaced, new_parent, name_new)
-        if moving is not None:
-            self.table.renamed(moving, new_parent, name_new)
-        if leaves:
-            assert replaced_st is not None
-            self._gone(replaced_st, replaced)
-        self.acct.dir_after(old_parent.fd, old_dir_before)
-        if new_parent is not old_parent:
-            self.acct.dir_after(new_parent.fd, new_dir_before)
+        with self.acct.renaming(old_parent, new_parent, ctx.uid, adds_name=replaced_st is None):
+            leaves = (
+                replaced_st is not None
+                and not exchanged
+                and self.acct.name_leaves(new_parent.fd, name_new, replaced_st)
+            )
+            syscalls.renameat2(old_parent.fd, name_old, new_parent.fd, name_new, flags)
+            self.listings.changed(old_parent)
+            self.listings.changed(new_parent)
+            if replaced is not None:
+                if exchanged:
+                    self.table.renamed(replaced, old_parent, name_old)
+                else:
+                    self.table.unlinked(replaced, new_parent, name_new)
+            if moving is not None:
+                self.table.renamed(moving, new_parent, name_new)
+            if leaves:
+                assert replaced_st is not None
+                self.open_files.credit_removed(replaced_st, replaced)
 
     @_errors_to_errno
     async def link(
@@ -469,23 +396,15 @@ class CowFS(pyfuse3.Operations):
         _check_new_name(new_name)
         node = self.table.get(inode)
         new_parent = self.table.get(new_parent_inode)
-        dir_before = self.acct.dir_before(new_parent.fd)
-        self.acct.before_new_name(ctx.uid, dir_before)
-        os.link(fd_path(node.fd), new_name, dst_dir_fd=new_parent.fd, follow_symlinks=True)
-        self.listings.changed(new_parent)
-        self.acct.dir_after(new_parent.fd, dir_before)
+        with self.acct.new_name(new_parent, ctx.uid):
+            os.link(fd_path(node.fd), new_name, dst_dir_fd=new_parent.fd, follow_symlinks=True)
+            self.listings.changed(new_parent)
         node.nlookup += 1
         if node.name is None:  # its last known name went: this one is the guest's now
             self.table.renamed(node, new_parent, new_name)
         return self._entry(node, os.fstat(node.fd))
 
     # -- files ------------------------------------------------------------
-
-    def _register(self, fd: int, node: Node, flags: int, uid: int) -> OpenFile:
-        handle = OpenFile(fd, node, flags, uid)
-        self.files[fd] = handle
-        self.handles_of.setdefault(node, set()).add(handle)
-        return handle
 
     @_errors_to_errno
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -496,12 +415,11 @@ class CowFS(pyfuse3.Operations):
         elif is_marked(node.fd):
             backing_flags |= os.O_NOATIME  # reading must not touch the shared inode
         if flags & os.O_TRUNC:
-            before = os.fstat(node.fd)
-            fd = self.table.open_with_room(fd_path(node.fd), backing_flags)
-            self.acct.after_change(fd, before)
+            with self.acct.change(node):
+                fd = self.table.open_with_room(fd_path(node.fd), backing_flags)
         else:
             fd = self.table.open_with_room(fd_path(node.fd), backing_flags)
-        self._register(fd, node, backing_flags, ctx.uid)
+        self.open_files.add(fd, node, backing_flags, ctx.uid)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
 
     @_errors_to_errno
@@ -512,20 +430,32 @@ class CowFS(pyfuse3.Operations):
         parent = self.table.get(parent_inode)
         backing_flags = (flags & ~_STRIP_OPEN_FLAGS) | os.O_CLOEXEC
         uid, gid = self._new_owner(parent, ctx)
-        self.acct.before_new(ctx.uid, uid, gid, stat.S_IFREG)
-        dir_before = self.acct.dir_before(parent.fd)
         try:
-            fd = self.table.open_with_room(
-                name,
-                backing_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                stat.S_IMODE(mode),
-                dir_fd=parent.fd,
-            )
+            with self.acct.new_inode(parent, ctx.uid, uid, gid, stat.S_IFREG) as charge:
+                fd, path_fd, st = self._create_file(parent, name, backing_flags, mode, uid, gid)
+                charge(st)
         except FileExistsError:
+            # Only the exclusive open can raise it: nothing was made, nothing charged.
             if flags & os.O_EXCL:
                 raise
             entry = await self.lookup(parent_inode, name, ctx)
             return await self.open(entry.st_ino, flags & ~os.O_CREAT, ctx), entry
+        self.listings.changed(parent)
+        node = self.table.remember(path_fd, st, parent, name)
+        self.open_files.add(fd, node, backing_flags, ctx.uid)
+        info = pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
+        return info, self._entry(node, st)
+
+    def _create_file(
+        self, parent: Node, name: bytes, flags: int, mode: int, uid: int, gid: int
+    ) -> tuple[int, int, os.stat_result]:
+        """Create parent/name (open with flags) for uid:gid; the open fd, an O_PATH fd, its stat."""
+        fd = self.table.open_with_room(
+            name,
+            flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+            stat.S_IMODE(mode),
+            dir_fd=parent.fd,
+        )
         try:
             if (uid, gid) != (0, 0):
                 os.fchown(fd, uid, gid)
@@ -534,19 +464,13 @@ class CowFS(pyfuse3.Operations):
         except BaseException:
             os.close(fd)
             raise
-        self.acct.new(st)
-        self.acct.dir_after(parent.fd, dir_before)
-        self.listings.changed(parent)
-        node = self.table.remember(path_fd, st, parent, name)
-        self._register(fd, node, backing_flags, ctx.uid)
-        info = pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
-        return info, self._entry(node, st)
+        return fd, path_fd, st
 
     @_errors_to_errno
     async def read(self, fh: int, off: int, size: int) -> memoryview:  # type: ignore[override]
         # pyfuse3 takes any buffer here, and a view saves copying the data once more.
         self.handler_reads += 1
-        fd = self.files[fh].fd
+        fd = self.open_files[fh].fd
         buf = bytearray(size)
         view = memoryview(buf)
         try:
@@ -566,32 +490,30 @@ class CowFS(pyfuse3.Operations):
 
     @_errors_to_errno
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        handle = self.files[fh]
+        handle = self.open_files[fh]
         fd = handle.fd
-        before = self.acct.before_write(fd, handle.uid, off, len(buf))
-        written = 0
-        if self._nowait_writes:
-            try:
-                written = os.pwritev(fd, [buf], off, os.RWF_NOWAIT)
-            except BlockingIOError:
-                pass
-            except OSError as e:
-                if e.errno != errno.EOPNOTSUPP:
-                    raise
-                self._nowait_writes = False
-        if written < len(buf):
-            # Only the rest: with O_APPEND the offset is ignored and all would go again.
-            rest = memoryview(buf)[written:]
-            written += await self.disk.write(fd, rest, off + written)
-        self.acct.after_change(fd, before)
+        with self.acct.writing(handle, handle.uid, off, len(buf)):
+            written = 0
+            if self._nowait_writes:
+                try:
+                    written = os.pwritev(fd, [buf], off, os.RWF_NOWAIT)
+                except BlockingIOError:
+                    pass
+                except OSError as e:
+                    if e.errno != errno.EOPNOTSUPP:
+                        raise
+                    self._nowait_writes = False
+            if written < len(buf):
+                # Only the rest: with O_APPEND the offset is ignored and all would go again.
+                rest = memoryview(buf)[written:]
+                written += await self.disk.write(fd, rest, off + written)
         return written
 
     @_errors_to_errno
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
-        handle = self.files[fh]
-        before = self.acct.before_allocate(handle.fd, handle.uid, mode, offset, length)
-        await self.workers.run(syscalls.fallocate, handle.fd, mode, offset, length)
-        self.acct.after_change(handle.fd, before)
+        handle = self.open_files[fh]
+        with self.acct.allocating(handle, handle.uid, mode, offset, length):
+            await self.workers.run(syscalls.fallocate, handle.fd, mode, offset, length)
 
     async def flush(self, fh: int) -> None:
         # Writes reach the backing file synchronously, so close(2) has nothing
@@ -601,61 +523,24 @@ class CowFS(pyfuse3.Operations):
 
     @_errors_to_errno
     async def release(self, fh: int) -> None:
-        handle = self.files.pop(fh)
-        handles = self.handles_of.get(handle.node)
-        if handles is not None:
-            handles.discard(handle)
-            if not handles:
-                del self.handles_of[handle.node]
-                if handle.node in self.orphans:  # its last name went while it was open
-                    self.orphans.discard(handle.node)
-                    self.acct.removed(os.fstat(handle.fd))
-        os.close(handle.fd)
+        self.open_files.release(fh)
 
     @_errors_to_errno
     async def fsync(self, fh: int, datasync: bool) -> None:
         sync = os.fdatasync if datasync else os.fsync
-        await self.workers.run(sync, self.files[fh].fd)
+        await self.workers.run(sync, self.open_files[fh].fd)
 
     # -- directories ------------------------------------------------------
 
     @_errors_to_errno
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        if PYFUSE3_PATCHED:
-            # The kernel then opens directories without asking, keeps their
-            # listings cached (FOPEN_CACHE_DIR) and drops a listing when it
-            # changes the directory. Every change goes through this mount, so
-            # the cache is never stale.
-            raise FUSEError(errno.ENOSYS)
-        self._next_dir_fh += 1
-        self.dir_handles[self._next_dir_fh] = inode
-        return self._next_dir_fh
-
-    def _listed(
-        self, directory: Node, dev: int, name: bytes, ino: int
-    ) -> tuple[Node, os.stat_result, bool] | None:
-        """The node and attributes of a listed entry, and whether the node is new; None if gone."""
-        table = self.table
-        known = table.by_key.get((dev, ino))
-        try:
-            if known is not None:
-                st = os.stat(name, dir_fd=directory.fd, follow_symlinks=False)
-                if (st.st_dev, st.st_ino) == known.key:
-                    return known, st, False
-            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory.fd)
-        except FileNotFoundError:
-            return None  # removed since the batch was read
-        st = os.fstat(fd)
-        node = table.find(st)
-        if node is not None:
-            os.close(fd)
-            return node, st, False
-        return table.add(fd, st, directory, name), st, True
+        # Declined with the patched pyfuse3: the kernel then caches listings.
+        return self.dir_handles.open(inode)
 
     @_errors_to_errno
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # Offsets are the backing directory's own (cowfs/serve/listings.py).
-        directory = self.table.get(token.ino if fh == 0 else self.dir_handles[fh])
+        directory = self.table.get(self.dir_handles.listed(fh, token))
         stream = self.listings.at(directory, start_id)
         dev = os.fstat(directory.fd).st_dev
         replied = False
@@ -670,7 +555,7 @@ class CowFS(pyfuse3.Operations):
                 continue
             if is_reserved_name(name):
                 continue
-            listed = self._listed(directory, dev, name, ino)
+            listed = self.table.listed(directory, dev, name, ino)
             if listed is None:
                 continue
             node, st, new = listed
@@ -687,17 +572,18 @@ class CowFS(pyfuse3.Operations):
 
     @_errors_to_errno
     async def releasedir(self, fh: int) -> None:
-        nodeid = self.dir_handles.pop(fh, None)
+        nodeid = self.dir_handles.release(fh)
         if nodeid is not None:
             self.listings.close(nodeid)
 
     @_errors_to_errno
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        if fh == 0:
+        nodeid = self.dir_handles.synced(fh)
+        if nodeid is None:
             # No handle says which directory: make the whole filesystem durable.
             await self.workers.run(syscalls.syncfs, self.table.mount_fd)
             return
-        directory = self.table.get(self.dir_handles[fh])
+        directory = self.table.get(nodeid)
         fd = self.table.open_with_room(fd_path(directory.fd), os.O_RDONLY | os.O_CLOEXEC)
         try:
             await self.workers.run(os.fsync, fd)
@@ -707,7 +593,7 @@ class CowFS(pyfuse3.Operations):
     @_errors_to_errno
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         sv = os.statvfs(self.table.root.fd)
-        figures = self.policy.statfs(sv, ctx.uid)  # the guest's limits, as VServer showed them
+        figures = self.acct.policy.statfs(sv, ctx.uid)  # the guest's limits, as VServer showed them
         data = pyfuse3.StatvfsData()
         data.f_bsize = sv.f_bsize
         data.f_frsize = sv.f_frsize
@@ -741,9 +627,8 @@ class CowFS(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)
         node = self.table.get(inode)
         await self.breaker.ensure_private(node, ctx.uid)
-        before = self.acct.before_growth(node.fd, ctx.uid, len(name) + len(value))
-        os.setxattr(fd_path(node.fd), name, value)
-        self.acct.after_change(node.fd, before)  # a large xattr may take a block
+        with self.acct.growth(node, ctx.uid, len(name) + len(value)):
+            os.setxattr(fd_path(node.fd), name, value)
 
     @_errors_to_errno
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -751,6 +636,5 @@ class CowFS(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)
         node = self.table.get(inode)
         await self.breaker.ensure_private(node, ctx.uid)
-        before = os.fstat(node.fd)
-        os.removexattr(fd_path(node.fd), name)
-        self.acct.after_change(node.fd, before)
+        with self.acct.change(node):
+            os.removexattr(fd_path(node.fd), name)
