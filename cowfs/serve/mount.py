@@ -166,6 +166,16 @@ def serve(
         ready(f"state database: {e}")
         return
     os.umask(0)  # the kernel applied the caller's umask already
+
+    def initialized() -> None:
+        # The kernel sets the connection's read-ahead from the INIT reply: raised
+        # after it, and only then is the mount ready for its users.
+        _raise_read_ahead(mountpoint)
+        try:
+            ready(None)
+        except OSError as e:  # the mount command is gone: the mount serves all the same
+            log.warning("could not tell the mount command the mount is ready: %s", e)
+
     table = InodeTable(root_fd, _node_fd_budget(options.max_node_fds))
     acct = Accountant(ledger.policy)
     open_files = OpenFiles(table, acct)
@@ -186,18 +196,9 @@ def serve(
         workers=workers,
         disk=ring or workers,
         cache_timeout=options.cache_timeout,
+        after_init=initialized,
     )
 
-    def initialized() -> None:
-        # The kernel sets the connection's read-ahead from the INIT reply: raised
-        # after it, and only then is the mount ready for its users.
-        _raise_read_ahead(mountpoint)
-        try:
-            ready(None)
-        except OSError as e:  # the mount command is gone: the mount serves all the same
-            log.warning("could not tell the mount command the mount is ready: %s", e)
-
-    fs.after_init = initialized
     fuse_options = set(pyfuse3.default_options)
     fuse_options |= {"allow_other", "suid", f"fsname={backing}", "subtype=cowfs"}
     fuse_options.add("dev" if options.allow_devices else "nodev")

@@ -2,9 +2,9 @@
 
 Policy lives elsewhere: what an operation may allocate and what it costs
 (cowfs.accounting.accountant), link breaking (cow.py), the reserved names and
-attributes (marks.py). The collaborators are built by mount.serve and handed
-in: the inode table (inodes.py), the open files (openfiles.py), directory
-listings (listings.py), directory handles (unpatched.py). Handlers that cannot block
+attributes (marks.py). mount.serve builds the collaborators and hands them in:
+the inode table (inodes.py), the open files (openfiles.py), directory listings
+(listings.py), directory handles (unpatched.py). Handlers that cannot block
 for long (metadata on a local filesystem) run on the event loop; data I/O
 that may wait on the disk runs in worker threads, so no slow request stalls
 the mount. Every OSError becomes the errno the caller sees; anything else is
@@ -97,8 +97,13 @@ class CowFS(pyfuse3.Operations):
         workers: WorkerPool,
         disk: Ring | WorkerPool,
         cache_timeout: float = 60.0,
+        after_init: Callable[[], None] | None = None,
     ):
-        """disk: what reads, and writes that may wait, go to (io_uring, else the workers)."""
+        """The mount's collaborators, as mount.serve built them.
+
+        disk: what reads, and writes that may wait, go to (io_uring, else the
+        workers); after_init: run once the kernel has applied the INIT reply.
+        """
         super().__init__()
         self.table = table
         self.open_files = open_files
@@ -111,10 +116,10 @@ class CowFS(pyfuse3.Operations):
         self.timeout = cache_timeout
         self._nowait_writes = True
         self.handler_reads = 0
-        self.after_init: Callable[[], None] | None = None
+        self.after_init = after_init
 
     def init(self) -> None:
-        """Schedule after_init for once the kernel has applied the INIT reply."""
+        """Schedule after_init."""
         # Called while the INIT request is answered: the kernel sets up the
         # connection (its read-ahead among it) when the reply is written, after
         # this returns, so after_init runs on the event loop's next pass.
