@@ -36,9 +36,12 @@ DEFAULT_KEEP: tuple[str, ...] = (
 # A user-namespaced guest's root: every capability, over what its namespaces own
 # (which is all a capability there reaches), but the network's own: with them
 # it could change its addresses or send forged packets on the host's bridge.
-USERNS_KEEP: tuple[str, ...] = tuple(
-    name for name in CAPABILITIES if name not in ("NET_ADMIN", "NET_RAW")
-)
+# Those that only the host's root could use are dropped too, as LXC drops them
+# for unprivileged containers: a distribution's boot then skips what needs them
+# (systemd's debugfs and tracefs mounts ask for SYS_RAWIO) rather than fail.
+_USERNS_DROP = ("NET_ADMIN", "NET_RAW", "SYS_RAWIO", "SYS_MODULE", "SYS_TIME", "MAC_ADMIN",
+                "MAC_OVERRIDE")  # fmt: skip
+USERNS_KEEP: tuple[str, ...] = tuple(name for name in CAPABILITIES if name not in _USERNS_DROP)
 
 
 def last_cap() -> int:

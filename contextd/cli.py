@@ -105,6 +105,14 @@ def serve(config_dir: Path | None, log_file: Path | None) -> None:
     " on the bridge (default ctx0: 10.77.0.1/24, fd00:77::1/64).",
 )
 @click.option("--bridge", help="The host bridge for --address (default ctx0).")
+@click.option(
+    "--userns/--privileged",
+    default=True,
+    show_default=True,
+    help="A user namespace of its own, whose root is an unprivileged host id (its 65536"
+    " ids are host ids (xid+16)*65536..), or Linux-VServer's way: guest root is host root"
+    " with fewer capabilities (less isolated: see docs/contextd.md, SECURITY MODEL).",
+)
 def create(
     name: str,
     template: str,
@@ -113,6 +121,7 @@ def create(
     init: str | None,
     addresses: tuple[str, ...],
     bridge: str | None,
+    userns: bool,
 ) -> None:
     """Create guest NAME: a cowfs clone of TEMPLATE and its configuration file.
 
@@ -131,6 +140,7 @@ def create(
         init=shlex.split(init) if init else None,
         addresses=list(addresses),
         bridge=bridge,
+        userns=userns,
     )
     click.echo(
         f"created {name}: xid {answer['xid']}, root {answer['root']}, config {answer['config']}"

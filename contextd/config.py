@@ -541,11 +541,11 @@ def load_all(directory: Path | None = None) -> dict[str, GuestConfig]:
         configs[config.name] = config
         xids[config.xid] = config.name
     check_networks(configs)
-    _check_id_ranges(configs)
+    check_id_ranges(configs)
     return configs
 
 
-def _check_id_ranges(configs: dict[str, GuestConfig]) -> None:
+def check_id_ranges(configs: dict[str, GuestConfig]) -> None:
     """No two user-namespaced guests share a host id."""
     ranges = sorted(
         ((c.id_base(), c) for c in configs.values() if c.security.userns), key=lambda r: r[0]

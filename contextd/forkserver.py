@@ -55,13 +55,18 @@ _MAX_FDS = 8
 
 def _mount_job(args: dict[str, Any]) -> int:
     from cowfs.errors import CowfsError
+    from cowfs.serve.idmap import SAME_IDS, IdMap
     from cowfs.serve.mount import MountOptions, mount
 
+    idmap = args.get("idmap")
     try:
         pid = mount(
             args["backing"],
             args["mountpoint"],
-            MountOptions(xid=args.get("xid")),
+            MountOptions(
+                xid=args.get("xid"),
+                id_map=IdMap(idmap["base"], idmap["count"]) if idmap else SAME_IDS,
+            ),
             log_file=args.get("log"),
         )
         answer: dict[str, object] = {"pid": pid}

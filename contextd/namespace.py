@@ -13,7 +13,6 @@ import os
 import signal
 import stat
 import struct
-from pathlib import Path
 
 from contextd.capabilities import drop_all_but
 from contextd.seccomp import GuestFilter
@@ -52,19 +51,25 @@ def setup_root(root: str, idmap: dict[str, int] | None = None) -> tuple[int, int
     a read-only /sys, a minimal /dev and tmpfs /run, and detach the host's tree; the
     console's pty (master, slave), /dev/console being the slave.
 
-    idmap: the guest has a user namespace (owning this mount namespace): device
-    nodes are bound from the host's /dev rather than made, and /sys, when its
-    network namespace is the host's, is the host's bound read-only.
+    idmap: the guest has a user namespace (owning this mount namespace), and we
+    are still host root in it, an id it does not map: the guest's root is
+    reached as that (host users, guest root among them, cannot pass the host's
+    0700 directories above it), then we become the namespace's root, who can
+    own what is made in the guest's new tmpfs mounts. Device nodes are then
+    bound from the host's /dev rather than made, and /sys, when the network
+    namespace is the host's, is the host's bound read-only.
     """
     _mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
     # A bind of the root onto itself: pivot_root needs a mount point, and it keeps
-    # the guest's mounts below inside its own tree.
+    # the guest's mounts below inside its own tree. All else is relative to it.
     _mount(root, root, None, sc.MS_BIND | sc.MS_REC)
+    os.chdir(root)
+    if idmap is not None:
+        become_namespace_root()
     for sub in ("proc", "sys", "dev"):
-        path = Path(root, sub)
-        if not path.is_dir() or path.is_symlink():
+        if not os.path.isdir(sub) or os.path.islink(sub):
             raise RuntimeError(f"the guest has no /{sub} directory")
-    proc = f"{root}/proc"
+    proc = "proc"
     empty = _empty_read_only_file(proc)
     try:
         _mount("proc", proc, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
@@ -86,15 +91,22 @@ def setup_root(root: str, idmap: dict[str, int] | None = None) -> tuple[int, int
     for name in READONLY_PROC:
         if os.path.isdir(f"{proc}/{name}"):
             _bind_readonly(f"{proc}/{name}")
-    _mount_sys(f"{root}/sys")
-    _mount_cgroup(f"{root}/sys/fs/cgroup")
-    console = _make_dev(f"{root}/dev", bind_devices=idmap is not None)
-    _mount_run(root)
-    os.chdir(root)
+    _mount_sys("sys")
+    _mount_cgroup("sys/fs/cgroup")
+    console = _make_dev("dev", bind_devices=idmap is not None)
+    _mount_run(".")
     sc.pivot_root(".", ".")  # the old root is stacked on the new one ...
     sc.umount2(".", sc.MNT_DETACH)  # ... and detached: the host's tree is gone
     os.chdir("/")
     return console
+
+
+def become_namespace_root() -> None:
+    """Become root of the user namespace we are in (host root there has no id), without
+    the host's supplementary groups."""
+    os.setgroups([])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
 
 
 def _mount_sys(target: str) -> None:

@@ -115,13 +115,19 @@ class Daemon:
                 _event("rebooted", guest=name, init_pid=new.init_pid)
                 self.watch(new)
 
-    def _config(self, name: str) -> configs.GuestConfig:
-        all_configs = configs.load_all(self.config_dir)
-        if name not in all_configs:
-            raise runtime.GuestError(
-                f"unknown guest {name!r} (no {self.config_dir / (name + '.toml')})"
-            )
-        return all_configs[name]
+    def _config(self, name: str, with_others: bool = False) -> configs.GuestConfig:
+        """A guest's configuration; with_others: checked against every other guest's too
+        (what a start needs). A bad file of another guest does not keep this one from
+        being stopped, entered or reported."""
+        path = self.config_dir / f"{name}.toml"
+        if not path.is_file():  # (handle() has checked the name)
+            raise runtime.GuestError(f"unknown guest {name!r} (no {path})")
+        if with_others:
+            return configs.load_all(self.config_dir)[name]
+        config = configs.parse(path)
+        if config.name != name:
+            raise runtime.GuestError(f"{path}: name: {config.name!r}, not {name!r}")
+        return config
 
     async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         verb = request.get("verb")
@@ -176,7 +182,7 @@ class Daemon:
         }
 
     async def do_start(self, request: dict[str, Any]) -> dict[str, Any]:
-        config = self._config(request["name"])
+        config = self._config(request["name"], with_others=True)
         state = await trio.to_thread.run_sync(self.runtime.start, config)
         _event("started", guest=config.name, xid=config.xid, init_pid=state.init_pid)
         self.watch(state)
@@ -190,7 +196,7 @@ class Daemon:
         return {}
 
     async def do_restart(self, request: dict[str, Any]) -> dict[str, Any]:
-        config = self._config(request["name"])
+        config = self._config(request["name"], with_others=True)
         state = runstate.load(config.name)
         if state is not None and runstate.is_running(state):
             await trio.to_thread.run_sync(self.runtime.stop, config, request.get("timeout"))
@@ -211,7 +217,14 @@ class Daemon:
             raise runtime.GuestError(f"xid {xid} is used by guest {owner}")
         root = request.get("root") or str(state_root() / "guests" / name)
         path = self.config_dir / f"{name}.toml"
-        config = configs.GuestConfig(name=name, xid=int(xid), root=root, path=path, hostname=name)
+        config = configs.GuestConfig(
+            name=name,
+            xid=int(xid),
+            root=root,
+            path=path,
+            hostname=name,
+            security=configs.Security(userns=bool(request.get("userns", True))),
+        )
         if request.get("init"):
             config.init = configs.Command(request["init"])
         config.net = configs.NetConfig()
@@ -226,6 +239,7 @@ class Daemon:
         try:
             config = msgspec.structs.replace(configs.parse(check), path=path)
             configs.check_networks({**existing, name: config})
+            configs.check_id_ranges({**existing, name: config})
         finally:
             check.unlink(missing_ok=True)
         await trio.to_thread.run_sync(clone, template, root)

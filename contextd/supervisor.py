@@ -157,8 +157,6 @@ def _fork_init(request: dict[str, Any]) -> Init:
                 os.write(from_child_w, b"u")
                 if os.read(to_child_r, 1) != b"m":
                     os._exit(1)
-                os.setresgid(0, 0, 0)
-                os.setresuid(0, 0, 0)
             sc.unshare(flags)
             pid = os.fork()
             if pid == 0:

@@ -19,8 +19,11 @@ CONTEXTD = str(Path(sys.executable).parent / "contextd")
 class Contextd:
     """A contextd daemon of the test's own, with its own directories."""
 
-    def __init__(self, base: Path, own_network: bool = False):
+    def __init__(self, base: Path, own_network: bool = False, guest_mode: str = "userns"):
         self.base = base
+        # What `create` is told, for tests that try a thing in both modes: "userns"
+        # (the default) or "privileged".
+        self.guest_mode = guest_mode
         # In a network namespace of the test's own, the daemon's bridges and the
         # guests' traffic never touch the machine's network.
         self.own_network = own_network

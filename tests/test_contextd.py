@@ -496,3 +496,46 @@ def test_a_guest_whose_init_ends_while_the_daemon_is_away(ctx: Contextd, guest_t
         "init was killed by SIGKILL"
     )
     assert left_behind("alone", ctx) == []
+
+
+def _host_ids(pid: int) -> tuple[int, int]:
+    """A process's real uid and gid as the host sees them."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    uid = re.search(r"^Uid:\s+(\d+)", status, re.M)
+    gid = re.search(r"^Gid:\s+(\d+)", status, re.M)
+    assert uid and gid
+    return int(uid.group(1)), int(gid.group(1))
+
+
+def test_a_user_namespaced_guest_is_root_inside_and_nobody_outside(
+    ctx: Contextd, guest_tree: Path
+) -> None:
+    """The default: guest ids 0..65535 are host ids (xid+16)*65536.., its tree keeps 0.."""
+    ctx("create", "ns", "--from", str(guest_tree), "--init", SLEEPER, "--xid", "40")
+    base = (40 + 16) * 65536
+    ctx("start", "ns")
+    inside = ctx(
+        "exec", "ns", "--", "/bin/sh", "-c",
+        "id -u; id -g; cat /proc/self/uid_map /proc/1/gid_map; touch /root/made;"
+        " chown 1000:50 /root/made; stat -c %u:%g /bin/busybox /home/alice",
+    ).stdout.split()  # fmt: skip
+    assert inside == ["0", "0", "0", str(base), "65536", "0", str(base), "65536", "0:0",
+                      "1000:1000"]  # fmt: skip
+    init_pid = json.loads(ctx("status", "ns", "--json").stdout)["init_pid"]
+    assert _host_ids(init_pid) == (base, base)  # its root is nobody on the host
+    tree = Path(ctx.env["COWFS_ROOT"]) / "guests" / "ns"
+    made = tree / "root" / "made"
+    for _ in range(50):  # the guest's changes reach its tree as they leave the mount's cache
+        if made.exists():
+            break
+        time.sleep(0.1)
+    assert (made.stat().st_uid, made.stat().st_gid) == (1000, 50)  # the tree keeps guest ids
+    # The config says so, and a second guest's range does not overlap.
+    assert "userns = true" in (ctx.base / "etc" / "ns.toml").read_text()
+    ctx("create", "ns2", "--from", str(guest_tree), "--init", SLEEPER, "--xid", "41")
+    ctx.configure("ns2", security={"userns": True, "id_base": base + 65535})
+    result = ctx("start", "ns2", check=False)
+    assert result.returncode != 0 and "overlap guest ns" in result.stderr
+    # ns2's bad file keeps ns2 from starting, not ns from being stopped.
+    ctx("stop", "ns")
+    assert left_behind("ns", ctx) == []

@@ -91,19 +91,25 @@ def _came_up(ctx: Contextd, init: str) -> str:
     return ctx("exec", "deb", "--", "runlevel", check=False).stdout.strip()
 
 
+@pytest.mark.parametrize("mode", ["userns", "privileged"])
 @pytest.mark.parametrize("init", ["systemd", "sysvinit"])
 def test_a_debian_guest_boots_serves_and_stops_with_its_own_init(
-    netctx: Contextd, templates: dict[str, Path], init: str
+    netctx: Contextd, templates: dict[str, Path], init: str, mode: str
 ) -> None:
     ctx = netctx
-    ctx("create", "deb", "--from", str(templates[init]), "--address", ADDRESS)
+    ctx("create", "deb", "--from", str(templates[init]), "--address", ADDRESS, f"--{mode}")
     for boot in (1, 2):  # started, stopped and started again
         ctx("start", "deb")
         assert _until(lambda: _ssh_banner(ctx).startswith("SSH-2.0-OpenSSH"), 30), ctx(
             "logs", "deb"
         ).stdout
         expected = "running" if init == "systemd" else "N 2"
-        assert _came_up(ctx, init) == expected, ctx("logs", "deb").stdout[-3000:]
+        came_up = _came_up(ctx, init)
+        if came_up != expected and init == "systemd":
+            failed = ctx("exec", "deb", "--", "systemctl", "--failed", "--no-pager", check=False)
+            journal = ctx("exec", "deb", "--", "journalctl", "-b", "-p", "warning", check=False)
+            pytest.fail(f"{came_up}:\n{failed.stdout}\n{journal.stdout[-3000:]}")
+        assert came_up == expected, ctx("logs", "deb").stdout[-3000:]
         assert _until(lambda: _http(ctx) == "200", 10)
         log = ctx("logs", "deb").stdout
         booted = (

@@ -8,6 +8,7 @@ import click
 
 from cowfs.cli.options import allow_reachable_option
 from cowfs.host.guests import resolve
+from cowfs.serve.idmap import SAME_IDS, parse_id_map
 from cowfs.serve.mount import MountOptions, mount, unmount
 
 
@@ -45,6 +46,14 @@ from cowfs.serve.mount import MountOptions, mount, unmount
     help="Have the kernel do reads that miss the page cache and writes that may wait"
     " (io_uring) rather than threads.",
 )
+@click.option(
+    "--id-map",
+    "id_map_text",
+    metavar="HOST_BASE:COUNT",
+    help="The guest runs in a user namespace whose ids 0..COUNT-1 are host ids HOST_BASE..:"
+    " show the tree's ids shifted so, and shift the guest's back (owners, chown, file"
+    " capabilities, ACLs). The tree keeps the guest's own ids (0 is its root).",
+)
 @click.option("--debug", is_flag=True, help="Log every link break and more.")
 @allow_reachable_option
 def mount_command(
@@ -58,6 +67,7 @@ def mount_command(
     max_node_fds: int | None,
     sync_breaks: bool,
     io_uring: bool,
+    id_map_text: str | None,
     debug: bool,
     allow_reachable: bool,
 ) -> None:
@@ -77,6 +87,10 @@ def mount_command(
     (keep both inside a directory of mode 0700): they could run the guest's
     setuid files as root and read or write its users' files.
     """
+    try:
+        id_map = SAME_IDS if id_map_text is None else parse_id_map(id_map_text)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--id-map") from None
     options = MountOptions(
         xid=xid,
         cache_timeout=cache_timeout,
@@ -86,6 +100,7 @@ def mount_command(
         sync_breaks=sync_breaks,
         io_uring=io_uring,
         allow_reachable=allow_reachable,
+        id_map=id_map,
     )
     if "/" not in backing and not os.path.exists(backing):
         backing = resolve(backing).path  # a guest name under /var/lib/cowfs/guests

@@ -32,6 +32,7 @@ _ACL_VERSION = 2
 _ACL_USER = 0x02
 _ACL_GROUP = 0x08
 _ACL_ENTRY = struct.Struct("<HHI")
+_ID_LIMIT = 2**32 - 1  # (uid_t)-1 means "no id" to the kernel
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,10 @@ class IdMap:
 
     base: int
     count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 0 or self.base < 0 or self.base + self.count > _ID_LIMIT:
+            raise ValueError(f"id map {self.base}:{self.count}: outside 0..{_ID_LIMIT - 1}")
 
     def to_tree(self, host_id: int) -> int:
         """The backing tree's id for a host id the kernel gave (-1, "unchanged", stays)."""
@@ -55,6 +60,8 @@ class IdMap:
 
     def xattr_to_tree(self, name: bytes, value: bytes) -> bytes:
         """An extended attribute as the kernel gave it, as the tree keeps it."""
+        if not self.count:
+            return value
         if name == CAPABILITY_XATTR:
             return self._capability(value, to_tree=True)
         if name in ACL_XATTRS:
@@ -63,6 +70,8 @@ class IdMap:
 
     def xattr_to_host(self, name: bytes, value: bytes) -> bytes:
         """An extended attribute as the tree keeps it, as the kernel is to get it."""
+        if not self.count:
+            return value
         if name == CAPABILITY_XATTR:
             return self._capability(value, to_tree=False)
         if name in ACL_XATTRS:
@@ -73,8 +82,12 @@ class IdMap:
         """File capabilities belong to a root id (revision 3); revision 2 means root 0.
 
         The tree keeps revision 2 for the guest's root, as a file installed on a
-        host would have it; the kernel gets revision 3 with the guest's root as
-        the host sees it, without which it ignores them in the guest's namespace.
+        host would have it (other guests, a privileged one among them, and
+        hashify see the same bytes); the kernel gets revision 3 with the guest's
+        root as the host sees it, so that they belong to the guest alone: a
+        process outside its namespace running the file through the mount gains
+        nothing (revision 2 means the host's root, whose files' capabilities
+        apply in every namespace).
         """
         if len(value) < _CAP_V2_SIZE:
             return value
@@ -110,3 +123,18 @@ class IdMap:
                 entry_id = convert(entry_id)
             out += _ACL_ENTRY.pack(tag, perm, entry_id)
         return bytes(out)
+
+
+# A guest without a user namespace: its ids are the host's and the tree's.
+SAME_IDS = IdMap(base=0, count=0)
+
+
+def parse_id_map(text: str) -> IdMap:
+    """BASE:COUNT (as `cowfs mount --id-map` takes it), or ValueError saying what is wrong."""
+    base, sep, count = text.partition(":")
+    if not sep or not base.isdigit() or not count.isdigit():
+        raise ValueError(f"id map {text!r}: expected HOST_BASE:COUNT, e.g. 1114112:65536")
+    id_map = IdMap(int(base), int(count))
+    if id_map.base == 0 or id_map.count == 0:
+        raise ValueError(f"id map {text!r}: the base and the count must be above 0")
+    return id_map

@@ -29,6 +29,7 @@ from cowfs.host.barrier import refuse_reachable
 from cowfs.host.paths import log_dir
 from cowfs.host.treelock import tree_lock
 from cowfs.serve import recovery
+from cowfs.serve.idmap import SAME_IDS, IdMap
 from native import syscalls
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class MountOptions:
     sync_breaks: bool = True
     io_uring: bool = True
     allow_reachable: bool = False  # serve a tree host users can reach (barrier.py): dangerous
+    id_map: IdMap = SAME_IDS  # a user-namespaced guest's ids on the host (idmap.py)
 
 
 def default_log_file(mountpoint: str) -> Path:
@@ -197,6 +199,7 @@ def serve(
         disk=ring or workers,
         cache_timeout=options.cache_timeout,
         after_init=initialized,
+        ids=options.id_map,
     )
 
     fuse_options = set(pyfuse3.default_options)

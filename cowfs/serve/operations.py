@@ -27,6 +27,7 @@ from pyfuse3 import FUSEError
 
 from cowfs.accounting.accountant import Accountant
 from cowfs.serve.cow import LinkBreaker
+from cowfs.serve.idmap import SAME_IDS, IdMap
 from cowfs.serve.inodes import InodeTable, Node
 from cowfs.serve.listings import Listings
 from cowfs.serve.openfiles import OpenFiles
@@ -98,11 +99,14 @@ class CowFS(pyfuse3.Operations):
         disk: Ring | WorkerPool,
         cache_timeout: float = 60.0,
         after_init: Callable[[], None] | None = None,
+        ids: IdMap = SAME_IDS,
     ):
         """The mount's collaborators, as mount.serve built them.
 
         disk: what reads, and writes that may wait, go to (io_uring, else the
-        workers); after_init: run once the kernel has applied the INIT reply.
+        workers); after_init: run once the kernel has applied the INIT reply;
+        ids: a user-namespaced guest's ids as the host sees them (idmap.py),
+        mapped here, at the FUSE boundary, so that all else speaks tree ids.
         """
         super().__init__()
         self.table = table
@@ -117,6 +121,7 @@ class CowFS(pyfuse3.Operations):
         self._nowait_writes = True
         self.handler_reads = 0
         self.after_init = after_init
+        self.ids = ids
 
     def init(self) -> None:
         """Schedule after_init."""
@@ -136,8 +141,8 @@ class CowFS(pyfuse3.Operations):
         e.attr_timeout = self.timeout
         e.st_mode = st.st_mode
         e.st_nlink = st.st_nlink
-        e.st_uid = st.st_uid
-        e.st_gid = st.st_gid
+        e.st_uid = self.ids.to_host(st.st_uid)
+        e.st_gid = self.ids.to_host(st.st_gid)
         e.st_rdev = st.st_rdev
         e.st_size = st.st_size
         e.st_blksize = IO_BLOCK_SIZE
@@ -153,13 +158,17 @@ class CowFS(pyfuse3.Operations):
         e.entry_timeout = self.timeout
         return e
 
+    def _uid(self, ctx: pyfuse3.RequestContext) -> int:
+        """The caller's user id in the tree."""
+        return self.ids.to_tree(ctx.uid)
+
     def _new_owner(self, parent: Node, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
         """Owner of a new inode: the caller, with the group of a set-gid parent directory."""
-        gid = ctx.gid
+        gid = self.ids.to_tree(ctx.gid)
         parent_st = os.fstat(parent.fd)
         if parent_st.st_mode & stat.S_ISGID:
             gid = parent_st.st_gid
-        return ctx.uid, gid
+        return self._uid(ctx), gid
 
     def _make(
         self,
@@ -174,7 +183,7 @@ class CowFS(pyfuse3.Operations):
         _check_new_name(name)
         parent = self.table.get(parent_inode)
         uid, gid = self._new_owner(parent, ctx)
-        with self.acct.new_inode(parent, ctx.uid, uid, gid, kind, data_bytes) as charge:
+        with self.acct.new_inode(parent, self._uid(ctx), uid, gid, kind, data_bytes) as charge:
             make(parent.fd)
             fd, st = self._adopt(parent, name, kind, uid, gid)
             charge(st)
@@ -257,7 +266,9 @@ class CowFS(pyfuse3.Operations):
             or fields.update_atime
             or fields.update_mtime
         ):
-            await self.breaker.ensure_private(node, ctx.uid, with_data=not truncating_to_zero)
+            await self.breaker.ensure_private(
+                node, self._uid(ctx), with_data=not truncating_to_zero
+            )
         if fields.update_size:
             # Growing a file by truncate allocates nothing; its real change is charged.
             with self.acct.change(node):
@@ -273,8 +284,8 @@ class CowFS(pyfuse3.Operations):
         if fields.update_mode:
             os.chmod(fd_path(node.fd), stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
-            uid = attr.st_uid if fields.update_uid else -1
-            gid = attr.st_gid if fields.update_gid else -1
+            uid = self.ids.to_tree(attr.st_uid) if fields.update_uid else -1
+            gid = self.ids.to_tree(attr.st_gid) if fields.update_gid else -1
             with self.acct.chown(node, uid, gid):
                 syscalls.fchownat(node.fd, b"", uid, gid, _AT_FD)
         if fields.update_atime or fields.update_mtime:
@@ -374,7 +385,9 @@ class CowFS(pyfuse3.Operations):
         _, moving = self.table.child(old_parent, name_old)
         replaced_st, replaced = self.table.child(new_parent, name_new)
         exchanged = flags & syscalls.RENAME_EXCHANGE
-        with self.acct.renaming(old_parent, new_parent, ctx.uid, adds_name=replaced_st is None):
+        with self.acct.renaming(
+            old_parent, new_parent, self._uid(ctx), adds_name=replaced_st is None
+        ):
             leaves = (
                 replaced_st is not None
                 and not exchanged
@@ -401,7 +414,7 @@ class CowFS(pyfuse3.Operations):
         _check_new_name(new_name)
         node = self.table.get(inode)
         new_parent = self.table.get(new_parent_inode)
-        with self.acct.new_name(new_parent, ctx.uid):
+        with self.acct.new_name(new_parent, self._uid(ctx)):
             os.link(fd_path(node.fd), new_name, dst_dir_fd=new_parent.fd, follow_symlinks=True)
             self.listings.changed(new_parent)
         node.nlookup += 1
@@ -416,7 +429,9 @@ class CowFS(pyfuse3.Operations):
         node = self.table.get(inode)
         backing_flags = (flags & ~_STRIP_OPEN_FLAGS) | os.O_CLOEXEC
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
-            await self.breaker.ensure_private(node, ctx.uid, with_data=not flags & os.O_TRUNC)
+            await self.breaker.ensure_private(
+                node, self._uid(ctx), with_data=not flags & os.O_TRUNC
+            )
         elif is_marked(node.fd):
             backing_flags |= os.O_NOATIME  # reading must not touch the shared inode
         if flags & os.O_TRUNC:
@@ -424,7 +439,7 @@ class CowFS(pyfuse3.Operations):
                 fd = self.table.open_with_room(fd_path(node.fd), backing_flags)
         else:
             fd = self.table.open_with_room(fd_path(node.fd), backing_flags)
-        self.open_files.add(fd, node, backing_flags, ctx.uid)
+        self.open_files.add(fd, node, backing_flags, self._uid(ctx))
         return pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
 
     @_errors_to_errno
@@ -436,7 +451,7 @@ class CowFS(pyfuse3.Operations):
         backing_flags = (flags & ~_STRIP_OPEN_FLAGS) | os.O_CLOEXEC
         uid, gid = self._new_owner(parent, ctx)
         try:
-            with self.acct.new_inode(parent, ctx.uid, uid, gid, stat.S_IFREG) as charge:
+            with self.acct.new_inode(parent, self._uid(ctx), uid, gid, stat.S_IFREG) as charge:
                 fd, path_fd, st = self._create_file(parent, name, backing_flags, mode, uid, gid)
                 charge(st)
         except FileExistsError:
@@ -447,7 +462,7 @@ class CowFS(pyfuse3.Operations):
             return await self.open(entry.st_ino, flags & ~os.O_CREAT, ctx), entry
         self.listings.changed(parent)
         node = self.table.remember(path_fd, st, parent, name)
-        self.open_files.add(fd, node, backing_flags, ctx.uid)
+        self.open_files.add(fd, node, backing_flags, self._uid(ctx))
         info = pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
         return info, self._entry(node, st)
 
@@ -598,7 +613,8 @@ class CowFS(pyfuse3.Operations):
     @_errors_to_errno
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         sv = os.statvfs(self.table.root.fd)
-        figures = self.acct.policy.statfs(sv, ctx.uid)  # the guest's limits, as VServer showed them
+        # The guest's limits (and the caller's quota), as VServer showed them.
+        figures = self.acct.policy.statfs(sv, self._uid(ctx))
         data = pyfuse3.StatvfsData()
         data.f_bsize = sv.f_bsize
         data.f_frsize = sv.f_frsize
@@ -617,7 +633,8 @@ class CowFS(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if is_reserved_xattr(name):
             raise FUSEError(errno.ENODATA)
-        return os.getxattr(fd_path(self.table.get(inode).fd), name)
+        value = os.getxattr(fd_path(self.table.get(inode).fd), name)
+        return self.ids.xattr_to_host(name, value)
 
     @_errors_to_errno
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -631,8 +648,9 @@ class CowFS(pyfuse3.Operations):
         if is_reserved_xattr(name):
             raise FUSEError(errno.EPERM)
         node = self.table.get(inode)
-        await self.breaker.ensure_private(node, ctx.uid)
-        with self.acct.growth(node, ctx.uid, len(name) + len(value)):
+        value = self.ids.xattr_to_tree(name, value)
+        await self.breaker.ensure_private(node, self._uid(ctx))
+        with self.acct.growth(node, self._uid(ctx), len(name) + len(value)):
             os.setxattr(fd_path(node.fd), name, value)
 
     @_errors_to_errno
@@ -640,6 +658,6 @@ class CowFS(pyfuse3.Operations):
         if is_reserved_xattr(name):
             raise FUSEError(errno.EPERM)
         node = self.table.get(inode)
-        await self.breaker.ensure_private(node, ctx.uid)
+        await self.breaker.ensure_private(node, self._uid(ctx))
         with self.acct.change(node):
             os.removexattr(fd_path(node.fd), name)
