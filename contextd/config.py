@@ -11,8 +11,12 @@
     stop_signal = "auto"          # or a signal: "SIGRTMIN+3", "SIGINT", 15 ...
     stop_timeout = 5.0            # then SIGKILL to every process of the guest
     boot_check = 0.5              # seconds start watches init: an end within is a failed start
-    capabilities = ["CHOWN", ...] # kept; all others dropped (default: util-vserver's set)
+    capabilities = ["CHOWN", ...] # kept; all others dropped (default: the mode's set)
     autostart = false
+
+    [security]
+    userns = true                 # a user namespace of its own (false: guest root is host root)
+    id_base = 7667712             # host id of its id 0 (default (xid + 16) * 65536)
 
     [limits]
     memory = "256M"               # cgroup memory limit
@@ -337,15 +341,16 @@ _FIRST_RANGE = 16  # ranges below 16 * 65536 (1048576) are left to the host's ow
 class Security(msgspec.Struct, forbid_unknown_fields=True):
     """How much of the host a guest's root is (docs/contextd.md, "Security model").
 
-    userns: the guest gets a user namespace of its own, its ids 0..65535 being
-    host ids id_base..id_base+65535, so that its root is an unprivileged id on
-    the host; cowfs maps those ids back to the backing tree's own. Otherwise
-    guest root is host root with a reduced capability set (Linux-VServer's way).
+    userns (the default): the guest gets a user namespace of its own, its ids
+    0..65535 being host ids id_base..id_base+65535, so that its root is an
+    unprivileged id on the host; cowfs maps those ids back to the backing tree's
+    own. Otherwise (false) guest root is host root with a reduced capability
+    set (Linux-VServer's way, less isolated).
     id_base: by default (xid + 16) * 65536, so that guests' ranges, like their
     xids, never overlap, and none overlaps the host's ids below 1048576.
     """
 
-    userns: bool = False
+    userns: bool = True
     id_base: Annotated[int, msgspec.Meta(ge=_FIRST_RANGE * ID_RANGE)] | None = None
 
 
@@ -577,8 +582,9 @@ def _file_contents(config: GuestConfig) -> dict[str, Any]:
         "capabilities": list(config.capabilities),
         "autostart": config.autostart,
     }
-    if config.security.userns:
-        data["security"] = {"userns": True, "id_base": config.id_base()}
+    data["security"] = {"userns": config.security.userns}
+    if config.security.userns and config.security.id_base is not None:
+        data["security"]["id_base"] = config.security.id_base
     if config.environment:
         data["environment"] = dict(config.environment)
     limits = {k: v for k, v in msgspec.structs.asdict(config.limits).items() if v is not None}

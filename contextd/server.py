@@ -225,6 +225,8 @@ class Daemon:
             hostname=name,
             security=configs.Security(userns=bool(request.get("userns", True))),
         )
+        if config.security.userns:  # recorded: its files' owners on the host stay put
+            config.security.id_base = config.id_base()
         if request.get("init"):
             config.init = configs.Command(request["init"])
         config.net = configs.NetConfig()

@@ -104,12 +104,10 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.environment == {}
     assert config.stop_signal == 0  # "auto": chosen by the guest's init
     assert config.stop_timeout == 5.0 and config.boot_check == 0.5
-    assert config.capabilities == [
-        "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETUID", "SETGID", "SETPCAP",
-        "NET_BIND_SERVICE", "SYS_CHROOT", "SYS_BOOT", "SYS_TTY_CONFIG", "LEASE", "SETFCAP",
-        "AUDIT_WRITE",
-    ]  # fmt: skip
-    assert config.security.userns is False and config.idmap() is None
+    # A user namespace of its own: guest root is no one on the host.
+    assert config.security.userns is True
+    assert config.idmap() == {"base": (7 + 16) * 65536, "count": 65536}
+    assert "SYS_ADMIN" in config.capabilities and "SYS_RAWIO" not in config.capabilities
     assert config.autostart is False
     limits = config.limits
     assert [limits.memory, limits.cpu_weight, limits.cpu_quota] == [None, None, None]
@@ -425,11 +423,25 @@ def test_the_test_harness_can_rewrite_a_written_file(tmp_path: Path) -> None:
     assert again.net.mode == "host"
 
 
+def test_a_privileged_guest_keeps_util_vservers_capabilities(tmp_path: Path) -> None:
+    config = parse(config_file(tmp_path, MINIMAL + "[security]\nuserns = false\n"))
+    assert config.idmap() is None
+    assert config.capabilities == [
+        "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETUID", "SETGID", "SETPCAP",
+        "NET_BIND_SERVICE", "SYS_CHROOT", "SYS_BOOT", "SYS_TTY_CONFIG", "LEASE", "SETFCAP",
+        "AUDIT_WRITE",
+    ]  # fmt: skip
+    written = tmp_path / "out.toml"
+    write(msgspec.structs.replace(config, path=written))
+    assert "userns = false" in written.read_text() and parse(written).idmap() is None
+
+
 def test_a_user_namespace_gets_a_range_of_host_ids_and_every_capability(tmp_path: Path) -> None:
     config = parse(config_file(tmp_path, MINIMAL + "[security]\nuserns = true\n"))
     assert config.idmap() == {"base": (7 + 16) * 65536, "count": 65536}
     assert "SYS_ADMIN" in config.capabilities and "MKNOD" in config.capabilities
-    assert "NET_ADMIN" not in config.capabilities and "NET_RAW" not in config.capabilities
+    for dropped in ("NET_ADMIN", "NET_RAW", "SYS_RAWIO", "SYS_MODULE", "SYS_TIME", "MAC_ADMIN"):
+        assert dropped not in config.capabilities
     written = tmp_path / "out.toml"
     write(msgspec.structs.replace(config, path=written))
     again = parse(written)

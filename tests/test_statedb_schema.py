@@ -99,3 +99,25 @@ def test_a_database_of_a_newer_cowfs_is_refused_unchanged(tmp_path: Path) -> Non
     with pytest.raises(SchemaError, match="schema version 99, newer than this cowfs knows"):
         StateDB(path)
     assert path.read_bytes() == before and _version(path) == 99
+
+
+def test_an_unversioned_database_that_has_own_marked_already_is_taken_as_version_2(
+    tmp_path: Path,
+) -> None:
+    """cowfs of just before versions were kept made own_marked without a version."""
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        VERSION_1 + "CREATE TABLE own_marked (guest_id INTEGER NOT NULL, dev INTEGER NOT NULL,"
+        " ino INTEGER NOT NULL, PRIMARY KEY (guest_id, dev, ino));"
+        "INSERT INTO own_marked VALUES (1, 5, 6);"
+    )
+    conn.close()
+    db = StateDB(path)
+    try:
+        assert db.own_marked(1) == {(5, 6)}
+        usage = db.usage(1)
+        assert usage is not None and usage.stale is False  # nothing to recompute
+    finally:
+        db.close()
+    assert _version(path) == 2

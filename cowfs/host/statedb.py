@@ -80,7 +80,8 @@ CREATE TABLE limit_hits (
 
 # The schema's version (PRAGMA user_version): SCHEMA is the newest. A database of an
 # older version is brought up to date by the steps from its version on, in order;
-# databases made before versions were kept have none (0) and the tables of version 1.
+# databases made before versions were kept have none (0) and the tables of version 1
+# (or, from just before, of version 2).
 SCHEMA_VERSION = 2
 MIGRATIONS: dict[int, str] = {
     # 1 -> 2: the marked files each guest's last scan charged (a charge is given back
@@ -107,15 +108,16 @@ def _bring_up_to_date(conn: sqlite3.Connection, path: Path) -> None:
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
-            has_tables = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'guests'"
-            ).fetchone()
-            if not has_tables:
+            tables = {
+                name
+                for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            if "guests" not in tables:
                 for statement in _statements(SCHEMA):
                     conn.execute(statement)
                 version = SCHEMA_VERSION
-            else:
-                version = 1
+            else:  # cowfs of just before versions were kept made own_marked already
+                version = 2 if "own_marked" in tables else 1
         if version > SCHEMA_VERSION:
             raise SchemaError(
                 f"state database {path} has schema version {version}, newer than this"
