@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from contextd_bench import BIN, ROOT, descendants, holding_open, pss_kib
+from contextd_bench import BIN, ROOT, Contextd, descendants, holding_open, pss_kib
 
 # systemd's console line once multi-user.target is reached (with its colours).
 BOOTED = re.compile(rb"Reached target .{0,16}multi-user\.target")
@@ -47,33 +48,10 @@ class Guests(Protocol):
     def close(self) -> None: ...
 
 
-class ContextdGuests:
-    """contextd with a daemon of its own, guests created from the template."""
+class ContextdGuests(Contextd):
+    """contextd with a daemon of its own (contextd_bench's), guests created from the template."""
 
     name = "contextd"
-
-    def __init__(self, work: Path, template: Path):
-        self.work = work
-        self.template = template
-        self.env = dict(os.environ)
-        self.env.update(
-            CONTEXTD_CONFIG_DIR=str(work / "etc"),
-            CONTEXTD_RUN_DIR=str(work / "run"),
-            CONTEXTD_LOG_DIR=str(work / "log"),
-            CONTEXTD_SOCKET=str(work / "run" / "sock"),
-            COWFS_ROOT=str(work / "cowfs"),
-        )
-        (work / "etc").mkdir(parents=True)
-        self.daemon = subprocess.Popen(
-            [str(BIN / "contextd"), "serve", "--log", str(work / "daemon.log")], env=self.env
-        )
-        while not (work / "run" / "sock").exists():
-            time.sleep(0.01)
-
-    def cmd(self, *args: str) -> str:
-        return subprocess.run(
-            [str(BIN / "contextd"), *args], env=self.env, check=True, capture_output=True, text=True
-        ).stdout
 
     def prepare(self, key: str) -> None:
         self.cmd("create", key, "--from", str(self.template))
@@ -142,15 +120,17 @@ class NspawnGuests:
     def start(self, key: str) -> float:
         log = self.work / f"{key}.console"
         began = time.perf_counter()
-        with open(log, "wb") as out:
-            self.procs[key] = subprocess.Popen(
-                ["systemd-nspawn", "--register=no", "--keep-unit", "--link-journal=no",
-                 "--console=passive", "-D", str(self.work / key), "-b"],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )  # fmt: skip
+        nspawn = ["systemd-nspawn", "--register=no", "--keep-unit", "--link-journal=no",
+                  "-D", str(self.work / key), "-b"]  # fmt: skip
+        # On a terminal, as contextd's guests are: systemd shows its boot only there
+        # (with --console=pipe or passive this host's nspawn showed nothing).
+        self.procs[key] = subprocess.Popen(
+            ["script", "-qfc", shlex.join(nspawn), str(log)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
         self.logs[key] = log
-        while not BOOTED.search(log.read_bytes()):
+        while not log.exists() or not BOOTED.search(log.read_bytes()):
             if self.procs[key].poll() is not None:
                 raise RuntimeError(f"nspawn ended: {log.read_text()[-2000:]}")
             time.sleep(0.002)
@@ -159,15 +139,20 @@ class NspawnGuests:
     def stop(self, key: str) -> float:
         proc = self.procs.pop(key)
         left = descendants(proc.pid)
+        nspawn = next(
+            pid
+            for pid in left
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"systemd-nspawn")
+        )
         began = time.perf_counter()
-        proc.send_signal(signal.SIGTERM)  # nspawn halts the container through its systemd
+        os.kill(nspawn, signal.SIGTERM)  # nspawn halts the container through its systemd
         proc.wait(timeout=30)
         while any(Path(f"/proc/{pid}").exists() for pid in left):
             time.sleep(0.001)
         return time.perf_counter() - began
 
     def pids(self, key: str) -> list[int]:
-        return descendants(self.procs[key].pid)
+        return descendants(self.procs[key].pid)[1:]  # not `script`, the bench's terminal
 
     def shared_pids(self) -> list[int]:
         return []

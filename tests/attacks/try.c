@@ -15,12 +15,42 @@
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/time.h>
+#include <sys/un.h>
+#include <stddef.h>
 #include <netinet/in.h>
 #include <time.h>
 #include <unistd.h>
 
+/* An fd a host process passes over the abstract unix socket name (a leak, say). */
+static int receive_fd(const char *name)
+{
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    char byte, control[CMSG_SPACE(sizeof(int))];
+    struct iovec iov = {.iov_base = &byte, .iov_len = 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1,
+                         .msg_control = control, .msg_controllen = sizeof control};
+    int sock = socket(AF_UNIX, SOCK_STREAM, 0);
+    strncpy(addr.sun_path + 1, name, sizeof addr.sun_path - 2);
+    if (sock < 0 || connect(sock, (struct sockaddr *)&addr,
+                            offsetof(struct sockaddr_un, sun_path) + 1 + strlen(name)) < 0
+        || recvmsg(sock, &msg, 0) <= 0 || !CMSG_FIRSTHDR(&msg)) {
+        perror("try: no fd received");
+        exit(3);
+    }
+    return *(int *)CMSG_DATA(CMSG_FIRSTHDR(&msg));
+}
+
 static long attempt(const char *op, const char *arg)
 {
+    if (!strcmp(op, "leaked-read") || !strcmp(op, "leaked-write")) {
+        /* arg: the socket's name; the fd is a host directory holding "secret" */
+        int write_it = !strcmp(op, "leaked-write");
+        char buf[64];
+        int fd = openat(receive_fd(arg), "secret", write_it ? O_WRONLY | O_APPEND : O_RDONLY);
+        if (fd < 0)
+            return -1;
+        return write_it ? write(fd, "guest was here\n", 15) : read(fd, buf, sizeof buf);
+    }
     if (!strcmp(op, "mount"))
         return mount("none", arg ? arg : "/mnt", "tmpfs", 0, NULL);
     if (!strcmp(op, "mknod")) { /* arg: MAJOR:MINOR of a block device */
