@@ -50,6 +50,14 @@ class Stats:
     memory_limit_hits: int | None
 
 
+def _v2_delegated_files() -> tuple[str, ...]:
+    """The files of a v2 cgroup whose owner may manage its subtree (cgroup-v2.rst)."""
+    try:
+        return tuple(Path("/sys/kernel/cgroup/delegate").read_text().split())
+    except OSError:
+        return ("cgroup.procs", "cgroup.threads", "cgroup.subtree_control")
+
+
 def _v2_controllers() -> set[str]:
     try:
         text = (CGROUP_ROOT / "cgroup.controllers").read_text()
@@ -228,21 +236,21 @@ class Cgroup:
                 )
 
     def delegate(self, uid: int, gid: int) -> None:
-        """Give the guest's part of the systemd hierarchy to the guest's root (a user
-        namespace's), so that its init can make and fill cgroups of its own there."""
-        directory = self.dirs.get("systemd")
-        if directory is None:
-            return
-        guest = directory / GUEST
-        for path in [
-            guest,
-            *(
-                guest / f
-                for f in ("cgroup.procs", "tasks", "cgroup.clone_children", "notify_on_release")
-            ),
-        ]:
-            with contextlib.suppress(FileNotFoundError):
-                os.chown(path, uid, gid)
+        """Give the guest's part of the systemd hierarchy (cgroup v1) or of the unified
+        one (v2: the files the kernel lists in /sys/kernel/cgroup/delegate) to the
+        guest's root (a user namespace's), so that its init can make and fill cgroups
+        of its own there."""
+        for kind, files in (
+            ("systemd", ("cgroup.procs", "tasks", "cgroup.clone_children", "notify_on_release")),
+            ("unified", _v2_delegated_files()),
+        ):
+            directory = self.dirs.get(kind)
+            if directory is None:
+                continue
+            guest = directory / GUEST
+            for path in [guest, *(guest / f for f in files)]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.chown(path, uid, gid)
 
     def remove(self) -> None:
         """Remove the (empty) cgroup(s), children first (a guest's systemd makes its own)."""

@@ -119,16 +119,21 @@ def _mount_sys(target: str) -> None:
 
 
 def _mount_cgroup(target: str) -> None:
-    """The guest's own part of the systemd cgroup hierarchy at /sys/fs/cgroup/systemd (on
-    a tmpfs), where a distribution's systemd keeps its units: the cgroup namespace made
-    before this shows the guest's cgroup as its root. On hosts without that hierarchy,
-    nothing (a guest's systemd then needs the unified hierarchy, not set up yet)."""
-    with open("/proc/self/cgroup") as f:
-        if not any(line.split(":")[1] == "name=systemd" for line in f if line.count(":") >= 2):
-            return
+    """The guest's own part of the cgroup hierarchy a distribution's systemd keeps its
+    units in: the cgroup namespace made before this shows the guest's cgroup as its
+    root. On hosts with cgroup v1's systemd hierarchy, that one at
+    /sys/fs/cgroup/systemd (on a tmpfs); on hosts with the unified hierarchy only
+    (cgroup v2), that one at /sys/fs/cgroup."""
     if not os.path.isdir(target):
         return
+    with open("/proc/self/cgroup") as f:
+        hierarchies = [line.split(":")[1] for line in f if line.count(":") >= 2]
     flags = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+    if hierarchies == [""]:  # the unified hierarchy alone
+        _mount("cgroup2", target, "cgroup2", flags)
+        return
+    if "name=systemd" not in hierarchies:
+        return
     _mount("tmpfs", target, "tmpfs", flags, "mode=755,size=64k")
     os.mkdir(f"{target}/systemd", 0o755)
     _mount("cgroup", f"{target}/systemd", "cgroup", flags, "none,name=systemd")

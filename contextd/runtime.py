@@ -350,6 +350,11 @@ def _wait_pidfd(process: _Process, timeout: float) -> bool:
 def _end_started(supervisor: _Process, cgroup: Cgroup) -> None:
     """Undo a start's supervisor: the guest's processes killed, the supervisor waited for."""
     cgroup.kill_all()
+    _await_supervisor(supervisor)
+
+
+def _await_supervisor(supervisor: _Process) -> None:
+    """Give a supervisor whose guest has ended 5 s to finish, then kill it; its pidfd closed."""
     try:
         if not _wait_pidfd(supervisor, 5):
             supervisor.signal(signal.SIGKILL)
@@ -371,12 +376,7 @@ def _end_supervisor(state: runstate.RunState) -> None:
         supervisor = _Process(state.supervisor_pid)
     except ProcessLookupError:
         return
-    try:
-        if not _wait_pidfd(supervisor, 5):
-            supervisor.signal(signal.SIGKILL)
-            _wait_pidfd(supervisor, 5)
-    finally:
-        os.close(supervisor.fd)
+    _await_supervisor(supervisor)
 
 
 def _answer(line: str) -> dict[str, object]:

@@ -18,7 +18,7 @@ import errno
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from cowfs.accounting.usage import Usage
@@ -110,13 +110,8 @@ class DiskPolicy:
     def _quota_refusal(
         self, uid: int, gid: int, nbytes: int, inodes: int
     ) -> tuple[str, int] | None:
-        usage = self.usage
         now = self.clock()
-        for kind, owner in (("user", uid), ("group", gid)):
-            quota = self.quotas.get((kind, owner))
-            if quota is None:
-                continue
-            used_bytes, used_inodes = usage.owners.get((kind, owner), (0, 0))
+        for kind, quota, used_bytes, used_inodes in self._quotas_of(uid, gid):
             if nbytes > 0 and not _allowed(
                 used_bytes + nbytes,
                 quota.space_soft,
@@ -137,6 +132,14 @@ class DiskPolicy:
                 return f"{kind} inode quota", errno.EDQUOT
         return None
 
+    def _quotas_of(self, uid: int, gid: int) -> Iterator[tuple[str, QuotaRow, int, int]]:
+        """The quotas a change by uid:gid counts against: kind, quota, bytes and inodes used."""
+        for kind, owner in (("user", uid), ("group", gid)):
+            quota = self.quotas.get((kind, owner))
+            if quota is not None:
+                used_bytes, used_inodes = self.usage.owners.get((kind, owner), (0, 0))
+                yield kind, quota, used_bytes, used_inodes
+
     def _refuse(self, what: str, code: int) -> None:
         self.hits[what] += 1
         raise OSError(code, os.strerror(code))
@@ -149,11 +152,7 @@ class DiskPolicy:
         if not self.quotas:
             return
         now = self.clock()
-        for kind, owner in (("user", uid), ("group", gid)):
-            quota = self.quotas.get((kind, owner))
-            if quota is None:
-                continue
-            used_bytes, used_inodes = self.usage.owners.get((kind, owner), (0, 0))
+        for _kind, quota, used_bytes, used_inodes in self._quotas_of(uid, gid):
             since = _grace_clock(used_bytes, quota.space_soft, quota.space_over_since, now)
             if since != quota.space_over_since:
                 quota.space_over_since = since

@@ -13,7 +13,7 @@ import errno
 import logging
 import os
 
-from cowfs.tree.marks import DIRTY_MARK, fd_path, is_reserved_name
+from cowfs.tree.marks import DIRTY_MARK, fd_path, is_reserved_name, remove_xattr
 from cowfs.tree.walk import walk
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,7 @@ def mark_dirty(root_fd: int) -> None:
 
 def mark_clean(root_fd: int) -> None:
     """Record that the mount ended cleanly."""
-    try:
-        os.removexattr(fd_path(root_fd), DIRTY_MARK)
-    except OSError as e:
-        if e.errno != errno.ENODATA:
-            raise
+    remove_xattr(root_fd, DIRTY_MARK)
 
 
 def sweep_leftovers(root_fd: int) -> int:

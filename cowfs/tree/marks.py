@@ -75,10 +75,15 @@ def set_mark(fd: int, value: bytes = SHARED_MARK) -> None:
     os.setxattr(fd_path(fd), COW_MARK, value)
 
 
-def clear_mark(fd: int) -> None:
-    """Remove the COW mark from the inode behind fd, if it has one."""
+def remove_xattr(fd: int, name: bytes) -> None:
+    """Remove extended attribute name from the inode behind fd, if it has it."""
     try:
-        os.removexattr(fd_path(fd), COW_MARK)
+        os.removexattr(fd_path(fd), name)
     except OSError as e:
         if e.errno != errno.ENODATA:
             raise
+
+
+def clear_mark(fd: int) -> None:
+    """Remove the COW mark from the inode behind fd, if it has one."""
+    remove_xattr(fd, COW_MARK)
