@@ -19,10 +19,11 @@ def guests(tmp_path: Path, guest_tree: Path, mounts: Mounts) -> tuple[Path, Path
     template = guest_tree
     (template / "etc" / "config").write_text("setting=1\nother=2\n")
     os.chmod(template / "etc" / "config", 0o640)
-    os.chown(template / "etc" / "config", 0, 50)
+    os.chown(template / "etc" / "config", 33, 50)  # not root's: a copy must keep its owner
     os.setxattr(template / "etc" / "config", "user.origin", b"template")
     (template / "usr" / "lib").mkdir(parents=True, exist_ok=True)
     (template / "usr" / "lib" / "libbig.so").write_bytes(os.urandom(2 * 1024 * 1024))
+    os.chown(template / "usr" / "lib" / "libbig.so", 1000, 1000)
     os.utime(template / "usr" / "lib" / "libbig.so", ns=(1_500_000_000_000_000_000,) * 2)
     a, b = tmp_path / "a", tmp_path / "b"
     cowfs("clone", template, a)
@@ -71,8 +72,14 @@ def test_modification_stays_private(name: str, guests: tuple[Path, Path, Path, P
     for rel in changed:
         if (a / rel).is_file() and not (a / rel).is_symlink():
             assert not is_marked(a / rel), f"{rel}: A's private copy still carries the mark"
-            assert (a / rel).stat().st_ino != (template / rel).stat().st_ino
+            copy, shared = (a / rel).stat(), (template / rel).stat()
+            assert copy.st_ino != shared.st_ino
             assert is_marked(template / rel), f"{rel}: the shared inode lost its mark"
+            # What the modification did not touch, the private copy kept.
+            if name != "chown":
+                assert (copy.st_uid, copy.st_gid) == (shared.st_uid, shared.st_gid), rel
+            if name != "chmod":
+                assert copy.st_mode == shared.st_mode, rel
     assert after_a == snapshot(a), "the mount and its backing tree disagree"
 
 
@@ -290,3 +297,16 @@ def test_file_capabilities_survive_break(guests: tuple[Path, Path, Path, Path]) 
     os.utime(mnt / "bin" / "busybox")
     assert "cap_net_raw" in run("getcap", a / "bin" / "busybox").stdout
     assert not is_marked(a / "bin" / "busybox")
+
+
+def test_reading_a_shared_file_leaves_its_atime(guests: tuple[Path, Path, Path, Path]) -> None:
+    """A guest reading a shared file must not touch the inode every sharer sees (its atime
+    would tell one guest when another read it)."""
+    template, _a, _b, mnt = guests
+    lib = "usr/lib/libbig.so"
+    old = (template / lib).stat().st_atime_ns
+    assert (mnt / lib).read_bytes()  # a fresh mount: the reads reach the backing file
+    assert (template / lib).stat().st_atime_ns == old
+    # The control: on this relatime filesystem, reading the file directly does move it.
+    (template / lib).read_bytes()
+    assert (template / lib).stat().st_atime_ns != old

@@ -567,3 +567,19 @@ def test_an_inode_changed_before_it_enters_the_store_is_not_entered(tmp_path: Pa
     assert [(g / "usr" / "lib.so").stat().st_ino for g in guests] == inodes_before
     assert not any(is_marked(g / "usr" / "lib.so") for g in guests)
     assert list(Store(tmp_path / "store").entries()) == []
+
+
+def test_a_run_removes_the_temporaries_a_killed_run_left(tmp_path: Path) -> None:
+    """What a run killed between link and rename leaves (.cowfs~ names) the next run sweeps;
+    a directory of that name (not ours: cowfs never makes one) is left alone."""
+    guests = same_file_in_three_guests(tmp_path, 4096)
+    left = guests[1] / "usr" / ".cowfs~0123456789abcdef"
+    left.write_bytes(b"a store entry's link that was never renamed into place")
+    not_ours = guests[2] / "usr" / ".cowfs~directory"
+    not_ours.mkdir()
+    options = HashifyOptions(store=tmp_path / "store", rules=Rules.build([], [], False))
+    report = hashify(list(map(str, guests)), options).report
+    assert report.errors == []
+    assert not os.path.lexists(left)
+    assert not_ours.is_dir()
+    assert len({(g / "usr" / "lib.so").stat().st_ino for g in guests}) == 1

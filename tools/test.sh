@@ -8,4 +8,4 @@ tools/install.sh
 .venv/bin/ruff format --check --quiet cowfs contextd native tests tools bench
 .venv/bin/mypy cowfs contextd native tests bench
 shellcheck --severity=warning tools/*.sh .ci/run
-.venv/bin/pytest -q "$@"
+.venv/bin/pytest -q -rs "$@"  # -rs: every skip and why

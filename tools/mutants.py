@@ -1,0 +1,263 @@
+#!/usr/bin/env python3
+"""Deliberate bugs, one at a time, against the tests that should catch them.
+
+Each mutant breaks one promise of docs/design.md, the README or a security
+defence with a single textual change. For each, a scratch checkout of HEAD (a
+git worktree under /var/tmp/cowfs-mutants, the built native modules copied in)
+gets the change, and the tests named for it run there against that copy
+(PYTHONPATH puts it before the installed project, for the CLIs and daemons the
+tests start too). A mutant the tests fail on is killed; one they pass with is a
+gap in the tests. Not run by CI (a minute or more per mutant); the last result
+is in tests/MUTANTS.md. Run as root:
+
+    .venv/bin/python tools/mutants.py [--only NAME ...] [--list] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRATCH = Path("/var/tmp/cowfs-mutants")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    promise: str  # what the change breaks
+    path: str  # the file changed, from the repository's root
+    old: str  # the text replaced (it must occur exactly once)
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
+
+
+MUTANTS = (
+    Mutant(
+        "break-copies-no-owner",
+        "a private copy keeps the shared file's owner",
+        "cowfs/tree/metadata.py",
+        "        st.st_uid,\n        st.st_gid,\n",
+        "        0,\n        0,\n",
+        ("tests/test_cow.py",),
+    ),
+    Mutant(
+        "shared-read-touches-atime",
+        "reading a shared file leaves the shared inode untouched",
+        "cowfs/serve/operations.py",
+        "backing_flags |= os.O_NOATIME",
+        "backing_flags |= 0",
+        ("tests/test_cow.py",),
+    ),
+    Mutant(
+        "no-break-on-write",
+        "a write to a shared file never reaches the other sharers",
+        "cowfs/serve/cow.py",
+        "if not stat.S_ISREG(os.fstat(node.fd).st_mode) or not is_marked(node.fd):",
+        "if True:",
+        ("tests/test_cow.py", "-k", "modification_stays_private"),
+    ),
+    Mutant(
+        "mark-visible",
+        "the COW mark is invisible and cannot be forged",
+        "cowfs/tree/marks.py",
+        "    return name.startswith(XATTR_PREFIX)",
+        "    return False",
+        ("tests/test_cow.py", "-k", "mark_is_invisible"),
+    ),
+    Mutant(
+        "temporaries-visible",
+        "cowfs's temporaries are never seen through a mount",
+        "cowfs/tree/marks.py",
+        "    return name.startswith(TEMP_PREFIX)",
+        "    return False",
+        ("tests/test_crash.py", "-k", "invisible"),
+    ),
+    Mutant(
+        "no-crash-sweep",
+        "a mount after a crash sweeps the leftovers of link breaks",
+        "cowfs/serve/mount.py",
+        "swept = recovery.sweep_leftovers(root_fd)",
+        "swept = 0",
+        ("tests/test_crash.py",),
+    ),
+    Mutant(
+        "hashify-keeps-leftovers",
+        "hashify removes the temporaries a killed run left",
+        "cowfs/unify/hashify/command.py",
+        "remove_leftovers(found.leftovers, roots)",
+        "pass",
+        ("tests/test_hashify.py", "-k", "temporaries"),
+    ),
+    Mutant(
+        "hashify-no-recheck",
+        "hashify never replaces a file changed since it was scanned",
+        "cowfs/unify/hashify/scan.py",
+        '        """True if now, a stat of a name of this inode just taken, shows it as the scan'
+        " saw it.",
+        "        return True\n"
+        '        """True if now, a stat of a name of this inode just taken, shows it as the scan'
+        " saw it.",
+        ("tests/test_hashify.py", "-k", "changed"),
+    ),
+    Mutant(
+        "quota-ignored",
+        "a user's quota stops their writes",
+        "cowfs/accounting/limits.py",
+        "        if self.quotas:\n            return self._quota_refusal(",
+        "        if False:\n            return self._quota_refusal(",
+        ("tests/test_limits.py", "-k", "quota"),
+    ),
+    Mutant(
+        "grace-forever",
+        "over the soft limit is refused once the grace period is over",
+        "cowfs/accounting/limits.py",
+        "        return now - over_since <= grace",
+        "        return True",
+        ("tests/test_limits.py", "-k", "quota"),
+    ),
+    Mutant(
+        "statfs-shows-the-disk",
+        "df in a guest shows its limit as the size",
+        "cowfs/accounting/limits.py",
+        "            blocks = min(blocks, limit_blocks)",
+        "            blocks = blocks",
+        ("tests/test_limits.py", "-k", "df"),
+    ),
+    Mutant(
+        "idmap-owner-unmapped",
+        "a user-namespaced guest sees the tree's owners as its own",
+        "cowfs/serve/operations.py",
+        "        e.st_uid = self.ids.to_host(st.st_uid)",
+        "        e.st_uid = st.st_uid",
+        ("tests/test_idmap.py",),
+    ),
+    Mutant(
+        "idmap-caller-unmapped",
+        "what a user-namespaced guest makes keeps tree ids; its quota counts",
+        "cowfs/serve/operations.py",
+        "        return self.ids.to_tree(ctx.uid)",
+        "        return ctx.uid",
+        ("tests/test_idmap.py",),
+    ),
+    Mutant(
+        "barrier-off",
+        "cowfs refuses trees host users can reach",
+        "cowfs/host/barrier.py",
+        '    """A CowfsError if host users can reach path, unless allow; what names it'
+        ' ("template")."""\n    if allow:',
+        '    """A CowfsError if host users can reach path, unless allow; what names it'
+        ' ("template")."""\n    if True:',
+        ("tests/test_barrier.py",),
+    ),
+    Mutant(
+        "no-seccomp",
+        "a guest's calls pass the seccomp filter",
+        "contextd/namespace.py",
+        "    guest_filter.load()\n    sc.prctl(sc.PR_SET_SECUREBITS, 0)",
+        "    sc.prctl(sc.PR_SET_SECUREBITS, 0)",
+        ("tests/test_guest_attacks.py", "-k", "refused and privileged"),
+    ),
+    Mutant(
+        "guest-keeps-every-capability",
+        "guest root holds the kept capabilities only",
+        "contextd/namespace.py",
+        "    drop_all_but(capabilities)\n",
+        "    pass\n",
+        ("tests/test_guest_attacks.py", "-k", "default_capabilities and privileged"),
+    ),
+    Mutant(
+        "userns-root-is-host-root",
+        "a user-namespaced guest's root is an unprivileged host id",
+        "contextd/supervisor.py",
+        "    line = f\"0 {idmap['base']} {idmap['count']}\\n\"",
+        "    line = f\"0 0 {idmap['count']}\\n\"",
+        ("tests/test_guest_attacks.py", "-k", "leaked and userns"),
+    ),
+)
+
+
+def scratch_checkout() -> Path:
+    """A worktree of HEAD at SCRATCH with the built native modules copied in."""
+    if SCRATCH.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(SCRATCH)])
+        shutil.rmtree(SCRATCH, ignore_errors=True)
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(SCRATCH), "HEAD"],
+        check=True,
+    )
+    for built in (ROOT / "native").glob("*.so"):
+        shutil.copy2(built, SCRATCH / "native" / built.name)
+    return SCRATCH
+
+
+def run_mutant(mutant: Mutant, tree: Path) -> tuple[str, float]:
+    """ "killed", "SURVIVED" or "not applied" (its text is not in the file), and the seconds."""
+    path = tree / mutant.path
+    original = path.read_text()
+    if original.count(mutant.old) != 1:
+        return "not applied", 0.0
+    path.write_text(original.replace(mutant.old, mutant.new))
+    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
+    began = time.monotonic()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+             *mutant.tests],
+            cwd=tree, env=env, capture_output=True, text=True, check=False, timeout=1800,
+        )  # fmt: skip
+    finally:
+        path.write_text(original)
+    took = time.monotonic() - began
+    if result.returncode == 1:  # tests failed: the bug was caught
+        return "killed", took
+    if result.returncode == 0:
+        return "SURVIVED", took
+    return f"error (pytest exit {result.returncode}): {result.stdout[-300:]}", took
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="these mutants only")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--markdown", action="store_true", help="a table for tests/MUTANTS.md")
+    args = parser.parse_args()
+    chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
+    if args.only and len(chosen) != len(args.only):
+        known = {m.name for m in MUTANTS}
+        sys.exit(f"mutants.py: unknown mutant(s): {', '.join(set(args.only) - known)}")
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.promise} ({m.path})")
+        return
+    if os.geteuid() != 0:
+        sys.exit("mutants.py: run as root (the tests mount FUSE filesystems)")
+    tree = scratch_checkout()
+    results = []
+    try:
+        for m in chosen:
+            outcome, took = run_mutant(m, tree)
+            results.append((m, outcome, took))
+            print(f"{outcome:9} {m.name} ({took:.0f} s)", file=sys.stderr, flush=True)
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)])
+    killed = sum(outcome == "killed" for _, outcome, _ in results)
+    if args.markdown:
+        print("| mutant | what it breaks | tests | outcome |")
+        print("|---|---|---|---|")
+        for m, outcome, _ in results:
+            print(f"| {m.name} | {m.promise} | `{' '.join(m.tests)}` | {outcome} |")
+        print()
+    print(f"{killed} of {len(results)} mutants killed")
+    if killed != len(results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
