@@ -7,7 +7,8 @@ git worktree under /var/tmp/cowfs-mutants, the built native modules copied in)
 gets the change, and the tests named for it run there against that copy
 (PYTHONPATH puts it before the installed project, for the CLIs and daemons the
 tests start too). A mutant the tests fail on is killed; one they pass with is a
-gap in the tests. Not run by CI (a minute or more per mutant); the last result
+gap in the tests. First, as the control, the tests of every chosen mutant run on
+the unchanged copy and must pass. Not run by CI (a minute or more per mutant); the last result
 is in tests/MUTANTS.md. Run as root:
 
     .venv/bin/python tools/mutants.py [--only NAME ...] [--list] [--markdown]
@@ -197,29 +198,38 @@ def scratch_checkout() -> Path:
     return SCRATCH
 
 
+def run_tests(tests: tuple[str, ...], tree: Path) -> tuple[int, list[str], list[str]]:
+    """pytest's exit status, the tests that failed and those that errored (set-up)."""
+    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider", *tests],
+        cwd=tree, env=env, capture_output=True, text=True, check=False, timeout=1800,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    failed = [line.split()[1] for line in lines if line.startswith("FAILED ")]
+    errored = [line.split()[1] for line in lines if line.startswith("ERROR ")]
+    return result.returncode, failed, errored
+
+
 def run_mutant(mutant: Mutant, tree: Path) -> tuple[str, float]:
-    """ "killed", "SURVIVED" or "not applied" (its text is not in the file), and the seconds."""
+    """ "killed by TEST", "SURVIVED", "not applied" (its text is not in the file) or an
+    error (a test's set-up failed: that proves nothing), and the seconds it took."""
     path = tree / mutant.path
     original = path.read_text()
     if original.count(mutant.old) != 1:
         return "not applied", 0.0
     path.write_text(original.replace(mutant.old, mutant.new))
-    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1")
     began = time.monotonic()
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-             *mutant.tests],
-            cwd=tree, env=env, capture_output=True, text=True, check=False, timeout=1800,
-        )  # fmt: skip
+        status, failed, errored = run_tests(mutant.tests, tree)
     finally:
         path.write_text(original)
     took = time.monotonic() - began
-    if result.returncode == 1:  # tests failed: the bug was caught
-        return "killed", took
-    if result.returncode == 0:
+    if status == 1 and failed and not errored:
+        return f"killed by {failed[0]}", took
+    if status == 0:
         return "SURVIVED", took
-    return f"error (pytest exit {result.returncode}): {result.stdout[-300:]}", took
+    return f"error (pytest exit {status}; set-up errors: {errored})", took
 
 
 def main() -> None:
@@ -241,13 +251,18 @@ def main() -> None:
     tree = scratch_checkout()
     results = []
     try:
+        # The control: unchanged, every chosen mutant's tests pass in the scratch copy.
+        for tests in dict.fromkeys(m.tests for m in chosen):
+            status, failed, errored = run_tests(tests, tree)
+            if status != 0:
+                sys.exit(f"mutants.py: {' '.join(tests)} fail without a mutant: {failed + errored}")
         for m in chosen:
             outcome, took = run_mutant(m, tree)
             results.append((m, outcome, took))
-            print(f"{outcome:9} {m.name} ({took:.0f} s)", file=sys.stderr, flush=True)
+            print(f"{m.name}: {outcome} ({took:.0f} s)", file=sys.stderr, flush=True)
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)])
-    killed = sum(outcome == "killed" for _, outcome, _ in results)
+    killed = sum(outcome.startswith("killed") for _, outcome, _ in results)
     if args.markdown:
         print("| mutant | what it breaks | tests | outcome |")
         print("|---|---|---|---|")
