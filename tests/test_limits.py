@@ -634,3 +634,61 @@ def test_a_file_never_charged_is_not_credited_when_its_other_holders_left_first(
         assert used_bytes(guest) >= charged + len(content)
     mounts.umount(mnt)
     assert used_bytes(guest) == scan(str(guest)).bytes
+
+
+def test_a_link_break_past_a_users_quota_is_refused_and_changes_nothing(
+    guest_tree: Path, tmp_path: Path, mounts: Mounts
+) -> None:
+    """A private copy is charged to the file's owner: past their quota, EDQUOT, and the
+    guest keeps the shared file."""
+    big = guest_tree / "home" / "alice" / "big"
+    big.write_bytes(b"alice's data" * 30_000)  # 360 KB
+    os.chown(big, 1000, 1000)
+    os.chmod(big, 0o644)
+    guest = tmp_path / "g"
+    cowfs("clone", guest_tree, guest)
+    cowfs("quota", "set", guest, "--user", "alice", "--space-hard", "200K")
+    mnt = mounts.mount(guest, tmp_path / "m")
+    result = as_user(1000, "echo more >> big", mnt / "home" / "alice")
+    assert result.returncode != 0 and "Disk quota exceeded" in result.stderr
+    assert (guest / "home/alice/big").stat().st_ino == big.stat().st_ino  # still shared
+    assert big.read_bytes() == b"alice's data" * 30_000
+    assert not [n for n in os.listdir(guest / "home/alice") if n.startswith(".cowfs~")]
+    # root is not charged for alice's file either way: its write of it goes through
+    (mnt / "home/alice/big").write_bytes(b"root's")
+    assert big.read_bytes() == b"alice's data" * 30_000
+
+
+def test_quota_set_and_cleared_reach_a_running_mount(
+    guest: Path, tmp_path: Path, mounts: Mounts
+) -> None:
+    mnt = mounts.mount(guest, tmp_path / "m")
+    srv = mnt / "srv"
+    assert as_user(1000, "dd if=/dev/zero of=a bs=64k count=16 2>&1", srv).returncode == 0
+    cowfs("quota", "set", guest, "--user", "alice", "--space-hard", "1M")  # used: 1 MiB
+    result = as_user(1000, "dd if=/dev/zero of=b bs=64k count=4 2>&1", srv)
+    assert result.returncode != 0 and "Disk quota exceeded" in result.stdout
+    cowfs("quota", "clear", guest, "--user", "alice")
+    assert as_user(1000, "dd if=/dev/zero of=c bs=64k count=4 2>&1", srv).returncode == 0
+    report = {
+        (r["kind"], r["name"]): r
+        for r in json.loads(cowfs("quota", "report", guest, "--json").stdout)
+    }
+    assert report[("user", "alice")].get("space_hard") is None  # no quota left
+
+
+def test_an_extending_truncate_past_the_limit_allocates_nothing(
+    guest: Path, tmp_path: Path, mounts: Mounts
+) -> None:
+    """truncate(2) to beyond the space limit makes a hole, which takes no space and so is
+    allowed; filling the hole is what the limit refuses."""
+    mnt = mount_limited(guest, tmp_path, mounts)
+    (mnt / "srv" / "holes").touch()
+    before = used_bytes(guest)
+    os.truncate(mnt / "srv" / "holes", 10 * LIMIT)
+    assert (mnt / "srv" / "holes").stat().st_size == 10 * LIMIT
+    assert used_bytes(guest) - before < 64 * 1024
+    with pytest.raises(OSError) as err, open(mnt / "srv" / "holes", "r+b", buffering=0) as f:
+        for _ in range(2 * LIMIT // 65536):
+            f.write(b"x" * 65536)
+    assert err.value.errno == errno.ENOSPC

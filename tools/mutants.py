@@ -132,6 +132,22 @@ MUTANTS = (
         ("tests/test_limits.py", "-k", "df"),
     ),
     Mutant(
+        "quota-change-not-told",
+        "a quota set or cleared applies to a running mount at once",
+        "cowfs/host/guests.py",
+        "                os.kill(record.pid, signal.SIGHUP)",
+        "                os.kill(record.pid, 0)",
+        ("tests/test_limits.py", "-k", "reach_a_running"),
+    ),
+    Mutant(
+        "truncate-charged-by-size",
+        "a hole takes no space: a guest is charged what is allocated",
+        "cowfs/accounting/accountant.py",
+        "        delta = _allocated(after) - _allocated(before)",
+        "        delta = after.st_size - before.st_size",
+        ("tests/test_limits.py", "-k", "truncate or holes"),
+    ),
+    Mutant(
         "idmap-owner-unmapped",
         "a user-namespaced guest sees the tree's owners as its own",
         "cowfs/serve/operations.py",
