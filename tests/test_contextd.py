@@ -165,9 +165,19 @@ def test_fork_bomb_and_memory_hog_stay_inside(ctx: Contextd, guest_tree: Path) -
 
 
 def test_bad_input(ctx: Contextd, guest_tree: Path) -> None:
-    result = ctx("start", "nope", check=False)
-    assert result.returncode == 1 and "unknown guest" in result.stderr
-    assert result.stderr.count("\n") == 1
+    for verb in (
+        ["start"],
+        ["stop"],
+        ["status"],
+        ["logs"],
+        ["delete"],
+        ["exec", "nope", "--", "/bin/true"],
+        ["enter"],
+    ):
+        args = verb if "nope" in verb else [*verb, "nope"]
+        result = ctx(*args, check=False)
+        assert result.returncode != 0 and "unknown guest 'nope'" in result.stderr, args
+        assert result.stderr.count("\n") == 1, args
     ctx("create", "x1", "--from", str(guest_tree), "--xid", "300", "--init", SLEEPER)
     result = ctx("create", "x2", "--from", str(guest_tree), "--xid", "300", check=False)
     assert result.returncode == 1 and "xid 300 is used by guest x1" in result.stderr
@@ -194,17 +204,30 @@ def test_bad_input(ctx: Contextd, guest_tree: Path) -> None:
     assert sorted(p.name for p in ctx.base.rglob("*")) == before
 
 
-def test_guests_survive_the_daemon_and_are_adopted(ctx: Contextd, guest_tree: Path) -> None:
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_guests_survive_the_daemon_and_are_adopted(
+    ctx: Contextd, guest_tree: Path, how: signal.Signals
+) -> None:
     ctx("create", "keep", "--from", str(guest_tree), "--init", SLEEPER)
     ctx("start", "keep")
     init = json.loads(ctx("status", "keep", "--json").stdout)["init_pid"]
-    ctx.kill(signal.SIGKILL)
+    ctx.kill(how)
     assert ctx("status", check=False).returncode == 1  # no daemon
     os.kill(init, 0)  # the guest runs on
     ctx.serve()
     assert '"adopted"' in ctx.log()
     status = json.loads(ctx("status", "keep", "--json").stdout)
     assert status["state"] == "running" and status["init_pid"] == init
+    # Adopted whole: its root still serves, it can be entered, its console is still logged.
+    result = ctx("exec", "keep", "--", "/bin/sh", "-c", "echo kept > /tmp/f; cat /tmp/f")
+    assert result.stdout == "kept\n"
+    assert "booted" in ctx("logs", "keep").stdout
+    ctx("exec", "keep", "--", "/bin/sh", "-c", "echo after the restart > /dev/console")
+    for _ in range(50):
+        if "after the restart" in ctx("logs", "keep").stdout:
+            break
+        time.sleep(0.1)
+    assert "after the restart" in ctx("logs", "keep").stdout
     ctx("stop", "keep")
     assert left_behind("keep", ctx) == []
 

@@ -214,6 +214,14 @@ def test_user_quota_hard_soft_grace_and_group(guest: Path, tmp_path: Path, mount
     "args, message",
     [
         (["limit", "set", "no-such-guest", "--space", "1G"], "unknown guest"),
+        (["limit", "show", "no-such-guest"], "unknown guest"),
+        (["du", "no-such-guest"], "unknown guest"),
+        (["quota", "report", "no-such-guest"], "unknown guest"),
+        (
+            ["quota", "set", "no-such-guest", "--user", "alice", "--space-hard", "1M"],
+            "unknown guest",
+        ),
+        (["quota", "clear", "no-such-guest", "--user", "alice"], "unknown guest"),
         (["limit", "set", "GUEST", "--space", "12Q"], "is not a size"),
         (["limit", "set", "GUEST", "--space", "-5G"], "is not a size"),
         (["limit", "set", "GUEST", "--inodes", "-3"], "not a whole number"),
