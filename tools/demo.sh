@@ -124,15 +124,19 @@ step "app1 rewrites its page: a private copy; app2 still serves the shared file"
 show contextd exec app1 -- /bin/sh -c 'echo "app1 rewrote this" > /var/www/index.html'
 fetch http://10.77.0.11/; fetch http://10.77.0.12/
 
+step "guest root: root of the guest's own namespaces, nobody on the host"
+show contextd exec app1 -- /bin/sh -c 'id; cat /proc/self/uid_map; mount -t tmpfs none /tmp && hostname app1-renamed && echo "inside: $(hostname), a tmpfs of its own on /tmp"'
+echo "host: $(hostname); app1's init as the host sees it: $(grep ^Uid "/proc/$(contextd status app1 --json | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["init_pid"])')/status")"
+
 step "what a guest cannot do (each attempt must fail)"
 refused() {
     printf '$ contextd exec app1 -- %s\n' "$*"
     if contextd exec app1 -- /bin/sh -c "$*"; then echo "!! it succeeded"; exit 1; fi
 }
-refused mount -t tmpfs none /tmp
 refused ip addr add 10.77.0.99/24 dev eth0
 refused mknod /tmp/disk b 8 0
-refused hostname other
+refused unshare -U true
+refused swapon /dev/zero
 show contextd exec app1 -- /bin/sh -c 'grep Cap /proc/self/status'
 
 step "status (vserver-stat), then stop: nothing is left"
