@@ -268,3 +268,28 @@ def test_a_killed_mount_leaves_no_stale_lock(
             break
         time.sleep(0.05)
     cowfs("clone", guest_tree, tmp_path / "new")
+
+
+def test_a_symlink_to_a_mounted_tree_is_refused_as_the_tree_itself(
+    tmp_path: Path, guest_tree: Path, mounts: Mounts
+) -> None:
+    """An alias must not dodge the lock: clone and hashify resolve it first, and a clone
+    cannot be made inside a mount through a link to it either."""
+    mnt = tmp_path / "mnt"
+    pid = mount(mounts, guest_tree, mnt)
+    alias = tmp_path / "alias"
+    alias.symlink_to(guest_tree)
+    attempt = cowfs("clone", alias, tmp_path / "clone", check=False)
+    assert (attempt.returncode, attempt.stderr) == (1, in_use("template", guest_tree, mnt, pid))
+    assert not (tmp_path / "clone").exists()
+    attempt = cowfs("hashify", "--store", tmp_path / "store", alias, check=False)
+    assert (attempt.returncode, attempt.stderr) == (1, in_use("guest", guest_tree, mnt, pid))
+    small = tmp_path / "small"
+    (small / "etc").mkdir(parents=True)
+    (small / "etc" / "motd").write_text("hello\n")
+    into_mount = tmp_path / "into"
+    into_mount.symlink_to(mnt)
+    attempt = cowfs("clone", small, into_mount / "x", check=False)
+    assert attempt.returncode == 1 and attempt.stderr.startswith("cowfs: error: ")
+    assert not (guest_tree / "x").exists() and not is_marked(small / "etc" / "motd")
+    assert not is_marked(guest_tree / "etc" / "hostname")
