@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import json
 import os
 from pathlib import Path
 
+import pytest
 from conftest import Mounts, cowfs, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -49,52 +50,64 @@ op = st.one_of(
 )
 
 
-def apply(mnt: Path, step: tuple[object, ...]) -> None:
+def apply(mnt: Path, step: tuple[object, ...], refusals: list[int]) -> None:
+    """Do step through the mount; the errno of a refusal for space (ENOSPC, EDQUOT) is
+    added to refusals, any other failure (a name that is not there) ignored."""
+    try:
+        _apply(mnt, step)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            refusals.append(e.errno)
+
+
+def _apply(mnt: Path, step: tuple[object, ...]) -> None:
     kind, *args = step
     p = lambda name: mnt / str(name)  # noqa: E731
-    with contextlib.suppress(OSError):
-        if kind == "write":
-            fd = os.open(p(args[0]), os.O_WRONLY | os.O_CREAT, 0o644)
-            try:
-                os.pwrite(fd, os.urandom(int(args[2])), int(args[1]))  # type: ignore[call-overload]
-            finally:
-                os.close(fd)
-        elif kind == "truncate":
-            os.truncate(p(args[0]), int(args[1]))  # type: ignore[call-overload]
-        elif kind == "unlink":
+    if kind == "write":
+        fd = os.open(p(args[0]), os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.pwrite(fd, os.urandom(int(args[2])), int(args[1]))  # type: ignore[call-overload]
+        finally:
+            os.close(fd)
+    elif kind == "truncate":
+        os.truncate(p(args[0]), int(args[1]))  # type: ignore[call-overload]
+    elif kind == "unlink":
+        os.unlink(p(args[0]))
+    elif kind == "mkdir":
+        os.mkdir(p(args[0]))
+    elif kind == "rmdir":
+        os.rmdir(p(args[0]))
+    elif kind == "rename":
+        os.rename(p(args[0]), p(args[1]))
+    elif kind == "link":
+        os.link(p(args[0]), p(args[1]))
+    elif kind == "symlink":
+        os.symlink("x" * 300, p(args[0]))
+    elif kind == "chown":
+        os.chown(p(args[0]), int(args[1]), int(args[1]), follow_symlinks=False)  # type: ignore[call-overload]
+    elif kind == "xattr":
+        os.setxattr(p(args[0]), "user.blob", b"v" * int(args[1]))  # type: ignore[call-overload]
+    elif kind == "fallocate":
+        fd = os.open(p(args[0]), os.O_RDWR)
+        try:
+            syscalls.fallocate(fd, 0, 0, int(args[1]))  # type: ignore[call-overload]
+        finally:
+            os.close(fd)
+    elif kind == "orphan":
+        fd = os.open(p(args[0]), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
             os.unlink(p(args[0]))
-        elif kind == "mkdir":
-            os.mkdir(p(args[0]))
-        elif kind == "rmdir":
-            os.rmdir(p(args[0]))
-        elif kind == "rename":
-            os.rename(p(args[0]), p(args[1]))
-        elif kind == "link":
-            os.link(p(args[0]), p(args[1]))
-        elif kind == "symlink":
-            os.symlink("x" * 300, p(args[0]))
-        elif kind == "chown":
-            os.chown(p(args[0]), int(args[1]), int(args[1]), follow_symlinks=False)  # type: ignore[call-overload]
-        elif kind == "xattr":
-            os.setxattr(p(args[0]), "user.blob", b"v" * int(args[1]))  # type: ignore[call-overload]
-        elif kind == "fallocate":
-            fd = os.open(p(args[0]), os.O_RDWR)
-            try:
-                syscalls.fallocate(fd, 0, 0, int(args[1]))  # type: ignore[call-overload]
-            finally:
-                os.close(fd)
-        elif kind == "orphan":
-            fd = os.open(p(args[0]), os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                os.unlink(p(args[0]))
-                os.pwrite(fd, b"o" * int(args[1]), 0)  # type: ignore[call-overload]
-            finally:
-                os.close(fd)
+            os.pwrite(fd, b"o" * int(args[1]), 0)  # type: ignore[call-overload]
+        finally:
+            os.close(fd)
 
 
+@pytest.mark.parametrize("limited", [False, True], ids=["unlimited", "at-the-limits"])
 def test_counters_equal_a_fresh_scan(
-    tmp_path_factory: object, busybox_template: Path, mounts: Mounts
+    tmp_path_factory: object, busybox_template: Path, mounts: Mounts, limited: bool
 ) -> None:
+    """And with a space, inode and user limit close above what the guest holds, so that
+    many steps are refused: a refused change leaves the counters as they were."""
     base = Path(str(tmp_path_factory.mktemp("acct")))  # type: ignore[attr-defined]
     template = base / "template"
     run("cp", "-a", busybox_template, template)  # a clone would mark the shared pristine tree
@@ -102,6 +115,7 @@ def test_counters_equal_a_fresh_scan(
     in_template = os.urandom(5000)
     write_unifiable(template / "p" / "tmpl", in_template)
     counter = iter(range(10_000))
+    refusals: list[int] = []
 
     @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(op, min_size=1, max_size=25))
@@ -119,6 +133,14 @@ def test_counters_equal_a_fresh_scan(
         write_unifiable(guest / "p" / "solo-again", once)
         cowfs("hashify", "--store", base / "store", guest)
         os.unlink(guest / "p" / "solo-again")
+        if limited:
+            held = scan(str(guest))
+            cowfs("limit", "set", guest, "--space", str(held.bytes + 80_000),
+                  "--inodes", str(held.inodes + 4))  # fmt: skip
+            cowfs("quota", "set", guest, "--user", "alice", "--space-hard", "10K")
+            # Refused for certain, whatever else is drawn: over alice's quota, over the space.
+            steps = [("write", "a", 0, 70_000), ("chown", "a", 1000),
+                     ("write", "b", 0, 70_000), *steps]  # fmt: skip
         assert os.stat(guest / "p" / "solo").st_nlink == 2
         assert os.stat(guest / "p" / "one").st_nlink == 3
         assert os.stat(guest / "p" / "copy").st_ino == os.stat(template / "p" / "tmpl").st_ino
@@ -127,7 +149,7 @@ def test_counters_equal_a_fresh_scan(
         for part in (steps[:half], steps[half:]):
             mnt = mounts.mount(guest, base / f"m{n}")
             for step in part:
-                apply(mnt, step)
+                apply(mnt, step, refusals)
             mounts.umount(mnt)
         shown = json.loads(cowfs("limit", "show", guest, "--json").stdout)[0]
         fresh = scan(str(guest))
@@ -136,6 +158,8 @@ def test_counters_equal_a_fresh_scan(
         assert db_owners == fresh.owner_table(), steps
 
     check()
+    if limited:  # the limits were reached, of space and of quota both
+        assert errno.ENOSPC in refusals and errno.EDQUOT in refusals, refusals
 
 
 def write_unifiable(path: Path, content: bytes) -> None:

@@ -310,3 +310,21 @@ def test_reading_a_shared_file_leaves_its_atime(guests: tuple[Path, Path, Path, 
     # The control: on this relatime filesystem, reading the file directly does move it.
     (template / lib).read_bytes()
     assert (template / lib).stat().st_atime_ns != old
+
+
+def test_a_write_through_a_hard_link_whose_other_name_went_lands_in_the_guest(
+    guests: tuple[Path, Path, Path, Path],
+) -> None:
+    """One node stands for every name of an inode: when the name it was last reached by is
+    removed, a write through another name the kernel holds must replace that name, not
+    go to a copy no name reaches (the guest's data would vanish from its tree)."""
+    template, a, _b, mnt = guests
+    os.link(mnt / "etc" / "config", mnt / "etc" / "config.hard")  # a second name, shared
+    os.stat(mnt / "etc" / "config.hard")
+    os.stat(mnt / "etc" / "config")  # the inode's last looked-up name
+    os.unlink(mnt / "etc" / "config")
+    _pwrite(mnt / "etc" / "config.hard", b"CHANGED", 0)  # its dentry cached: no new lookup
+    assert (a / "etc" / "config.hard").read_bytes().startswith(b"CHANGED")
+    assert not is_marked(a / "etc" / "config.hard")
+    assert (template / "etc" / "config").read_bytes().startswith(b"setting")
+    assert is_marked(template / "etc" / "config")

@@ -65,6 +65,14 @@ MUTANTS = (
         ("tests/test_cow.py", "-k", "modification_stays_private"),
     ),
     Mutant(
+        "hard-link-names-forgotten",
+        "a break through a hard link replaces a guest's name, never only an unnamed copy",
+        "cowfs/serve/inodes.py",
+        "        for parent_id, name in node.aliases or ():",
+        "        for parent_id, name in ():",
+        ("tests/test_cow.py", "-k", "hard_link"),
+    ),
+    Mutant(
         "mark-visible",
         "the COW mark is invisible and cannot be forged",
         "cowfs/tree/marks.py",

@@ -13,7 +13,9 @@ The break of a node whose backing inode carries the COW mark:
 
 Where the guest's name is the inode's last link, the mark is just cleared.
 Where the guest has no name left for the inode (unlinked while open), the
-node is re-pointed to the unnamed copy: the guest's writes stay private.
+node is re-pointed to the unnamed copy: the guest's writes stay private. The
+name replaced is the kernel's last known name of the inode, or, if that one
+is gone, another it reached the inode by (a hard link: inodes.py's aliases).
 
 A kill -9 at any point leaves the guest's name on the old or the new inode;
 a temporary left behind is hidden from the guest and swept at the next
@@ -75,17 +77,6 @@ def make_private_copy(
     return copy_fd
 
 
-def names_inode(parent: Node | None, name: bytes | None, st: os.stat_result) -> bool:
-    """True if parent/name still reaches the backing inode st describes."""
-    if parent is None or name is None:
-        return False
-    try:
-        now = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-    except OSError:
-        return False
-    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
-
-
 class LinkBreaker:
     """Gives nodes private copies of shared inodes, one break per node at a time."""
 
@@ -127,7 +118,7 @@ class LinkBreaker:
 
     async def _break(self, node: Node, caller_uid: int, with_data: bool) -> None:
         st = os.fstat(node.fd)
-        if st.st_nlink == 1 and names_inode(node.parent, node.name, st):
+        if st.st_nlink == 1 and self.table.name_reaching(node, st) is not None:
             # The guest's name is the last link: nothing else shares it. If the
             # guest's usage still counts it as shared (the others left after its
             # last scan), the guest takes it over, as it would take a copy.
@@ -141,7 +132,10 @@ class LinkBreaker:
         # shared inode and this was its last name of it, that charge goes.
         takes_charge_off = self.acct.leaves(st, mark_of(node.fd))
         self.acct.private_copy(caller_uid, st, with_data and not takes_charge_off)
-        home = node.parent if node.parent is not None else self.table.root
+        # The copy is made beside the guest's name it will replace (one of its hard
+        # links', if the kernel's last known name of it is gone).
+        reached = self.table.name_reaching(node, st)
+        home = reached[0] if reached is not None else self.table.root
         with self.table.pinned(home, node):
             copy_fd = await self.workers.run(
                 make_private_copy, home.fd, node.fd, st, with_data, self.durability
@@ -149,9 +143,10 @@ class LinkBreaker:
         try:
             # Back on the event loop: no other request runs until we are done,
             # so the check and the rename below see the same guest tree.
-            if names_inode(node.parent, node.name, st):
-                assert node.parent is not None and node.name is not None
-                link_inode_over(copy_fd, node.parent.fd, node.name)
+            reached = self.table.name_reaching(node, st)
+            if reached is not None:
+                parent, name = reached
+                link_inode_over(copy_fd, parent.fd, name)
                 if takes_charge_off:
                     self.acct.removed(st)
             new_st = os.fstat(copy_fd)

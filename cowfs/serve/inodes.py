@@ -58,6 +58,7 @@ class Node:
 
     __slots__ = (
         "_fd",
+        "aliases",
         "break_lock",
         "handle",
         "is_dir",
@@ -89,6 +90,10 @@ class Node:
         self.pins = 0
         self.parent = parent
         self.name = None if self.is_dir else name
+        # Other names the kernel reached this inode by (a hard link's), as (parent's
+        # node id, name), checked when used: the one its break replaces when the
+        # name above is gone.
+        self.aliases: list[tuple[int, bytes]] | None = None
         self.break_lock: trio.Lock | None = None
 
     @property
@@ -325,10 +330,69 @@ class InodeTable:
         self.touch(node)
 
     def renamed(self, node: Node, parent: Node, name: bytes) -> None:
-        """Record that node is now reached by (parent, name)."""
-        node.parent, node.name = parent, None if node.is_dir else name
+        """Record that node is now reached by (parent, name) (a lookup, a rename, a link).
+
+        A file's name it was known by before is kept as an alias: it may be a
+        hard link the kernel still reaches it by.
+        """
+        if node.is_dir:
+            node.parent, node.name = parent, None
+            return
+        old_parent, old_name = node.parent, node.name
+        if (
+            old_parent is not None
+            and old_name is not None
+            and (old_parent is not parent or old_name != name)
+        ):
+            _add_alias(node, (old_parent.nodeid, old_name))
+        node.parent, node.name = parent, name
+        if node.aliases:
+            node.aliases = [a for a in node.aliases if a != (parent.nodeid, name)] or None
+
+    def linked(self, node: Node, parent: Node, name: bytes) -> None:
+        """Record a new name (a hard link) of node: its name if it had none, else an alias."""
+        if node.name is None:
+            self.renamed(node, parent, name)
+        elif not node.is_dir:
+            _add_alias(node, (parent.nodeid, name))
 
     def unlinked(self, node: Node, parent: Node, name: bytes) -> None:
         """Record that (parent, name) no longer reaches node."""
         if node.parent is parent and (node.is_dir or node.name == name):
             node.parent, node.name = None, None  # a directory has one name
+        elif node.aliases:
+            node.aliases = [a for a in node.aliases if a != (parent.nodeid, name)] or None
+
+    def name_reaching(self, node: Node, st: os.stat_result) -> tuple[Node, bytes] | None:
+        """A (parent, name) of the guest's that reaches node's inode (st) now: its last known
+        name, else one of its aliases (which then becomes its name); None if none does."""
+        if _reaches(node.parent, node.name, st):
+            assert node.parent is not None and node.name is not None
+            return node.parent, node.name
+        for parent_id, name in node.aliases or ():
+            parent = self.by_nodeid.get(parent_id)
+            if parent is not None and _reaches(parent, name, st):
+                node.aliases = [a for a in node.aliases or () if a != (parent_id, name)] or None
+                node.parent, node.name = parent, name
+                return parent, name
+        return None
+
+
+_MAX_ALIASES = 8  # names of one inode remembered beside its last one
+
+
+def _add_alias(node: Node, alias: tuple[int, bytes]) -> None:
+    aliases = [a for a in node.aliases or () if a != alias]
+    aliases.append(alias)
+    node.aliases = aliases[-_MAX_ALIASES:]
+
+
+def _reaches(parent: Node | None, name: bytes | None, st: os.stat_result) -> bool:
+    """True if parent/name still reaches the backing inode st describes."""
+    if parent is None or name is None:
+        return False
+    try:
+        now = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)

@@ -418,8 +418,7 @@ class CowFS(pyfuse3.Operations):
             os.link(fd_path(node.fd), new_name, dst_dir_fd=new_parent.fd, follow_symlinks=True)
             self.listings.changed(new_parent)
         node.nlookup += 1
-        if node.name is None:  # its last known name went: this one is the guest's now
-            self.table.renamed(node, new_parent, new_name)
+        self.table.linked(node, new_parent, new_name)
         return self._entry(node, os.fstat(node.fd))
 
     # -- files ------------------------------------------------------------
