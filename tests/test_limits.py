@@ -700,3 +700,42 @@ def test_an_extending_truncate_past_the_limit_allocates_nothing(
         for _ in range(2 * LIMIT // 65536):
             f.write(b"x" * 65536)
     assert err.value.errno == errno.ENOSPC
+
+
+def test_an_inode_soft_limit_has_a_grace_period_that_ends_and_starts_again(
+    guest: Path, tmp_path: Path, mounts: Mounts
+) -> None:
+    def alice() -> dict[str, object]:
+        report = json.loads(cowfs("quota", "report", guest, "--json").stdout)
+        return next(r for r in report if (r["kind"], r["name"]) == ("user", "alice"))
+
+    held = int(alice()["used_inodes"])  # type: ignore[call-overload]
+    cowfs("quota", "set", guest, "--user", "alice", "--inodes-soft", str(held + 2), "--grace", "2s")
+    mnt = mounts.mount(guest, tmp_path / "m")
+    srv = mnt / "srv"
+    assert as_user(1000, "touch t1 t2", srv).returncode == 0  # at the soft limit
+    assert as_user(1000, "touch t3 t4", srv).returncode == 0  # over it: the grace period
+    time.sleep(3)
+    result = as_user(1000, "touch t5", srv)
+    assert result.returncode != 0 and "Disk quota exceeded" in result.stderr
+    # Back at the soft limit the clock stops; over it again, a new grace period starts.
+    assert as_user(1000, "rm t3 t4 && touch t3", srv).returncode == 0
+    assert as_user(1000, "touch t6", srv).returncode == 0
+    assert not (srv / "t5").exists()
+
+
+def test_du_recalc_stores_the_scanned_usage(guest: Path) -> None:
+    cowfs("limit", "set", guest, "--space", "1G")  # the guest has a row of its own
+    db = Path(os.environ["COWFS_ROOT"]) / "state.db"
+    conn = sqlite3.connect(db)
+    try:
+        with conn:
+            conn.execute("UPDATE usage SET bytes = 1, inodes = 1")  # wrong counters
+    finally:
+        conn.close()
+    fresh = scan(str(guest))
+    shown = json.loads(cowfs("limit", "show", guest, "--json").stdout)[0]
+    assert (shown["used_bytes"], shown["used_inodes"]) != (fresh.bytes, fresh.inodes)
+    cowfs("du", "--recalc", guest)
+    shown = json.loads(cowfs("limit", "show", guest, "--json").stdout)[0]
+    assert (shown["used_bytes"], shown["used_inodes"]) == (fresh.bytes, fresh.inodes)

@@ -132,6 +132,14 @@ MUTANTS = (
         ("tests/test_limits.py", "-k", "quota"),
     ),
     Mutant(
+        "grace-never-reset",
+        "back under the soft limit, the grace clock stops and starts afresh",
+        "cowfs/accounting/limits.py",
+        "    if soft is None or used <= soft:\n        return None",
+        "    if soft is None:\n        return None\n    if used <= soft:\n        return over_since",
+        ("tests/test_limits.py", "-k", "grace_period_that_ends"),
+    ),
+    Mutant(
         "statfs-shows-the-disk",
         "df in a guest shows its limit as the size",
         "cowfs/accounting/limits.py",
