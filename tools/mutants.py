@@ -136,7 +136,8 @@ MUTANTS = (
         "back under the soft limit, the grace clock stops and starts afresh",
         "cowfs/accounting/limits.py",
         "    if soft is None or used <= soft:\n        return None",
-        "    if soft is None:\n        return None\n    if used <= soft:\n        return over_since",
+        "    if soft is None:\n        return None\n"
+        "    if used <= soft:\n        return over_since",
         ("tests/test_limits.py", "-k", "grace_period_that_ends"),
     ),
     Mutant(
