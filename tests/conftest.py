@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from contextd_harness import Contextd
+from contextd_harness import Contextd, running_contextd
 
 ROOT = Path(__file__).resolve().parent.parent
 COWFS = str(Path(sys.executable).parent / "cowfs")
@@ -89,12 +89,15 @@ class Mounts:
 @pytest.fixture
 def ctx(tmp_path: Path) -> Iterator[Contextd]:
     """A contextd daemon of the test's own (its own directories), stopped afterwards."""
-    daemon = Contextd(tmp_path / "contextd")
-    daemon.serve()
-    try:
+    with running_contextd(tmp_path / "contextd") as daemon:
         yield daemon
-    finally:
-        daemon.cleanup()
+
+
+@pytest.fixture
+def netctx(tmp_path: Path) -> Iterator[Contextd]:
+    """The same, in a network namespace of its own (its bridges never touch the host's)."""
+    with running_contextd(tmp_path / "contextd", own_network=True) as daemon:
+        yield daemon
 
 
 @pytest.fixture

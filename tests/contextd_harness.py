@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import tomli_w
@@ -113,6 +115,20 @@ class Contextd:
         for config in (self.base / "etc").glob("*.toml"):
             self("stop", config.stem, "--timeout", "0", check=False)
         self.kill()
+
+
+@contextmanager
+def running_contextd(
+    base: Path, own_network: bool = False, guest_mode: str = "userns"
+) -> Iterator[Contextd]:
+    """A daemon of the test's own, serving until the block ends; then its guests are
+    stopped and it is stopped."""
+    daemon = Contextd(base, own_network=own_network, guest_mode=guest_mode)
+    daemon.serve()
+    try:
+        yield daemon
+    finally:
+        daemon.cleanup()
 
 
 SLEEPER = "/bin/sh -c 'echo booted; exec sleep 1000000'"

@@ -15,7 +15,7 @@ import json
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,16 +45,6 @@ def templates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             trees[init],
         )
     return trees
-
-
-@pytest.fixture
-def netctx(tmp_path: Path) -> Iterator[Contextd]:
-    daemon = Contextd(tmp_path / "contextd", own_network=True)
-    daemon.serve()
-    try:
-        yield daemon
-    finally:
-        daemon.cleanup()
 
 
 def _until(predicate: Callable[[], bool], seconds: float) -> bool:

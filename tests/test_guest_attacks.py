@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run
-from contextd_harness import CONTEXTD, SLEEPER, Contextd
+from contextd_harness import CONTEXTD, SLEEPER, Contextd, running_contextd
 
 ATTACKS = Path(__file__).parent / "attacks"
 
@@ -68,12 +68,8 @@ def attack_programs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(params=["privileged", "userns"])
 def ctx(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Contextd]:
     """Each attack is tried on a guest of each mode (docs/contextd.md, SECURITY MODEL)."""
-    daemon = Contextd(tmp_path / "contextd", guest_mode=request.param)
-    daemon.serve()
-    try:
+    with running_contextd(tmp_path / "contextd", guest_mode=request.param) as daemon:
         yield daemon
-    finally:
-        daemon.cleanup()
 
 
 @pytest.fixture

@@ -9,22 +9,11 @@ from __future__ import annotations
 import json
 import sys
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import tomli_w
 from contextd_harness import SLEEPER, Contextd
-
-
-@pytest.fixture
-def netctx(tmp_path: Path) -> Iterator[Contextd]:
-    daemon = Contextd(tmp_path / "contextd", own_network=True)
-    daemon.serve()
-    try:
-        yield daemon
-    finally:
-        daemon.cleanup()
 
 
 def host_links(ctx: Contextd) -> set[str]:

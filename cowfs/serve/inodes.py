@@ -346,8 +346,7 @@ class InodeTable:
         ):
             _add_alias(node, (old_parent.nodeid, old_name))
         node.parent, node.name = parent, name
-        if node.aliases:
-            node.aliases = [a for a in node.aliases if a != (parent.nodeid, name)] or None
+        _drop_alias(node, (parent.nodeid, name))
 
     def linked(self, node: Node, parent: Node, name: bytes) -> None:
         """Record a new name (a hard link) of node: its name if it had none, else an alias."""
@@ -360,8 +359,8 @@ class InodeTable:
         """Record that (parent, name) no longer reaches node."""
         if node.parent is parent and (node.is_dir or node.name == name):
             node.parent, node.name = None, None  # a directory has one name
-        elif node.aliases:
-            node.aliases = [a for a in node.aliases if a != (parent.nodeid, name)] or None
+        else:
+            _drop_alias(node, (parent.nodeid, name))
 
     def name_reaching(self, node: Node, st: os.stat_result) -> tuple[Node, bytes] | None:
         """A (parent, name) of the guest's that reaches node's inode (st) now: its last known
@@ -372,7 +371,7 @@ class InodeTable:
         for parent_id, name in node.aliases or ():
             parent = self.by_nodeid.get(parent_id)
             if parent is not None and _reaches(parent, name, st):
-                node.aliases = [a for a in node.aliases or () if a != (parent_id, name)] or None
+                _drop_alias(node, (parent_id, name))
                 node.parent, node.name = parent, name
                 return parent, name
         return None
@@ -382,9 +381,13 @@ _MAX_ALIASES = 8  # names of one inode remembered beside its last one
 
 
 def _add_alias(node: Node, alias: tuple[int, bytes]) -> None:
-    aliases = [a for a in node.aliases or () if a != alias]
-    aliases.append(alias)
-    node.aliases = aliases[-_MAX_ALIASES:]
+    _drop_alias(node, alias)
+    node.aliases = [*(node.aliases or ()), alias][-_MAX_ALIASES:]
+
+
+def _drop_alias(node: Node, alias: tuple[int, bytes]) -> None:
+    if node.aliases and alias in node.aliases:
+        node.aliases = [a for a in node.aliases if a != alias] or None
 
 
 def _reaches(parent: Node | None, name: bytes | None, st: os.stat_result) -> bool:

@@ -648,8 +648,9 @@ class CowFS(pyfuse3.Operations):
             raise FUSEError(errno.EPERM)
         node = self.table.get(inode)
         value = self.ids.xattr_to_tree(name, value)
-        await self.breaker.ensure_private(node, self._uid(ctx))
-        with self.acct.growth(node, self._uid(ctx), len(name) + len(value)):
+        uid = self._uid(ctx)
+        await self.breaker.ensure_private(node, uid)
+        with self.acct.growth(node, uid, len(name) + len(value)):
             os.setxattr(fd_path(node.fd), name, value)
 
     @_errors_to_errno
