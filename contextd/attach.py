@@ -250,7 +250,12 @@ def _guest_pty(target: Target) -> tuple[int, int]:
     The guest controls its /dev: resolve inside its root only, and accept only
     the ptmx device.
     """
-    root = os.open(f"/proc/{target.init_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        root = os.open(f"/proc/{target.init_pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise AttachError(
+            f"guest {target.name}: its root cannot be reached ({e.strerror}): see contextd status"
+        ) from None
     try:
         master = syscalls.open_in_root(root, b"/dev/pts/ptmx", os.O_RDWR | os.O_NOCTTY)
     except OSError:

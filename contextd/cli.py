@@ -21,7 +21,7 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
-        except CowfsError as e:
+        except (CowfsError, OSError) as e:  # one line, never a traceback
             message = f"contextd: error: {e}"
             if sys.stderr.isatty():  # it may quote a guest's file names or console
                 from contextd.relay import TerminalFilter
@@ -193,13 +193,13 @@ def status(name: str | None, as_json: bool) -> None:
         click.echo(json.dumps(guests if not name else guests[0]))
         return
     click.echo(
-        f"{'NAME':14} {'XID':>5} {'STATE':8} {'INIT':>7} {'PROCS':>5} {'RSS':>9} {'USER':>8}"
+        f"{'NAME':14} {'XID':>5} {'STATE':10} {'INIT':>7} {'PROCS':>5} {'RSS':>9} {'USER':>8}"
         f" {'SYS':>8} {'UPTIME':>11} {'DISK':>9} HITS"
     )
     for g in guests:
         hits = ",".join(f"{k}:{v}" for k, v in g["limit_hits"].items()) or "-"
         click.echo(
-            f"{g['name']:14} {g['xid']:>5} {g['state']:8} {g['init_pid'] or '-':>7}"
+            f"{g['name']:14} {g['xid']:>5} {g['state']:10} {g['init_pid'] or '-':>7}"
             f" {g['processes']:>5}"
             f" {format_bytes(g['memory_bytes']) if g['memory_bytes'] is not None else '-':>9}"
             f" {_secs(g['cpu_user_seconds']):>8} {_secs(g['cpu_system_seconds']):>8}"
@@ -212,6 +212,8 @@ def status(name: str | None, as_json: bool) -> None:
     for g in guests:
         if g.get("last_end") and g["state"] != "running":
             click.echo(f"{g['name']}: {g['last_end']}")
+        if g.get("restarts"):
+            click.echo(f"{g['name']}: restarted {g['restarts']} times by its restart policy lately")
 
 
 def _network(g: dict[str, Any]) -> str:

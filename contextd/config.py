@@ -11,6 +11,10 @@
     stop_signal = "auto"          # or a signal: "SIGRTMIN+3", "SIGINT", 15 ...
     stop_timeout = 5.0            # then SIGKILL to every process of the guest
     boot_check = 0.5              # seconds start watches init: an end within is a failed start
+    restart = "no"                # "on-failure": after a fault; "always": after any end but a halt
+    restart_delay = 1.0           # seconds before an automatic restart, doubled each time (max 60)
+    restart_limit = 5             # automatic restarts within restart_interval; then it stays failed
+    restart_interval = 60.0
     capabilities = ["CHOWN", ...] # kept; all others dropped (default: the mode's set)
     autostart = false
 
@@ -48,7 +52,7 @@ import re
 import signal
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeAlias
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
 import msgspec
 import tomli_w
@@ -98,6 +102,8 @@ _PATTERN_PROBLEMS = {
 
 GuestName = Annotated[str, msgspec.Meta(pattern=_GUEST_NAME)]
 HostName = Annotated[str, msgspec.Meta(pattern=_HOST_NAME)]
+# When contextd starts a guest again by itself (runtime.restart_wanted).
+RestartPolicy = Literal["no", "on-failure", "always"]
 InterfaceName = Annotated[str, msgspec.Meta(pattern=_INTERFACE_NAME)]
 AbsolutePath = Annotated[str, msgspec.Meta(pattern=_ABSOLUTE_PATH)]
 NetMode = Annotated[str, msgspec.Meta(pattern=_NET_MODE)]
@@ -367,6 +373,10 @@ class GuestConfig(msgspec.Struct, forbid_unknown_fields=True):
     stop_signal: Signal = AUTO_SIGNAL
     stop_timeout: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     boot_check: Annotated[float, msgspec.Meta(ge=0)] = 0.5
+    restart: RestartPolicy = "no"
+    restart_delay: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 1.0
+    restart_limit: Annotated[int, msgspec.Meta(ge=0)] = 5
+    restart_interval: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     capabilities: list[Capability] = msgspec.field(default_factory=lambda: [_MODE_DEFAULT])
     autostart: bool = False
     limits: Limits = msgspec.field(default_factory=Limits)
@@ -579,6 +589,10 @@ def _file_contents(config: GuestConfig) -> dict[str, Any]:
         "stop_signal": _signal_text(config.stop_signal),
         "stop_timeout": float(config.stop_timeout),
         "boot_check": float(config.boot_check),
+        "restart": config.restart,
+        "restart_delay": float(config.restart_delay),
+        "restart_limit": config.restart_limit,
+        "restart_interval": float(config.restart_interval),
         "capabilities": list(config.capabilities),
         "autostart": config.autostart,
     }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from contextd import procfs
@@ -30,6 +30,8 @@ class RunState:
     console_log: str
     supervisor_pid: int = 0  # its init's parent (contextd.supervisor), 0 if unknown
     supervisor_start: int = 0
+    # When contextd restarted it by itself lately (its restart policy), oldest first.
+    restarts: list[float] = field(default_factory=list)
 
 
 def state_dir() -> Path:
@@ -51,8 +53,36 @@ def load_exit(name: str) -> dict[str, object] | None:
     return record if isinstance(record, dict) else None
 
 
+def save_exit(name: str, record: dict[str, object]) -> None:
+    """Record (again) how the guest last ended."""
+    write_atomically(exit_record_path(name), json.dumps(record))
+
+
+def is_failure(record: dict[str, object]) -> bool:
+    """True if the guest ended by a fault, not by init's own choice to end well: its root
+    lost, init killed, or an exit status other than 0."""
+    if record.get("failure"):
+        return True
+    if record.get("stopped") or record.get("asked") in ("halt", "reboot"):
+        return False
+    return record.get("exit_status") != 0
+
+
 def describe_exit(record: dict[str, object]) -> str:
-    """One line: how init ended ("init exited with status 255", "init was killed by SIGKILL")."""
+    """One line: how the guest ended ("init exited with status 255", "init was killed by
+    SIGKILL (out of memory)", "its cowfs server ended: ...")."""
+    failure = record.get("failure")
+    if failure:
+        return str(failure)
+    if record.get("stopped"):
+        return f"stopped by contextd ({describe_init_end(record)})"
+    if record.get("oom"):
+        return describe_init_end(record) + " (out of memory)"
+    return describe_init_end(record)
+
+
+def describe_init_end(record: dict[str, object]) -> str:
+    """One line: how init ended, from its wait status as the supervisor recorded it."""
     asked = record.get("asked")
     if asked in ("halt", "reboot"):
         return f"init asked for a {asked}"

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from contextd import network, procfs, runstate
+from contextd import network, procfs, restarts, runstate
 from contextd.cgroups import Cgroup
 from contextd.config import AUTO_SIGNAL, GuestConfig
 from contextd.forkserver import ForkServer, ForkServerError
@@ -230,6 +230,7 @@ class Runtime:
             "log": str(console_log),
             "exit_record": str(runstate.exit_record_path(config.name)),
             "idmap": config.idmap(),
+            "fuse_server": {"pid": fuse_server, "start": procfs.start_time(fuse_server) or 0},
         }
         ours, theirs = socket.socketpair()
         with _devnull() as null:
@@ -283,8 +284,9 @@ class Runtime:
             from_supervisor.close()
             ours.close()
 
-    def stop(self, config: GuestConfig, timeout: float | None = None) -> None:
-        """Stop a running guest and leave nothing behind."""
+    def stop(self, config: GuestConfig, timeout: float | None = None, asked: bool = True) -> None:
+        """Stop a running guest and leave nothing behind; asked: by the admin (its end is
+        then recorded as a stop, not a failure), else cleaning up after a guest that ended."""
         state = runstate.load(config.name)
         cgroup = Cgroup(config.name)
         if state is None and not cgroup.exists():
@@ -297,6 +299,10 @@ class Runtime:
             with contextlib.suppress(ChildProcessError):  # ours if its supervisor died
                 os.waitpid(state.init_pid, os.WNOHANG)
             _end_supervisor(state)
+            record = runstate.load_exit(config.name)
+            if asked and record is not None:
+                record["stopped"] = True
+                runstate.save_exit(config.name, record)
         mountpoint = state.mountpoint if state else str(run_dir() / "roots" / config.name)
         if os.path.realpath(mountpoint) in registry.mounted_points():
             for _ in range(100):
@@ -462,7 +468,8 @@ class Status:
     bridge: str | None
     addresses: list[str]
     traffic: dict[str, int] | None
-    last_end: str | None  # how init last ended, while the guest is not running
+    last_end: str | None  # how the guest last ended, while it is not running
+    restarts: int  # automatic restarts (its restart policy) within its restart_interval
     last_console: list[str]  # what its console said last then
 
 
@@ -486,9 +493,17 @@ def status(config: GuestConfig) -> Status:
         db.close()
     counters = network.traffic(config) if running else None
     ended = None if running else runstate.load_exit(config.name)
+    state_name = "running" if running else "stopped"
     if ended is not None:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(str(ended.get("ended")))))
         last_end = f"{runstate.describe_exit(ended)} at {when}"
+        if ended.get("restart_at"):
+            state_name = "restarting"
+            last_end += "; restarting by its policy"
+        elif runstate.is_failure(ended):
+            state_name = "failed"
+            if ended.get("gave_up"):
+                last_end += f"; not restarted: {ended['gave_up']}"
         tail = ended.get("console_tail")
         last_console = [str(line) for line in tail] if isinstance(tail, list) else []
     else:
@@ -501,7 +516,7 @@ def status(config: GuestConfig) -> Status:
     return Status(
         name=config.name,
         xid=config.xid,
-        state="running" if running else "stopped",
+        state=state_name,
         init_pid=state.init_pid if running and state else None,
         processes=stats.processes if stats else 0,
         memory_bytes=stats.memory_bytes if stats else None,
@@ -519,4 +534,5 @@ def status(config: GuestConfig) -> Status:
         traffic=asdict(counters) if counters else None,
         last_end=last_end,
         last_console=last_console,
+        restarts=len(restarts.within_interval(config, state.restarts, time.time())) if state else 0,
     )

@@ -28,7 +28,7 @@ import msgspec
 import trio
 
 from contextd import config as configs
-from contextd import procfs, runstate, runtime
+from contextd import procfs, restarts, runstate, runtime
 from contextd.cgroups import Cgroup
 from contextd.paths import socket_path
 from cowfs.errors import CowfsError
@@ -66,6 +66,7 @@ class Daemon:
         self.runtime = guests
         self.nursery = nursery
         self.locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
+        self.pending_restarts: dict[str, trio.CancelScope] = {}
 
     def watch(self, state: runstate.RunState) -> None:
         """Notice at once when the guest's init ends (its supervisor does then)."""
@@ -92,10 +93,12 @@ class Daemon:
             if current is None or current.supervisor_pid != state.supervisor_pid:
                 return  # stopped (or started again) by a verb meanwhile
             record = runstate.load_exit(name) or {}
-            how = runstate.describe_exit(record)
+            cgroup = Cgroup(name)
+            if record.get("signal") == 9 and cgroup.exists() and cgroup.stats().memory_limit_hits:
+                record["oom"] = True
             try:
                 config = self._config(name)
-                await trio.to_thread.run_sync(self.runtime.stop, config, 0)
+                await trio.to_thread.run_sync(self.runtime.stop, config, 0, False)
             except CowfsError as e:
                 log.error("cleaning up after %s: %s", name, e)
                 return
@@ -103,17 +106,79 @@ class Daemon:
             _event(
                 "guest ended",
                 guest=name,
-                how=how,
+                how=runstate.describe_exit(record),
                 console=tail[-5:] if isinstance(tail, list) else [],
             )
-            if record.get("asked") == "reboot":
+            self.apply_policy(config, record, current.restarts)
+
+    def apply_policy(
+        self, config: configs.GuestConfig, record: dict[str, Any], recent: list[float]
+    ) -> None:
+        """After a guest ended as record says (and was cleaned up): start it again later
+        if its restart policy says so, or record why not (contextd.restarts)."""
+        now = time.time()
+        decision = restarts.decide(config, record, recent, now)
+        if not decision.restart:
+            if decision.why:
+                record["gave_up"] = decision.why
+                _event("not restarted", guest=config.name, why=decision.why)
+            runstate.save_exit(config.name, record)
+            return
+        recent = restarts.within_interval(config, recent, now)
+        if decision.counted:
+            recent.append(now + decision.delay)
+            record["restart_at"] = now + decision.delay
+        runstate.save_exit(config.name, record)
+        event = "restarted by its policy" if decision.counted else "rebooted"
+        self._restart_later(config.name, decision.delay, recent, event)
+
+    def _restart_later(self, name: str, delay: float, recent: list[float], event: str) -> None:
+        """Start the guest again in delay seconds, unless a verb has started, stopped or
+        deleted it meanwhile (_cancel_restart)."""
+        scope = trio.CancelScope()
+        self.pending_restarts[name] = scope
+        self.nursery.start_soon(self._restart, name, delay, recent, scope, event)
+
+    async def _restart(
+        self, name: str, delay: float, recent: list[float], scope: trio.CancelScope, event: str
+    ) -> None:
+        with scope:
+            if delay:
+                _event("restarting", guest=name, delay=delay)
+                await trio.sleep(delay)
+            async with self.locks[name]:
+                if self.pending_restarts.get(name) is not scope:
+                    return
+                del self.pending_restarts[name]
                 try:
+                    config = self._config(name, with_others=True)
                     new = await trio.to_thread.run_sync(self.runtime.start, config)
                 except CowfsError as e:
-                    log.error("reboot of %s failed: %s", name, e)
+                    log.error("restart of %s failed: %s", name, e)
+                    self._after_failed_restart(name, str(e), recent)
                     return
-                _event("rebooted", guest=name, init_pid=new.init_pid)
+                new.restarts = recent
+                runstate.save(new)
+                _event(event, guest=name, init_pid=new.init_pid)
                 self.watch(new)
+
+    def _after_failed_restart(self, name: str, error: str, recent: list[float]) -> None:
+        """A restart that failed is a failure of its own: tried again as the policy says."""
+        record = runstate.load_exit(name) or {"ended": time.time()}
+        record.setdefault("failure", f"its restart failed: {error}")
+        with contextlib.suppress(CowfsError):
+            self.apply_policy(self._config(name), record, recent)
+
+    def _cancel_restart(self, name: str) -> bool:
+        """Drop a pending automatic restart of the guest; True if there was one."""
+        scope = self.pending_restarts.pop(name, None)
+        if scope is None:
+            return False
+        scope.cancel()
+        record = runstate.load_exit(name)
+        if record is not None and record.pop("restart_at", None) is not None:
+            runstate.save_exit(name, record)
+        return True
 
     def _config(self, name: str, with_others: bool = False) -> configs.GuestConfig:
         """A guest's configuration; with_others: checked against every other guest's too
@@ -183,6 +248,7 @@ class Daemon:
 
     async def do_start(self, request: dict[str, Any]) -> dict[str, Any]:
         config = self._config(request["name"], with_others=True)
+        self._cancel_restart(config.name)
         state = await trio.to_thread.run_sync(self.runtime.start, config)
         _event("started", guest=config.name, xid=config.xid, init_pid=state.init_pid)
         self.watch(state)
@@ -191,12 +257,18 @@ class Daemon:
     async def do_stop(self, request: dict[str, Any]) -> dict[str, Any]:
         config = self._config(request["name"])
         timeout = request.get("timeout")
-        await trio.to_thread.run_sync(self.runtime.stop, config, timeout)
+        cancelled = self._cancel_restart(config.name)
+        try:
+            await trio.to_thread.run_sync(self.runtime.stop, config, timeout)
+        except runtime.GuestError as e:
+            if not cancelled or "is not running" not in str(e):
+                raise
         _event("stopped", guest=config.name)
         return {}
 
     async def do_restart(self, request: dict[str, Any]) -> dict[str, Any]:
         config = self._config(request["name"], with_others=True)
+        self._cancel_restart(config.name)
         state = runstate.load(config.name)
         if state is not None and runstate.is_running(state):
             await trio.to_thread.run_sync(self.runtime.stop, config, request.get("timeout"))
@@ -254,6 +326,7 @@ class Daemon:
         state = runstate.load(config.name)
         if state is not None and runstate.is_running(state):
             raise runtime.GuestError(f"guest {config.name} is running: stop it first")
+        self._cancel_restart(config.name)
         if request.get("remove_root"):  # first: a tree in use is refused, the guest kept
             await trio.to_thread.run_sync(remove_tree, config.root)
         config.path.unlink()
@@ -290,9 +363,13 @@ async def _serve_client(daemon: Daemon, stream: Any) -> None:
         await stream.send_all(json.dumps(answer).encode() + b"\n")
 
 
-def adopt_or_clean(config_dir: Path, guests: runtime.Runtime) -> None:
-    """At start: keep running guests, clean up after those that died while we were away."""
+def adopt_or_clean(
+    config_dir: Path, guests: runtime.Runtime
+) -> list[tuple[configs.GuestConfig, runstate.RunState]]:
+    """At start: keep running guests, clean up after those that died while we were away
+    (theirs returned, for their restart policies)."""
     all_configs = configs.load_all(config_dir)
+    ended = []
     for name in runstate.recorded():
         state = runstate.load(name)
         if state is None:
@@ -303,7 +380,8 @@ def adopt_or_clean(config_dir: Path, guests: runtime.Runtime) -> None:
         config = all_configs.get(state.name)
         if config is not None:
             try:
-                guests.stop(config, timeout=0)
+                guests.stop(config, timeout=0, asked=False)
+                ended.append((config, state))
             except CowfsError as e:
                 log.error("cleaning up %s: %s", state.name, e)
         else:
@@ -311,6 +389,7 @@ def adopt_or_clean(config_dir: Path, guests: runtime.Runtime) -> None:
             Cgroup(state.name).remove()
             runstate.drop(state.name)
         _event("cleaned up after a guest that died", guest=state.name)
+    return ended
 
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -341,9 +420,11 @@ async def serve(config_dir: Path, task_status: Any = trio.TASK_STATUS_IGNORED) -
     syscalls.prctl(PR_SET_CHILD_SUBREAPER, 1)
     configs.load_all(config_dir)  # a bad file stops the daemon with its message
     guests = runtime.Runtime()
-    await trio.to_thread.run_sync(adopt_or_clean, config_dir, guests)
+    ended = await trio.to_thread.run_sync(adopt_or_clean, config_dir, guests)
     async with trio.open_nursery() as nursery:
         daemon = Daemon(config_dir, guests, nursery)
+        for config, gone in ended:
+            daemon.apply_policy(config, runstate.load_exit(config.name) or {}, gone.restarts)
         for name in runstate.recorded():
             adopted = runstate.load(name)
             if adopted is not None:

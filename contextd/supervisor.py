@@ -29,6 +29,8 @@ for a reboot.
 Protocol with contextd, JSON lines over the socket that is the job's stdin and
 stdout: <- the request; -> {"pid": N} (PID 1, as the host sees it); <- "go";
 -> {"ok": true} once init is exec'd, or {"error": "..."} (nothing is left).
+The request names the FUSE server of the guest's root ({"pid", "start"}), which
+the supervisor watches as it watches init.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from contextd import namespace
+from contextd import namespace, procfs
 from contextd.seccomp import GuestFilter
 from cowfs.atomicfile import write_atomically
 from native import syscalls as sc
@@ -77,6 +79,7 @@ def main() -> None:
 
     try:
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fuse_server = _open_fuse_server(request.get("fuse_server"))
         init = _fork_init(request)
     except (OSError, StartError) as e:
         tell({"error": str(e)})
@@ -93,7 +96,7 @@ def main() -> None:
     tell({"ok": True})
     reader.close()
     control.close()
-    _supervise(init, log, request["exit_record"])
+    _supervise(init, log, request["exit_record"], fuse_server)
 
 
 # -- the namespaces and PID 1 -------------------------------------------------------
@@ -254,8 +257,24 @@ def _wait(pid: int) -> int:
             return 0
 
 
-def _supervise(init: Init, log: int, exit_record: str) -> None:
-    """Copy the console to the log until init ends; record how it ended; never returns."""
+def _open_fuse_server(server: dict[str, int] | None) -> int | None:
+    """A pidfd of the FUSE server of the guest's root, checked to be that process."""
+    if not server:
+        return None
+    pidfd = os.pidfd_open(server["pid"])
+    if procfs.start_time(server["pid"]) != server["start"]:
+        os.close(pidfd)
+        raise StartError("the guest root's cowfs server has ended")
+    return pidfd
+
+
+def _supervise(init: Init, log: int, exit_record: str, fuse_server: int | None) -> None:
+    """Copy the console to the log until init ends; record how it ended; never returns.
+
+    The guest cannot go on without the FUSE server of its root (every access to
+    its files would fail with ENOTCONN): when that server ends, the guest is
+    ended too, and its record says why.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     pidfd = os.pidfd_open(init.pid)
@@ -265,8 +284,11 @@ def _supervise(init: Init, log: int, exit_record: str) -> None:
     keep_open = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     tail = bytearray()
     console_open = True
+    failure = None
     while True:
         watched = [pidfd] + ([master] if console_open else [])
+        if fuse_server is not None:
+            watched.append(fuse_server)
         try:
             ready, _, _ = select.select(watched, [], [])
         except InterruptedError:
@@ -275,12 +297,20 @@ def _supervise(init: Init, log: int, exit_record: str) -> None:
             console_open = _copy_console(master, log, tail)
         if pidfd in ready:
             break
+        if fuse_server in ready:
+            assert fuse_server is not None
+            failure = "its cowfs server ended, and with it the guest's root"
+            os.close(fuse_server)
+            fuse_server = None
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     status = _wait(init.pid)
     os.close(keep_open)
     os.set_blocking(master, False)
     while console_open and _copy_console(master, log, tail):
         pass
     record = describe_end(status)
+    if failure:
+        record["failure"] = failure
     record["ended"] = time.time()
     record["console_tail"] = bytes(tail).decode(errors="replace").splitlines()[-TAIL_LINES:]
     with contextlib.suppress(OSError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -9,9 +11,10 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 
@@ -132,3 +135,41 @@ def running_contextd(
 
 
 SLEEPER = "/bin/sh -c 'echo booted; exec sleep 1000000'"
+
+
+def fuse_server_of(name: str) -> int:
+    """The pid of the cowfs server of a running guest's root."""
+    for record in Path("/run/cowfs/mounts").glob("*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            mount = json.loads(record.read_text())
+            if mount["mountpoint"].endswith(f"/roots/{name}"):
+                return int(mount["pid"])
+    raise AssertionError(f"no FUSE server serves guest {name}")
+
+
+def left_behind(name: str, ctx: Contextd) -> list[str]:
+    """Anything of the guest still on the host: processes, mounts, cgroups, state."""
+    found = []
+    for controller in ("memory", "cpu", "cpuacct", "pids", "freezer"):
+        if Path(f"/sys/fs/cgroup/{controller}/contextd/{name}").exists():
+            found.append(f"cgroup {controller}")
+    mounts = Path("/proc/self/mountinfo").read_text()
+    if f"/roots/{name} " in mounts:
+        found.append("mount")
+    if (ctx.base / "run" / "guests" / f"{name}.json").exists():
+        found.append("state")
+    found += [f"zombie {pid}" for pid in ctx.zombie_children()]
+    return found
+
+
+def wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def guest_status(ctx: Contextd, name: str) -> dict[str, Any]:
+    return dict(json.loads(ctx("status", name, "--json").stdout))

@@ -10,28 +10,11 @@ import signal
 import socket
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import cowfs, run
-from contextd_harness import SLEEPER, Contextd
-
-
-def left_behind(name: str, ctx: Contextd) -> list[str]:
-    """Anything of the guest still on the host: processes, mounts, cgroups, state."""
-    found = []
-    for controller in ("memory", "cpu", "cpuacct", "pids", "freezer"):
-        if Path(f"/sys/fs/cgroup/{controller}/contextd/{name}").exists():
-            found.append(f"cgroup {controller}")
-    mounts = Path("/proc/self/mountinfo").read_text()
-    if f"/roots/{name} " in mounts:
-        found.append("mount")
-    if (ctx.base / "run" / "guests" / f"{name}.json").exists():
-        found.append("state")
-    found += [f"zombie {pid}" for pid in ctx.zombie_children()]
-    return found
+from contextd_harness import SLEEPER, Contextd, guest_status, left_behind, wait_for
 
 
 def test_boot_exec_service_stop_leaves_nothing(ctx: Contextd, guest_tree: Path) -> None:
@@ -436,19 +419,6 @@ def test_a_running_guest_is_not_cloned(ctx: Contextd, guest_tree: Path) -> None:
     ctx("create", "copy", "--from", str(root / "busy"))
 
 
-def _wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
-def _state(ctx: Contextd, name: str) -> dict[str, Any]:
-    return dict(json.loads(ctx("status", name, "--json").stdout))
-
-
 def test_a_boot_that_fails_at_once_is_a_failed_start(ctx: Contextd, guest_tree: Path) -> None:
     ctx(
         "create",
@@ -464,8 +434,8 @@ def test_a_boot_that_fails_at_once_is_a_failed_start(ctx: Contextd, guest_tree: 
     assert "init exited with status 7 within 0.5 s of its start" in result.stderr
     assert "console: no-such-disk?]0;t?\n" in result.stderr and "\x1b" not in result.stderr
     assert left_behind("bad", ctx) == []
-    status = _state(ctx, "bad")
-    assert status["state"] == "stopped" and status["last_end"].startswith(
+    status = guest_status(ctx, "bad")
+    assert status["state"] == "failed" and status["last_end"].startswith(
         "init exited with status 7"
     )
     assert status["last_console"] == ["\x1b[31mno-such-disk\x1b]0;t\x07"]  # JSON: as written
@@ -474,11 +444,11 @@ def test_a_boot_that_fails_at_once_is_a_failed_start(ctx: Contextd, guest_tree: 
 def test_the_end_of_init_is_noticed_at_once(ctx: Contextd, guest_tree: Path) -> None:
     ctx("create", "brief", "--from", str(guest_tree), "--init", "/bin/sh -c 'sleep 1; exit 3'")
     ctx("start", "brief")
-    assert _state(ctx, "brief")["state"] == "running"
+    assert guest_status(ctx, "brief")["state"] == "running"
     # Cleaned up by the daemon within moments of init's end: nothing left, and why it ended.
-    assert _wait_for(lambda: left_behind("brief", ctx) == [], 5), left_behind("brief", ctx)
-    status = _state(ctx, "brief")
-    assert status["state"] == "stopped" and status["last_end"].startswith(
+    assert wait_for(lambda: left_behind("brief", ctx) == [], 5), left_behind("brief", ctx)
+    status = guest_status(ctx, "brief")
+    assert status["state"] == "failed" and status["last_end"].startswith(
         "init exited with status 3"
     )
     assert '"guest ended"' in ctx.log() and "brief" in ctx("status").stdout
@@ -488,15 +458,18 @@ def test_halt_and_reboot_inside_stop_and_restart_the_guest(ctx: Contextd, guest_
     # busybox init with the template's inittab, stopped by its ctrlaltdel action
     ctx("create", "box", "--from", str(guest_tree), "--init", "/sbin/init")
     ctx("start", "box")
-    first = _state(ctx, "box")["init_pid"]
+    first = guest_status(ctx, "box")["init_pid"]
     ctx("exec", "box", "--", "/sbin/reboot")
-    assert _wait_for(
-        lambda: _state(ctx, "box")["state"] == "running" and _state(ctx, "box")["init_pid"] != first
+    assert wait_for(
+        lambda: (
+            guest_status(ctx, "box")["state"] == "running"
+            and guest_status(ctx, "box")["init_pid"] != first
+        )
     ), ctx.log()
     assert '"rebooted"' in ctx.log()
     ctx("exec", "box", "--", "/sbin/poweroff")
-    assert _wait_for(lambda: left_behind("box", ctx) == []), left_behind("box", ctx)
-    status = _state(ctx, "box")
+    assert wait_for(lambda: left_behind("box", ctx) == []), left_behind("box", ctx)
+    status = guest_status(ctx, "box")
     assert status["state"] == "stopped" and status["last_end"].startswith("init asked for a halt")
     assert "guest init stopping" in ctx("logs", "box").stdout  # its shutdown actions ran
     # and stop asks busybox init to shut down (SIGINT: its ctrlaltdel action), not SIGKILL
@@ -508,14 +481,14 @@ def test_halt_and_reboot_inside_stop_and_restart_the_guest(ctx: Contextd, guest_
 def test_a_guest_whose_init_ends_while_the_daemon_is_away(ctx: Contextd, guest_tree: Path) -> None:
     ctx("create", "alone", "--from", str(guest_tree), "--init", SLEEPER)
     ctx("start", "alone")
-    init = _state(ctx, "alone")["init_pid"]
+    init = guest_status(ctx, "alone")["init_pid"]
     ctx.kill(signal.SIGKILL)
     os.kill(init, signal.SIGKILL)
     # Its supervisor reaps it and records the end: no zombie waits for a daemon.
-    assert _wait_for(lambda: not Path(f"/proc/{init}").exists(), 5)
+    assert wait_for(lambda: not Path(f"/proc/{init}").exists(), 5)
     ctx.serve()
-    status = _state(ctx, "alone")
-    assert status["state"] == "stopped" and status["last_end"].startswith(
+    status = guest_status(ctx, "alone")
+    assert status["state"] == "failed" and status["last_end"].startswith(
         "init was killed by SIGKILL"
     )
     assert left_behind("alone", ctx) == []

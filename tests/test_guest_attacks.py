@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import platform
 import re
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run
-from contextd_harness import CONTEXTD, SLEEPER, Contextd, running_contextd
+from contextd_harness import CONTEXTD, SLEEPER, Contextd, fuse_server_of, running_contextd
 
 ATTACKS = Path(__file__).parent / "attacks"
 
@@ -558,15 +557,6 @@ def test_guest_output_cannot_drive_the_admins_terminal(ctx: Contextd, armed_tree
 # -- what a guest makes its FUSE server do ----------------------------------
 
 
-def _fuse_server_of(name: str) -> int:
-    for record in Path("/run/cowfs/mounts").glob("*.json"):
-        with contextlib.suppress(OSError, ValueError):
-            mount = json.loads(record.read_text())
-            if mount["mountpoint"].endswith(f"/roots/{name}"):
-                return int(mount["pid"])
-    raise AssertionError(f"no FUSE server serves guest {name}")
-
-
 def _cgroup_usage(controller: str, path: str, file: str) -> int:
     return int(Path("/sys/fs/cgroup", controller, path.lstrip("/"), file).read_text())
 
@@ -577,7 +567,7 @@ def test_the_work_a_guest_gives_its_fuse_server_is_charged_to_the_guest(
     if not Path("/sys/fs/cgroup/memory/cgroup.procs").exists():
         pytest.skip("checked on cgroup v1 hosts (this one has no v1 memory hierarchy)")
     start_guest(ctx, armed_tree, "busy", limits={"memory": "128M"})
-    server = _fuse_server_of("busy")
+    server = fuse_server_of("busy")
     groups = dict(
         line.split(":", 2)[1:] for line in Path(f"/proc/{server}/cgroup").read_text().splitlines()
     )
