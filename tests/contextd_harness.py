@@ -137,12 +137,20 @@ def running_contextd(
 SLEEPER = "/bin/sh -c 'echo booted; exec sleep 1000000'"
 
 
+def procfs_alive(pid: int) -> bool:
+    """True if pid is a process that has not ended (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def fuse_server_of(name: str) -> int:
     """The pid of the cowfs server of a running guest's root."""
     for record in Path("/run/cowfs/mounts").glob("*.json"):
         with contextlib.suppress(OSError, ValueError):
             mount = json.loads(record.read_text())
-            if mount["mountpoint"].endswith(f"/roots/{name}"):
+            if mount["mountpoint"].endswith(f"/roots/{name}") and procfs_alive(mount["pid"]):
                 return int(mount["pid"])
     raise AssertionError(f"no FUSE server serves guest {name}")
 
@@ -158,6 +166,11 @@ def left_behind(name: str, ctx: Contextd) -> list[str]:
         found.append("mount")
     if (ctx.base / "run" / "guests" / f"{name}.json").exists():
         found.append("state")
+    mountpoint = os.path.realpath(ctx.base / "run" / "roots" / name)
+    for record in Path("/run/cowfs/mounts").glob("*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(record.read_text())["mountpoint"] == mountpoint:
+                found.append(f"mount record {record.name}")
     found += [f"zombie {pid}" for pid in ctx.zombie_children()]
     return found
 

@@ -389,6 +389,8 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
     if not _wait_ended(record.pid, timeout):
         raise CowfsError(f"{mountpoint}: unmounted, but pid {record.pid} still runs")
     _reap_if_ours(record.pid, deadline)
+    if registry.read_record(point) == record:  # its process died without withdrawing it
+        registry.remove_record(point)
 
 
 def _reap_if_ours(pid: int, deadline: float) -> None:
