@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:-.venv}
 version=3.5.0
-local_version=$version+cowfs7
+local_version=$version+cowfs8
 if "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('pyfuse3') != '$local_version')" 2>/dev/null; then
     exit 0
 fi
