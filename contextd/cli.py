@@ -212,6 +212,11 @@ def status(name: str | None, as_json: bool) -> None:
     for g in guests:
         if g.get("last_end") and g["state"] != "running":
             click.echo(f"{g['name']}: {g['last_end']}")
+        if g.get("root_server_replacements"):
+            click.echo(
+                f"{g['name']}: its root's cowfs server died and was replaced"
+                f" {g['root_server_replacements']} times"
+            )
         if g.get("restarts"):
             click.echo(f"{g['name']}: restarted {g['restarts']} times by its restart policy lately")
 

@@ -42,7 +42,10 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cowfs.serve.mount import MountOptions
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +56,26 @@ _MAX_FDS = 8
 # -- the server (python -m contextd.forkserver) ------------------------------
 
 
-def _mount_job(args: dict[str, Any]) -> int:
-    from cowfs.errors import CowfsError
+def mount_options(args: dict[str, Any]) -> MountOptions:
+    """How a guest's root is served, from the mount job's arguments."""
     from cowfs.serve.idmap import SAME_IDS, IdMap
-    from cowfs.serve.mount import MountOptions, mount
+    from cowfs.serve.mount import MountOptions
 
     idmap = args.get("idmap")
+    return MountOptions(
+        xid=args.get("xid"),
+        id_map=IdMap(idmap["base"], idmap["count"]) if idmap else SAME_IDS,
+        resumable=True,  # its supervisor replaces a server that dies (contextd.rootserver)
+    )
+
+
+def _mount_job(args: dict[str, Any]) -> int:
+    from cowfs.errors import CowfsError
+    from cowfs.serve.mount import mount
+
     try:
         pid = mount(
-            args["backing"],
-            args["mountpoint"],
-            MountOptions(
-                xid=args.get("xid"),
-                id_map=IdMap(idmap["base"], idmap["count"]) if idmap else SAME_IDS,
-            ),
-            log_file=args.get("log"),
+            args["backing"], args["mountpoint"], mount_options(args), log_file=args.get("log")
         )
         answer: dict[str, object] = {"pid": pid}
     except CowfsError as e:

@@ -30,6 +30,7 @@ class RunState:
     console_log: str
     supervisor_pid: int = 0  # its init's parent (contextd.supervisor), 0 if unknown
     supervisor_start: int = 0
+    fuse_server_pid: int = 0  # its root's first FUSE server (reaped by us if it dies)
     # When contextd restarted it by itself lately (its restart policy), oldest first.
     restarts: list[float] = field(default_factory=list)
 
@@ -42,6 +43,20 @@ def state_dir() -> Path:
 def exit_record_path(name: str) -> Path:
     """Where a guest's supervisor records how its init ended (the last time it ran)."""
     return state_dir() / f"{name}.exit.json"
+
+
+def root_server_record_path(name: str) -> Path:
+    """Where a guest's supervisor notes the replacements of its root's FUSE server."""
+    return state_dir() / f"{name}.rootserver.json"
+
+
+def load_root_server_record(name: str) -> dict[str, object]:
+    """What the guest's supervisor noted of its root's FUSE server (empty if nothing)."""
+    try:
+        record = json.loads(root_server_record_path(name).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def load_exit(name: str) -> dict[str, object] | None:
@@ -108,7 +123,8 @@ def recorded() -> list[str]:
     directory = state_dir()
     if not directory.is_dir():
         return []
-    return sorted(p.stem for p in directory.glob("*.json") if not p.name.endswith(".exit.json"))
+    others = (".exit.json", ".rootserver.json")  # records of its own beside the run state
+    return sorted(p.stem for p in directory.glob("*.json") if not p.name.endswith(others))
 
 
 def save(state: RunState) -> None:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from contextd import network, procfs, restarts, runstate
 from contextd.cgroups import Cgroup
@@ -148,6 +149,7 @@ class Runtime:
             undo.push("network", lambda: network.unplug(config))
             console_log = _root_only_dir(log_dir()) / f"{config.name}.console.log"
             runstate.exit_record_path(config.name).unlink(missing_ok=True)
+            runstate.root_server_record_path(config.name).unlink(missing_ok=True)
             supervisor, pid = self._supervise(
                 config, str(mountpoint), console_log, cgroup, fuse_server
             )
@@ -163,6 +165,7 @@ class Runtime:
                 console_log=str(console_log),
                 supervisor_pid=supervisor.pid,
                 supervisor_start=procfs.start_time(supervisor.pid) or 0,
+                fuse_server_pid=fuse_server,
             )
             runstate.save(state)
             undo.push("run state", lambda: runstate.drop(config.name))
@@ -186,14 +189,9 @@ class Runtime:
         answer_r, answer_w = os.pipe2(os.O_CLOEXEC)
         try:
             with _devnull() as null:
-                args = {
-                    "backing": config.root,
-                    "mountpoint": mountpoint,
-                    "xid": config.xid,
-                    "log": str(_root_only_dir(log_dir()) / f"{config.name}.cowfs.log"),
-                    "idmap": config.idmap(),
-                }
-                self.helpers.run("mount", args, [null, answer_w, answer_w])
+                self.helpers.run(
+                    "mount", self._mount_args(config, mountpoint), [null, answer_w, answer_w]
+                )
         except ForkServerError as e:
             os.close(answer_r)
             raise GuestError(f"guest {config.name}: root not mounted: {e}") from None
@@ -209,6 +207,17 @@ class Runtime:
         if "error" in reply:
             raise GuestError(f"guest {config.name}: {reply['error']}")
         return int(reply["pid"])
+
+    @staticmethod
+    def _mount_args(config: GuestConfig, mountpoint: str) -> dict[str, Any]:
+        """The fork server's mount job's arguments (contextd.forkserver.mount_options)."""
+        return {
+            "backing": config.root,
+            "mountpoint": mountpoint,
+            "xid": config.xid,
+            "log": str(_root_only_dir(log_dir()) / f"{config.name}.cowfs.log"),
+            "idmap": config.idmap(),
+        }
 
     def _supervise(
         self,
@@ -230,7 +239,15 @@ class Runtime:
             "log": str(console_log),
             "exit_record": str(runstate.exit_record_path(config.name)),
             "idmap": config.idmap(),
-            "fuse_server": {"pid": fuse_server, "start": procfs.start_time(fuse_server) or 0},
+            "fuse_server": {
+                "pid": fuse_server,
+                "start": procfs.start_time(fuse_server) or 0,
+                "mount": {
+                    **self._mount_args(config, mountpoint),
+                    "cgroup_dirs": [str(d) for d in cgroup.fuse_server_dirs],
+                },
+                "record": str(runstate.root_server_record_path(config.name)),
+            },
         }
         ours, theirs = socket.socketpair()
         with _devnull() as null:
@@ -470,6 +487,7 @@ class Status:
     traffic: dict[str, int] | None
     last_end: str | None  # how the guest last ended, while it is not running
     restarts: int  # automatic restarts (its restart policy) within its restart_interval
+    root_server_replacements: int  # FUSE servers of its root that died and were replaced
     last_console: list[str]  # what its console said last then
 
 
@@ -535,4 +553,7 @@ def status(config: GuestConfig) -> Status:
         last_end=last_end,
         last_console=last_console,
         restarts=len(restarts.within_interval(config, state.restarts, time.time())) if state else 0,
+        root_server_replacements=int(
+            str(runstate.load_root_server_record(config.name).get("replacements", 0))
+        ),
     )

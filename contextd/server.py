@@ -92,7 +92,9 @@ class Daemon:
             current = runstate.load(name)
             if current is None or current.supervisor_pid != state.supervisor_pid:
                 return  # stopped (or started again) by a verb meanwhile
-            record = runstate.load_exit(name) or {}
+            record = runstate.load_exit(name)
+            if record is None:  # it died before init: init is killed with the guest below
+                record = {"failure": "its supervisor died", "ended": time.time()}
             cgroup = Cgroup(name)
             if record.get("signal") == 9 and cgroup.exists() and cgroup.stats().memory_limit_hits:
                 record["oom"] = True
@@ -396,9 +398,10 @@ PR_SET_CHILD_SUBREAPER = 36
 
 
 async def _reap_children() -> None:
-    """Reap guests' inits that ended: the daemon is their subreaper while it runs.
+    """Reap guests' inits and first FUSE servers that ended: the daemon is their
+    subreaper while it runs.
 
-    Only guests' inits: waitpid(-1) would take the exit status of the helpers
+    Only those: waitpid(-1) would take the exit status of the helpers
     that the verbs wait for themselves.
     """
     while True:
@@ -407,8 +410,10 @@ async def _reap_children() -> None:
             state = runstate.load(name)
             if state is None:
                 continue
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(state.init_pid, os.WNOHANG)
+            for pid in (state.init_pid, state.fuse_server_pid):  # (a dead server: resumed)
+                with contextlib.suppress(ChildProcessError):
+                    if pid:
+                        os.waitpid(pid, os.WNOHANG)
 
 
 async def serve(config_dir: Path, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -29,8 +29,9 @@ for a reboot.
 Protocol with contextd, JSON lines over the socket that is the job's stdin and
 stdout: <- the request; -> {"pid": N} (PID 1, as the host sees it); <- "go";
 -> {"ok": true} once init is exec'd, or {"error": "..."} (nothing is left).
-The request names the FUSE server of the guest's root ({"pid", "start"}), which
-the supervisor watches as it watches init.
+The request describes the FUSE server of the guest's root ({"pid", "start",
+"mount": how it was mounted, "record": where to note its replacements}), which
+the supervisor watches as it watches init, and replaces if it dies.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from contextd import namespace, procfs
+from contextd import namespace
+from contextd.rootserver import RootServer, RootServerError
 from contextd.seccomp import GuestFilter
 from cowfs.atomicfile import write_atomically
 from native import syscalls as sc
@@ -79,9 +81,9 @@ def main() -> None:
 
     try:
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        fuse_server = _open_fuse_server(request.get("fuse_server"))
+        fuse_server = RootServer(request["fuse_server"]) if request.get("fuse_server") else None
         init = _fork_init(request)
-    except (OSError, StartError) as e:
+    except (OSError, StartError, RootServerError) as e:
         tell({"error": str(e)})
         os._exit(1)
     tell({"pid": init.pid})
@@ -257,23 +259,13 @@ def _wait(pid: int) -> int:
             return 0
 
 
-def _open_fuse_server(server: dict[str, int] | None) -> int | None:
-    """A pidfd of the FUSE server of the guest's root, checked to be that process."""
-    if not server:
-        return None
-    pidfd = os.pidfd_open(server["pid"])
-    if procfs.start_time(server["pid"]) != server["start"]:
-        os.close(pidfd)
-        raise StartError("the guest root's cowfs server has ended")
-    return pidfd
-
-
-def _supervise(init: Init, log: int, exit_record: str, fuse_server: int | None) -> None:
+def _supervise(init: Init, log: int, exit_record: str, fuse_server: RootServer | None) -> None:
     """Copy the console to the log until init ends; record how it ended; never returns.
 
     The guest cannot go on without the FUSE server of its root (every access to
-    its files would fail with ENOTCONN): when that server ends, the guest is
-    ended too, and its record says why.
+    its files would fail with ENOTCONN): when that server dies, a successor takes
+    over its session (contextd.rootserver); when none can, the guest is ended
+    too, and its record says why.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -288,7 +280,7 @@ def _supervise(init: Init, log: int, exit_record: str, fuse_server: int | None) 
     while True:
         watched = [pidfd] + ([master] if console_open else [])
         if fuse_server is not None:
-            watched.append(fuse_server)
+            watched.append(fuse_server.pidfd)
         try:
             ready, _, _ = select.select(watched, [], [])
         except InterruptedError:
@@ -297,13 +289,17 @@ def _supervise(init: Init, log: int, exit_record: str, fuse_server: int | None) 
             console_open = _copy_console(master, log, tail)
         if pidfd in ready:
             break
-        if fuse_server in ready:
-            assert fuse_server is not None
-            failure = "its cowfs server ended, and with it the guest's root"
-            os.close(fuse_server)
-            fuse_server = None
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        if fuse_server is not None and fuse_server.pidfd in ready:
+            try:
+                fuse_server.ended()
+            except RootServerError as e:
+                failure = str(e)
+                fuse_server.close()
+                fuse_server = None
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     status = _wait(init.pid)
+    if fuse_server is not None:
+        fuse_server.close()
     os.close(keep_open)
     os.set_blocking(master, False)
     while console_open and _copy_console(master, log, tail):

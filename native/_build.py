@@ -35,6 +35,7 @@ ffibuilder.cdef(
     int native_pivot_root(const char *new_root, const char *put_old);
     long native_join_session_keyring(const char *name);
     long native_bpf(int cmd, void *attr, unsigned int size);
+    int native_pidfd_getfd(int pidfd, int targetfd);
 
     int native_name_to_handle(int fd, unsigned char *buf, int buflen, int *handle_type,
                               int *mount_id);
@@ -125,6 +126,11 @@ ffibuilder.set_source(
     static long native_bpf(int cmd, void *attr, unsigned int size)
     {
         return syscall(SYS_bpf, cmd, attr, size);
+    }
+
+    static int native_pidfd_getfd(int pidfd, int targetfd)
+    {
+        return syscall(SYS_pidfd_getfd, pidfd, targetfd, 0);
     }
 
     static int native_pivot_root(const char *new_root, const char *put_old)

@@ -274,6 +274,11 @@ def umount2(target: str | bytes, flags: int = 0) -> None:
     _check(lib.umount2(_fsencode(target), flags), target)
 
 
+def pidfd_getfd(pidfd: int, targetfd: int) -> int:
+    """A copy (close-on-exec) of another process's fd targetfd (needs ptrace rights on it)."""
+    return _check(lib.native_pidfd_getfd(pidfd, targetfd))
+
+
 def pivot_root(new_root: str | bytes, put_old: str | bytes) -> None:
     """pivot_root(2)."""
     _check(lib.native_pivot_root(_fsencode(new_root), _fsencode(put_old)), new_root)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -167,6 +168,9 @@ def left_behind(name: str, ctx: Contextd) -> list[str]:
     if (ctx.base / "run" / "guests" / f"{name}.json").exists():
         found.append("state")
     mountpoint = os.path.realpath(ctx.base / "run" / "roots" / name)
+    key = hashlib.sha256(mountpoint.encode()).hexdigest()[:16]
+    if Path("/run/cowfs/sessions", key).exists():
+        found.append("session journal")
     for record in Path("/run/cowfs/mounts").glob("*.json"):
         with contextlib.suppress(OSError, ValueError):
             if json.loads(record.read_text())["mountpoint"] == mountpoint:

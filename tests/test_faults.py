@@ -26,30 +26,29 @@ def _started(ctx: Contextd, tree: Path, name: str, init: str = SLEEPER, **settin
     ctx("start", name)
 
 
-def test_a_dead_fuse_server_ends_its_guest_and_says_why(ctx: Contextd, guest_tree: Path) -> None:
+def test_a_dead_supervisor_ends_its_guest_and_says_why(ctx: Contextd, guest_tree: Path) -> None:
     _started(ctx, guest_tree, "lost")
     init = guest_status(ctx, "lost")["init_pid"]
-    # A workload on the root when it goes.
-    ctx("exec", "lost", "--", "/bin/sh", "-c", "(while :; do cat /bin/busybox >/dev/null; done) &")
-    os.kill(fuse_server_of("lost"), signal.SIGKILL)
+    record = json.loads((ctx.base / "run" / "guests" / "lost.json").read_text())
+    os.kill(record["supervisor_pid"], signal.SIGKILL)
     assert wait_for(lambda: left_behind("lost", ctx) == [], 10), left_behind("lost", ctx)
     assert not Path(f"/proc/{init}").exists()
     status = guest_status(ctx, "lost")
     assert status["state"] == "failed", status
-    assert status["last_end"].startswith("its cowfs server ended"), status
+    assert status["last_end"].startswith("its supervisor died"), status
     assert "not restarted: restart policy is 'no'" in status["last_end"]
     # Verbs on it answer in one line.
     result = ctx("exec", "lost", "--", "/bin/true", check=False)
     assert result.returncode == 1
     assert result.stderr == "contextd: error: guest lost is not running\n"
-    assert "its cowfs server ended" in ctx("status").stdout
+    assert "its supervisor died" in ctx("status").stdout
 
 
-def test_on_failure_restarts_a_guest_whose_root_was_lost(ctx: Contextd, guest_tree: Path) -> None:
+def test_on_failure_restarts_a_guest_whose_init_was_killed(ctx: Contextd, guest_tree: Path) -> None:
     _started(ctx, guest_tree, "phoenix", restart="on-failure", restart_delay=0.1)
     ctx("exec", "phoenix", "--", "/bin/sh", "-c", "echo kept > /root/note; sync")
     first = guest_status(ctx, "phoenix")["init_pid"]
-    os.kill(fuse_server_of("phoenix"), signal.SIGKILL)
+    os.kill(first, signal.SIGKILL)
     assert wait_for(
         lambda: (
             guest_status(ctx, "phoenix")["state"] == "running"
@@ -134,3 +133,89 @@ def test_policy_applies_to_a_guest_that_died_while_the_daemon_was_away(
     assert guest_status(ctx, "orphan")["init_pid"] != first
     record = json.loads((ctx.base / "run" / "guests" / "orphan.json").read_text())
     assert len(record["restarts"]) == 1
+
+
+# -- a FUSE server replaced under a running guest -----------------------------------
+
+# In the guest: files opened before the crash and used after it, a cwd deep in the
+# tree, reads and appends all along; every failure is written down.
+WORKLOAD = """#!/bin/sh
+cd /usr/share/doc-test/deep
+exec 3</etc/passwd 4>>/root/held
+read first <&3
+echo before >&4
+echo ready > /root/ready
+i=0
+while [ ! -e /root/stop ]; do
+    echo $i >> /root/counter || echo "append $i" >> /root/errors
+    cat /bin/busybox > /dev/null || echo "read $i" >> /root/errors
+    ls . > /dev/null || echo "cwd $i" >> /root/errors
+    i=$((i+1))
+done
+cat <&3 > /root/rest || echo "held read" >> /root/errors
+echo after >&4 || echo "held write" >> /root/errors
+echo done > /root/done
+"""
+
+
+def _guest_file(ctx: Contextd, name: str, path: str) -> Path:
+    return ctx.base / "cowfs" / "guests" / name / path.lstrip("/")
+
+
+def _replacements(ctx: Contextd, name: str) -> int:
+    return int(guest_status(ctx, name)["root_server_replacements"])
+
+
+def test_a_guest_outlives_the_death_of_its_fuse_server(ctx: Contextd, guest_tree: Path) -> None:
+    ctx("create", "steady", "--from", str(guest_tree), "--init", SLEEPER)
+    script = _guest_file(ctx, "steady", "/root/work.sh")
+    script.write_text(WORKLOAD)
+    script.chmod(0o755)
+    _guest_file(ctx, "steady", "/usr/share/doc-test/deep").mkdir(parents=True)
+    ctx("start", "steady")
+    init = guest_status(ctx, "steady")["init_pid"]
+    ctx("exec", "steady", "--", "/bin/sh", "-c", "/root/work.sh > /dev/null 2>&1 &")
+    assert wait_for(lambda: _guest_file(ctx, "steady", "/root/ready").exists())
+    first = fuse_server_of("steady")
+    os.kill(first, signal.SIGKILL)
+    assert wait_for(lambda: _replacements(ctx, "steady") == 1, 20), ctx.log()
+    successor = fuse_server_of("steady")
+    assert successor != first
+    counted = len(_guest_file(ctx, "steady", "/root/counter").read_text().split())
+    assert wait_for(
+        lambda: len(_guest_file(ctx, "steady", "/root/counter").read_text().split()) > counted + 5
+    )
+    ctx("exec", "steady", "--", "/bin/touch", "/root/stop")
+    assert wait_for(lambda: _guest_file(ctx, "steady", "/root/done").exists(), 20)
+    status = guest_status(ctx, "steady")
+    assert status["state"] == "running" and status["init_pid"] == init
+    assert not _guest_file(ctx, "steady", "/root/errors").exists(), _guest_file(
+        ctx, "steady", "/root/errors"
+    ).read_text()
+    numbers = [int(n) for n in _guest_file(ctx, "steady", "/root/counter").read_text().split()]
+    assert numbers == list(range(len(numbers)))  # every append, once, in order
+    passwd = _guest_file(ctx, "steady", "/etc/passwd").read_text().splitlines(keepends=True)
+    assert _guest_file(ctx, "steady", "/root/rest").read_text() == "".join(passwd[1:])
+    assert _guest_file(ctx, "steady", "/root/held").read_text() == "before\nafter\n"
+    # The successor serves on: a link break, and a clean stop that leaves nothing.
+    template_file = guest_tree / "etc" / "hostname"
+    template_before = template_file.read_bytes() if template_file.exists() else None
+    ctx("exec", "steady", "--", "/bin/sh", "-c", "echo changed > /etc/hostname")
+    assert ctx("exec", "steady", "--", "/bin/cat", "/etc/hostname").stdout == "changed\n"
+    if template_before is not None:
+        assert template_file.read_bytes() == template_before
+    ctx("stop", "steady")
+    assert left_behind("steady", ctx) == []
+    assert not Path(f"/proc/{successor}").exists()
+
+
+def test_a_fuse_server_that_keeps_dying_ends_its_guest(ctx: Contextd, guest_tree: Path) -> None:
+    _started(ctx, guest_tree, "doomed")
+    for deaths in range(1, 7):
+        os.kill(fuse_server_of("doomed"), signal.SIGKILL)
+        if deaths <= 5:
+            assert wait_for(lambda n=deaths: _replacements(ctx, "doomed") == n, 20), ctx.log()
+    assert wait_for(lambda: left_behind("doomed", ctx) == [], 20), left_behind("doomed", ctx)
+    status = guest_status(ctx, "doomed")
+    assert status["state"] == "failed"
+    assert status["last_end"].startswith("its cowfs server died 6 times within 60 s"), status

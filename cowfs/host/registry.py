@@ -27,15 +27,20 @@ class MountRecord:
     pid: int
     log: str
     xid: int | None = None
+    session_fd: int = -1  # the server's /dev/fuse fd (a supervisor keeps a copy: resume.py)
 
 
-def _record_path(mountpoint: str) -> Path:
+def mount_key(mountpoint: str) -> str:
+    """A mount's name in the run directory's records."""
     # Imported here: loading OpenSSL's hashes costs every command that only
     # reads the records (hashify checks them first) ~2 ms.
     import hashlib
 
-    digest = hashlib.sha256(mountpoint.encode()).hexdigest()[:16]
-    return run_dir() / "mounts" / f"{digest}.json"
+    return hashlib.sha256(mountpoint.encode()).hexdigest()[:16]
+
+
+def _record_path(mountpoint: str) -> Path:
+    return run_dir() / "mounts" / f"{mount_key(mountpoint)}.json"
 
 
 def write_record(record: MountRecord) -> None:

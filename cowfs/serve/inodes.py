@@ -36,10 +36,12 @@ import logging
 import os
 import stat
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pyfuse3
 
+from cowfs.serve.journal import Journal, NodeRecord
 from native import syscalls
 
 if TYPE_CHECKING:
@@ -136,6 +138,8 @@ class InodeTable:
         self._next_synthetic = _SYNTHETIC_BASE
         self.handles_work = True
         self.reopens = 0
+        # Where node ids are recorded for a successor on the same FUSE session.
+        self.journal: Journal | None = None
 
     def __len__(self) -> int:
         return len(self.by_nodeid)
@@ -218,8 +222,12 @@ class InodeTable:
     # -- the table ------------------------------------------------------
 
     def get(self, nodeid: int) -> Node:
-        """The node for a node id the kernel sent (it always names a live one)."""
-        return self.by_nodeid[nodeid]
+        """The node for a node id the kernel sent (a live one, unless a dead server's
+        successor could not take it over)."""
+        try:
+            return self.by_nodeid[nodeid]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
 
     def find(self, st: os.stat_result) -> Node | None:
         """The live node for a backing inode, if the kernel knows it."""
@@ -240,7 +248,59 @@ class InodeTable:
         self.by_nodeid[node.nodeid] = node
         self.by_key[node.key] = node
         self._admit(node)
+        if self.journal is not None:
+            self._journal(node)
+            if self.journal.needs_compaction(len(self.by_nodeid)):
+                self.journal.compact(self._journal_records())
         return node
+
+    # -- the journal (journal.py, resume.py) ------------------------------
+
+    def _journal(self, node: Node) -> None:
+        """Record what node stands for now, for a successor server."""
+        assert self.journal is not None
+        if node.handle is None:
+            try:
+                node.handle = syscalls.name_to_handle(node.fd)
+            except OSError:  # an inode no handle reaches: the successor cannot have it
+                return
+        parent = node.parent.nodeid if node.parent is not None else 0
+        self.journal.node(node.nodeid, parent, node.handle, node.name)
+
+    def _journal_records(self) -> Iterator[NodeRecord]:
+        seen: set[int] = set()
+        for known in list(self.by_nodeid.values()):
+            node: Node | None = known
+            while node is not None and node.nodeid not in seen:
+                seen.add(node.nodeid)
+                if node.handle is not None:
+                    parent = node.parent.nodeid if node.parent is not None else 0
+                    yield NodeRecord(node.nodeid, parent, node.handle, node.name)
+                node = node.parent  # kept for the link break even when forgotten
+
+    def resume(self, records: dict[int, NodeRecord]) -> int:
+        """Take over the node ids a dead server gave the kernel (resume.py); how many of
+        them could not be reopened (their inodes are gone: requests for them fail)."""
+        lost = 0
+        for record in records.values():
+            if record.nodeid == ROOT_NODEID:
+                continue
+            try:
+                fd = syscalls.open_by_handle(self.mount_fd, record.handle, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                lost += 1
+                continue
+            st = os.fstat(fd)
+            node = Node(self, record.nodeid, fd, st, None, record.name)
+            node.handle = record.handle
+            self.by_nodeid[node.nodeid] = node
+            self.by_key.setdefault(node.key, node)
+            self._admit(node)
+        for record in records.values():
+            resumed = self.by_nodeid.get(record.nodeid)
+            if resumed is not None and resumed is not self.root:
+                resumed.parent = self.by_nodeid.get(record.parent)
+        return lost
 
     def remember(self, fd: int, st: os.stat_result, parent: Node, name: bytes) -> Node:
         """The node for an inode just reached by (parent, name), its lookup count raised by one.
@@ -328,6 +388,8 @@ class InodeTable:
         else:
             self._admit(node)
         self.touch(node)
+        if self.journal is not None:
+            self._journal(node)
 
     def renamed(self, node: Node, parent: Node, name: bytes) -> None:
         """Record that node is now reached by (parent, name) (a lookup, a rename, a link).
@@ -336,9 +398,15 @@ class InodeTable:
         hard link the kernel still reaches it by.
         """
         if node.is_dir:
+            changed = node.parent is not parent
             node.parent, node.name = parent, None
+            if changed and self.journal is not None:
+                self._journal(node)
             return
         old_parent, old_name = node.parent, node.name
+        if self.journal is not None and (old_parent is not parent or old_name != name):
+            node.parent, node.name = parent, name
+            self._journal(node)
         if (
             old_parent is not None
             and old_name is not None

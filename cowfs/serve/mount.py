@@ -28,7 +28,7 @@ from cowfs.host import registry
 from cowfs.host.barrier import refuse_reachable
 from cowfs.host.paths import log_dir
 from cowfs.host.treelock import tree_lock
-from cowfs.serve import recovery
+from cowfs.serve import journal, recovery, resume
 from cowfs.serve.idmap import SAME_IDS, IdMap
 from native import syscalls
 
@@ -55,6 +55,7 @@ class MountOptions:
     io_uring: bool = True
     allow_reachable: bool = False  # serve a tree host users can reach (barrier.py): dangerous
     id_map: IdMap = SAME_IDS  # a user-namespaced guest's ids on the host (idmap.py)
+    resumable: bool = False  # keep a journal for a successor server (journal.py, resume.py)
 
 
 def default_log_file(mountpoint: str) -> Path:
@@ -134,8 +135,13 @@ def serve(
     options: MountOptions,
     log_file: str,
     ready: Callable[[str | None], None],
+    resume_fd: int | None = None,
 ) -> None:
-    """Serve backing at mountpoint until unmounted; ready(None) once mounted, else ready(error)."""
+    """Serve backing at mountpoint until unmounted; ready(None) once mounted, else ready(error).
+
+    resume_fd: the FUSE session of a server that died, to serve in its stead
+    (resume.py); the mount is there already.
+    """
     import pyfuse3
     import trio
 
@@ -173,6 +179,8 @@ def serve(
         # The kernel sets the connection's read-ahead from the INIT reply: raised
         # after it, and only then is the mount ready for its users.
         _raise_read_ahead(mountpoint)
+        if options.resumable and resume_fd is None:
+            resume.keep_init_request(mountpoint)
         try:
             ready(None)
         except OSError as e:  # the mount command is gone: the mount serves all the same
@@ -181,6 +189,18 @@ def serve(
     table = InodeTable(root_fd, _node_fd_budget(options.max_node_fds))
     acct = Accountant(ledger.policy)
     open_files = OpenFiles(table, acct)
+    if options.resumable:
+        journal_at = resume.journal_dir(mountpoint)
+        if resume_fd is not None:
+            lost_nodes = table.resume(journal.read_nodes(journal_at))
+            lost_files = open_files.resume(list(journal.read_files(journal_at)))
+            log.warning(
+                "resuming the session of a server that died: %d node ids and %d open files"
+                " could not be taken over",
+                lost_nodes,
+                lost_files,
+            )
+        table.journal = open_files.journal = journal.Journal(journal_at, fresh=resume_fd is None)
     workers = WorkerPool()
     # Disk reads, and writes that may wait, go to the kernel through io_uring
     # where it allows, else to the workers.
@@ -206,14 +226,22 @@ def serve(
     fuse_options |= {"allow_other", "suid", f"fsname={backing}", "subtype=cowfs"}
     fuse_options.add("dev" if options.allow_devices else "nodev")
     try:
-        pyfuse3.init(fs, mountpoint, fuse_options)
+        if resume_fd is None:
+            pyfuse3.init(fs, mountpoint, fuse_options)
+        else:
+            resume.init_session(fs, resume_fd, mountpoint, fuse_options)
     except RuntimeError as e:
         ready(f"mount of {mountpoint} failed: {e}")
-        recovery.mark_clean(root_fd)
+        if resume_fd is None:
+            recovery.mark_clean(root_fd)
         return
     registry.write_record(
-        registry.MountRecord(mountpoint, backing, os.getpid(), log_file, options.xid)
+        registry.MountRecord(
+            mountpoint, backing, os.getpid(), log_file, options.xid, resume.session_fd()
+        )
     )
+    if resume_fd is not None:
+        resume.resend_pending()
     log.info(
         "serving %s at %s (pid %d; disk reads by %s; private copies' data %s)",
         backing,
@@ -246,6 +274,8 @@ def serve(
 
             nursery.start_soon(stop_on_signal)
             nursery.start_soon(keep_books)
+            if resume_fd is not None:  # its INIT was replayed before the loop (resume.py)
+                trio.lowlevel.current_trio_token().run_sync_soon(initialized)
             nursery.start_soon(workers.serve)
             if ring is not None:
                 nursery.start_soon(ring.serve)
@@ -257,10 +287,14 @@ def serve(
         trio.run(run)
         clean = True
     finally:
+        # A server that failed leaves a resumable mount to its successor (resume.py).
         with contextlib.suppress(Exception):
-            pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=clean or not options.resumable)
         registry.remove_record(mountpoint)
         if clean:
+            if table.journal is not None:
+                table.journal.close()
+                resume.forget_journal(mountpoint)
             try:
                 ledger.sync(final=True)
             except sqlite3.Error as e:
@@ -357,6 +391,21 @@ def _mount_locked(
     return pid
 
 
+def serve_successor(
+    backing: str,
+    mountpoint: str,
+    options: MountOptions,
+    log_file: str,
+    session: int,
+    ready: Callable[[str | None], None],
+) -> None:
+    """Serve the FUSE session of a server that died (resume.py) in this process, a fresh
+    child whose fds are only its stdio, session and whatever ready writes to."""
+    _setup_logging(log_file, options.debug)
+    with tree_lock(backing, exclusive=True, role="backing tree"):
+        serve(backing, mountpoint, options, log_file, ready, resume_fd=session)
+
+
 def _detach_stdio() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -391,6 +440,7 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
     _reap_if_ours(record.pid, deadline)
     if registry.read_record(point) == record:  # its process died without withdrawing it
         registry.remove_record(point)
+        resume.forget_journal(point)
 
 
 def _reap_if_ours(pid: int, deadline: float) -> None:

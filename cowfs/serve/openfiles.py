@@ -11,11 +11,16 @@ inode until its last close, and so does the guest's usage.
 
 from __future__ import annotations
 
+import errno
 import os
+
+import pyfuse3
 
 from cowfs.accounting.accountant import Accountant
 from cowfs.serve.inodes import InodeTable, Node
+from cowfs.serve.journal import FileRecord, Journal
 from cowfs.tree.marks import fd_path
+from native import syscalls
 
 
 class OpenFile:
@@ -40,9 +45,14 @@ class OpenFiles:
         self._by_handle: dict[int, OpenFile] = {}
         self._of_node: dict[Node, set[OpenFile]] = {}
         self._orphans: set[Node] = set()
+        self.journal: Journal | None = None  # for a successor server (journal.py)
+        self._placeholders: set[int] = set()  # fds held for a dead server's lost files
 
     def __getitem__(self, fh: int) -> OpenFile:
-        return self._by_handle[fh]
+        try:
+            return self._by_handle[fh]
+        except KeyError:  # an open file a dead server's successor could not take over
+            raise pyfuse3.FUSEError(errno.EBADF) from None
 
     def get(self, fh: int | None) -> OpenFile | None:
         """The open file of handle fh, if there is one."""
@@ -53,11 +63,45 @@ class OpenFiles:
         handle = OpenFile(fd, node, flags, uid)
         self._by_handle[fd] = handle
         self._of_node.setdefault(node, set()).add(handle)
+        if self.journal is not None:
+            self.journal.opened(fd, node.nodeid, flags, uid)
         return handle
+
+    def resume(self, records: list[FileRecord]) -> int:
+        """Take over a dead server's open files (resume.py): each reopened from its node's
+        file handle at the fd number that is its file handle, where reserve_handles put a
+        placeholder; how many could not be (their placeholders stay, and fail every use)."""
+        lost = 0
+        for record in records:
+            node = self.table.by_nodeid.get(record.nodeid)
+            flags = record.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY)
+            try:
+                if node is None or node.handle is None:
+                    raise FileNotFoundError
+                fd = syscalls.open_by_handle(self.table.mount_fd, node.handle, flags | os.O_CLOEXEC)
+            except OSError:
+                lost += 1
+                self._placeholders.add(record.fh)
+                continue
+            os.dup2(fd, record.fh, inheritable=False)
+            os.close(fd)
+            handle = OpenFile(record.fh, node, record.flags, record.uid)
+            self._by_handle[record.fh] = handle
+            self._of_node.setdefault(node, set()).add(handle)
+        return lost
 
     def release(self, fh: int) -> None:
         """Close an open file; at a node's last close, credit it if it was an orphan."""
-        handle = self._by_handle.pop(fh)
+        handle = self._by_handle.pop(fh, None)
+        if handle is None:  # a dead server's file not taken over: its placeholder goes
+            if fh in self._placeholders:
+                self._placeholders.discard(fh)
+                if self.journal is not None:
+                    self.journal.released(fh)
+                os.close(fh)
+            return
+        if self.journal is not None:
+            self.journal.released(fh)
         handles = self._of_node.get(handle.node)
         if handles is not None:
             handles.discard(handle)

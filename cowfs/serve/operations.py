@@ -128,8 +128,13 @@ class CowFS(pyfuse3.Operations):
         # Called while the INIT request is answered: the kernel sets up the
         # connection (its read-ahead among it) when the reply is written, after
         # this returns, so after_init runs on the event loop's next pass.
-        if self.after_init is not None:
-            trio.lowlevel.current_trio_token().run_sync_soon(self.after_init)
+        if self.after_init is None:
+            return
+        try:
+            token = trio.lowlevel.current_trio_token()
+        except RuntimeError:  # a replayed INIT (resume.py): the server calls it itself
+            return
+        token.run_sync_soon(self.after_init)
 
     # -- helpers ----------------------------------------------------------
 
