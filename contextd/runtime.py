@@ -39,7 +39,7 @@ from cowfs.host import registry
 from cowfs.host.guests import Guest as CowfsGuest
 from cowfs.host.guests import set_disk_limits
 from cowfs.host.statedb import StateDB
-from cowfs.serve.mount import unmount
+from cowfs.serve.mount import abort_connection, unmount
 from native.syscalls import open_in_root
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,17 @@ class Runtime:
         timeout = config.stop_timeout if timeout is None else timeout
         if state is not None and runstate.is_running(state):
             self._ask_to_stop(config, state, timeout)
-        cgroup.kill_all()
+        mountpoint = state.mountpoint if state else str(run_dir() / "roots" / config.name)
+        aborted = False
+        try:
+            cgroup.kill_all(timeout=5)
+        except TimeoutError:
+            # Waiting for answers its root's FUSE server will never give: cut it off.
+            if not abort_connection(mountpoint):
+                raise
+            log.warning("guest %s: its root's FUSE connection aborted to end it", config.name)
+            aborted = True
+            cgroup.kill_all()
         if state is not None:
             with contextlib.suppress(ChildProcessError):  # ours if its supervisor died
                 os.waitpid(state.init_pid, os.WNOHANG)
@@ -320,7 +330,10 @@ class Runtime:
             if asked and record is not None:
                 record["stopped"] = True
                 runstate.save_exit(config.name, record)
-        mountpoint = state.mountpoint if state else str(run_dir() / "roots" / config.name)
+        if aborted:  # a server that hung: it would not notice the unmount
+            for pid in cgroup.fuse_server_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         if os.path.realpath(mountpoint) in registry.mounted_points():
             for _ in range(100):
                 try:

@@ -3,6 +3,7 @@ restarted as its policy says; each verb answers in one line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -219,3 +220,53 @@ def test_a_fuse_server_that_keeps_dying_ends_its_guest(ctx: Contextd, guest_tree
     status = guest_status(ctx, "doomed")
     assert status["state"] == "failed"
     assert status["last_end"].startswith("its cowfs server died 6 times within 60 s"), status
+
+
+def test_requests_in_flight_are_answered_by_the_successor(ctx: Contextd, guest_tree: Path) -> None:
+    _started(ctx, guest_tree, "flight")
+    # An fsync of much dirty data: the server is at it (in a worker thread) when it dies.
+    ctx(
+        "exec",
+        "flight",
+        "--",
+        "/bin/sh",
+        "-c",
+        "(dd if=/dev/zero of=/root/out bs=1M count=400 2>/dev/null && touch /root/written"
+        " && sync /root/out && touch /root/synced) > /dev/null 2>&1 &",
+    )
+    assert wait_for(lambda: _guest_file(ctx, "flight", "/root/written").exists(), 60)
+    time.sleep(0.05)
+    os.kill(fuse_server_of("flight"), signal.SIGKILL)
+    assert not _guest_file(ctx, "flight", "/root/synced").exists()  # (it was in flight)
+    assert wait_for(lambda: _replacements(ctx, "flight") == 1, 20), ctx.log()
+    assert wait_for(lambda: _guest_file(ctx, "flight", "/root/synced").exists(), 60), ctx.log()
+    out = _guest_file(ctx, "flight", "/root/out").read_bytes()
+    assert len(out) == 400 << 20 and out.count(0) == len(out)
+
+
+def test_a_hung_fuse_server_does_not_keep_its_guest_from_stopping(
+    ctx: Contextd, guest_tree: Path
+) -> None:
+    _started(ctx, guest_tree, "hung")
+    ctx(
+        "exec",
+        "hung",
+        "--",
+        "/bin/sh",
+        "-c",
+        "(dd if=/dev/zero of=/root/out bs=1M count=400 2>/dev/null && touch /root/written"
+        " && sync /root/out && touch /root/synced) > /dev/null 2>&1 &",
+    )
+    assert wait_for(lambda: _guest_file(ctx, "hung", "/root/written").exists(), 60)
+    time.sleep(0.05)
+    server = fuse_server_of("hung")
+    os.kill(server, signal.SIGSTOP)  # with the fsync in its hands: its caller cannot be killed
+    try:
+        assert not _guest_file(ctx, "hung", "/root/synced").exists()
+        ctx("stop", "hung", "--timeout", "1")
+        assert left_behind("hung", ctx) == []
+        assert not Path(f"/proc/{server}").exists()
+        assert "FUSE connection aborted" in ctx.log()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)

@@ -443,6 +443,28 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
         resume.forget_journal(point)
 
 
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def abort_connection(mountpoint: str) -> bool:
+    """Abort the FUSE connection of the cowfs mount at mountpoint, as a last resort: every
+    request waiting on it fails with ENOTCONN (its waiters can then be killed); False if
+    there is no such mount."""
+    point = os.path.realpath(mountpoint)
+    if registry.mounted_points().get(point) != registry.FSTYPE:
+        return False
+    minor = registry.device_of(point).split(":")[1]
+    if not (FUSECTL / minor).exists():
+        with contextlib.suppress(OSError):  # mounted already, or no fusectl
+            syscalls.mount("fusectl", str(FUSECTL), "fusectl", 0, None)
+    try:
+        (FUSECTL / minor / "abort").write_text("1")
+    except OSError as e:
+        log.error("could not abort the FUSE connection of %s: %s", mountpoint, e)
+        return False
+    return True
+
+
 def _reap_if_ours(pid: int, deadline: float) -> None:
     """Reap the ended FUSE process where it became our child (contextd is a subreaper).
 
