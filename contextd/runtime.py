@@ -66,6 +66,12 @@ class _Undo:
                 log.error("undo %s failed: %s", what, e)
 
 
+def half_started(config: GuestConfig) -> bool:
+    """True if some of a guest's start is there (its cgroup, its root mounted)."""
+    mountpoint = os.path.realpath(run_dir() / "roots" / config.name)
+    return Cgroup(config.name).exists() or mountpoint in registry.mounted_points()
+
+
 def _apply_disk_limits(config: GuestConfig) -> None:
     """The configuration's disk limits into cowfs's books (the reserve stays as set there)."""
     limits = config.limits
@@ -306,7 +312,7 @@ class Runtime:
         then recorded as a stop, not a failure), else cleaning up after a guest that ended."""
         state = runstate.load(config.name)
         cgroup = Cgroup(config.name)
-        if state is None and not cgroup.exists():
+        if state is None and not half_started(config):
             raise GuestError(f"guest {config.name} is not running")
         timeout = config.stop_timeout if timeout is None else timeout
         if state is not None and runstate.is_running(state):

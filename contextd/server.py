@@ -391,6 +391,14 @@ def adopt_or_clean(
             Cgroup(state.name).remove()
             runstate.drop(state.name)
         _event("cleaned up after a guest that died", guest=state.name)
+    for name, config in all_configs.items():
+        if runstate.load(name) is None and runtime.half_started(config):
+            # A start cut short by our own death, before its run state was saved.
+            try:
+                guests.stop(config, timeout=0, asked=False)
+            except CowfsError as e:
+                log.error("cleaning up %s: %s", name, e)
+            _event("cleaned up after a start that was cut short", guest=name)
     return ended
 
 

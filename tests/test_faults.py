@@ -7,10 +7,12 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 from contextd_harness import (
+    CONTEXTD,
     SLEEPER,
     Contextd,
     fuse_server_of,
@@ -270,3 +272,79 @@ def test_a_hung_fuse_server_does_not_keep_its_guest_from_stopping(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(server, signal.SIGKILL)
+
+
+def _making_a_copy(server: int) -> bool:
+    """True while the server has an unnamed private copy (O_TMPFILE) open."""
+    for fd in Path(f"/proc/{server}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if "/#" in os.readlink(fd):
+                return True
+    return False
+
+
+def test_a_link_break_cut_short_by_the_servers_death_is_done_again(
+    ctx: Contextd, guest_tree: Path
+) -> None:
+    shared = guest_tree / "srv" / "big"
+    shared.parent.mkdir()
+    with shared.open("wb") as f:
+        for _ in range(64):
+            f.write(b"\x01" * (4 << 20))
+    ctx("create", "breaker", "--from", str(guest_tree), "--init", SLEEPER)
+    assert _guest_file(ctx, "breaker", "/srv/big").stat().st_ino == shared.stat().st_ino
+    ctx("start", "breaker")
+    # The append's open breaks the link: a 256 MiB copy, under way when the server dies.
+    server = fuse_server_of("breaker")
+    ctx("exec", "breaker", "--", "/bin/sh", "-c", "(echo tail >> /srv/big; touch /done) &")
+    assert wait_for(lambda: _making_a_copy(server), 10)
+    os.kill(server, signal.SIGKILL)
+    assert not _guest_file(ctx, "breaker", "/done").exists()  # (it was under way)
+    assert wait_for(lambda: _replacements(ctx, "breaker") == 1, 30), ctx.log()
+    assert wait_for(lambda: _guest_file(ctx, "breaker", "/done").exists(), 60), ctx.log()
+    private = _guest_file(ctx, "breaker", "/srv/big")
+    assert private.stat().st_ino != shared.stat().st_ino
+    assert private.stat().st_size == (256 << 20) + 5
+    with private.open("rb") as f:
+        f.seek(256 << 20)
+        assert f.read() == b"tail\n"
+    assert shared.stat().st_size == 256 << 20  # the template never saw it
+    leftovers = [p.name for p in private.parent.iterdir() if p.name != "big"]
+    assert leftovers == []
+
+
+def test_a_daemon_killed_during_start_or_stop_leaves_a_guest_that_works(
+    ctx: Contextd, guest_tree: Path
+) -> None:
+    ctx("create", "torn", "--from", str(guest_tree), "--init", SLEEPER)
+    for delay in (0.02, 0.1, 0.2, 0.3, 0.45):
+        for verb in ("start", "stop"):
+            running = guest_status(ctx, "torn")["state"] == "running"
+            if (verb == "start") == running:
+                continue
+            args = [verb, "torn"] + (["--timeout", "0.1"] if verb == "stop" else [])
+            client = subprocess.Popen(
+                [CONTEXTD, *args],
+                env=ctx.env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(delay)
+            ctx.kill(signal.SIGKILL)
+            client.wait(timeout=30)
+            ctx.serve()
+            # Adopted, or cleaned up after: never half there.
+            state = guest_status(ctx, "torn")["state"]
+            if state == "running":
+                assert ctx("exec", "torn", "--", "/bin/echo", "ok").stdout == "ok\n"
+            else:
+                assert wait_for(lambda: left_behind("torn", ctx) == [], 10), (
+                    delay,
+                    verb,
+                    left_behind("torn", ctx),
+                )
+    ctx("stop", "torn", check=False)
+    ctx("start", "torn")
+    assert ctx("exec", "torn", "--", "/bin/echo", "ok").stdout == "ok\n"
+    ctx("stop", "torn")
+    assert left_behind("torn", ctx) == []
