@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -348,3 +349,42 @@ def test_a_daemon_killed_during_start_or_stop_leaves_a_guest_that_works(
     assert ctx("exec", "torn", "--", "/bin/echo", "ok").stdout == "ok\n"
     ctx("stop", "torn")
     assert left_behind("torn", ctx) == []
+
+
+def test_a_locked_state_database_holds_up_no_guest(ctx: Contextd, guest_tree: Path) -> None:
+    _started(ctx, guest_tree, "booked")
+    database = ctx.base / "cowfs" / "state.db"
+    before = _usage_inodes(database, ctx)
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # as a stuck admin's sqlite3 shell would
+    try:
+        # Past two of the server's book-keeping rounds (every 5 s): the guest works on.
+        deadline = time.monotonic() + 11
+        rounds = 0
+        longest = 0.0
+        while time.monotonic() < deadline:
+            began = time.monotonic()
+            ctx("exec", "booked", "--", "/bin/sh", "-c", f"echo {rounds} > /root/r{rounds}")
+            longest = max(longest, time.monotonic() - began)
+            rounds += 1
+            time.sleep(0.3)
+        # (a server that waited for the lock would stall its guest for sqlite's 30 s)
+        assert longest < 10, longest
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert _guest_file(ctx, "booked", f"/root/r{rounds - 1}").read_text() == f"{rounds - 1}\n"
+    # and the books catch up once the lock is gone
+    assert wait_for(lambda: _usage_inodes(database, ctx) >= before + rounds, 15)
+    ctx("stop", "booked")
+    assert left_behind("booked", ctx) == []
+
+
+def _usage_inodes(database: Path, ctx: Contextd) -> int:
+    root = str(ctx.base / "cowfs" / "guests" / "booked")
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        row = db.execute(
+            "SELECT u.inodes FROM usage u JOIN guests g ON g.id = u.guest_id WHERE g.path = ?",
+            (root,),
+        ).fetchone()
+    return int(row[0]) if row else 0

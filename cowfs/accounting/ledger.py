@@ -11,13 +11,15 @@ unmount marks the usage exact.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 from cowfs.accounting.limits import DiskPolicy
-from cowfs.accounting.usage import Usage, scan
-from cowfs.host.statedb import StateDB, UsageRow
+from cowfs.accounting.usage import OwnerKey, Usage, scan
+from cowfs.host.statedb import LimitRow, QuotaRow, StateDB, UsageRow
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,17 @@ def load_usage(db: StateDB, guest_id: int, backing: str, crashed: bool) -> Usage
     return usage
 
 
+@dataclass
+class Snapshot:
+    """The books at one moment, to be written."""
+
+    usage: UsageRow
+    owners: dict[OwnerKey, tuple[int, int]]
+    own_marked: set[tuple[int, int]] | None
+    hits: Counter[str]
+    grace: list[QuotaRow] | None
+
+
 class GuestLedger:
     """The link between a mounted guest's live usage and the state database."""
 
@@ -60,6 +73,10 @@ class GuestLedger:
 
     def sync(self, final: bool) -> None:
         """Write usage, hits and grace clocks; reload limits and quotas."""
+        self.apply(self.store(self.snapshot(final)))
+
+    def snapshot(self, final: bool) -> Snapshot:
+        """What sync writes, copied (in the serving thread: the counters move on meanwhile)."""
         policy = self.policy
         usage = policy.usage
         row = UsageRow(
@@ -71,23 +88,35 @@ class GuestLedger:
             updated=time.time(),
         )
         # The own marked inodes change seldom (a guest drops one): written when they did.
-        own_marked = usage.own_marked if usage.own_marked != self._own_marked_written else None
-        self.db.write_usage(self.guest_id, row, usage.owner_table(), own_marked)
-        if own_marked is not None:
-            self._own_marked_written = set(own_marked)
-        new_hits = policy.hits - self._hits_written
+        own_marked = set(usage.own_marked) if usage.own_marked != self._own_marked_written else None
+        grace = None
+        if policy.grace_changed:
+            grace = [copy.copy(q) for q in policy.quotas.values()]
+            policy.grace_changed = False
+        return Snapshot(row, usage.owner_table(), own_marked, Counter(policy.hits), grace)
+
+    def store(self, snap: Snapshot) -> tuple[LimitRow, list[QuotaRow]]:
+        """Write a snapshot; the limits and quotas stored now. Database work only: it may
+        run in a worker thread (a locked database then holds up no request)."""
+        self.db.write_usage(self.guest_id, snap.usage, snap.owners, snap.own_marked)
+        if snap.own_marked is not None:
+            self._own_marked_written = snap.own_marked
+        new_hits = snap.hits - self._hits_written
         if new_hits:
             self.db.add_hits(self.guest_id, dict(new_hits))
-            self._hits_written = Counter(policy.hits)
-        if policy.grace_changed:
-            self.db.write_grace(self.guest_id, list(policy.quotas.values()))
-            policy.grace_changed = False
-        quotas = self.db.quotas(self.guest_id)
+            self._hits_written = snap.hits
+        if snap.grace is not None:
+            self.db.write_grace(self.guest_id, snap.grace)
+        return self.db.limits(self.guest_id), self.db.quotas(self.guest_id)
+
+    def apply(self, stored: tuple[LimitRow, list[QuotaRow]]) -> None:
+        """Take up the limits and quotas store() read (in the serving thread)."""
+        limits, quotas = stored
         # The database's grace clocks are only written by this process while it runs.
-        live = {(q.kind, q.owner): q for q in policy.quotas.values()}
+        live = {(q.kind, q.owner): q for q in self.policy.quotas.values()}
         for quota in quotas:
             if (quota.kind, quota.owner) in live:
                 old = live[(quota.kind, quota.owner)]
                 quota.space_over_since = old.space_over_since
                 quota.inodes_over_since = old.inodes_over_since
-        policy.reload(self.db.limits(self.guest_id), quotas)
+        self.policy.reload(limits, quotas)

@@ -195,7 +195,10 @@ class StateDB:
         self.path = path or default_path()
         make_private_dirs(self.path.parent)
         create_private_file(self.path)  # before sqlite makes it 0644; its WAL and SHM follow
-        self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        # (a mount's books are written from a worker thread, one call at a time)
+        self.conn = sqlite3.connect(
+            self.path, timeout=30, isolation_level=None, check_same_thread=False
+        )
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA foreign_keys=ON")

@@ -267,10 +267,16 @@ def serve(
                     while True:
                         with trio.move_on_after(SYNC_INTERVAL):
                             await hangups.__anext__()
+                        # The database work in a thread: a database locked by
+                        # another process holds up the books, never the guest.
+                        snapshot = ledger.snapshot(final=False)
                         try:
-                            ledger.sync(final=False)
+                            stored = await trio.to_thread.run_sync(ledger.store, snapshot)
                         except sqlite3.Error as e:
                             log.error("state database: %s", e)
+                            ledger.policy.grace_changed |= snapshot.grace is not None
+                            continue
+                        ledger.apply(stored)
 
             nursery.start_soon(stop_on_signal)
             nursery.start_soon(keep_books)
