@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from conftest import run
 from contextd_harness import (
     CONTEXTD,
     SLEEPER,
@@ -19,6 +20,7 @@ from contextd_harness import (
     fuse_server_of,
     guest_status,
     left_behind,
+    running_contextd,
     wait_for,
 )
 
@@ -388,3 +390,53 @@ def _usage_inodes(database: Path, ctx: Contextd) -> int:
             (root,),
         ).fetchone()
     return int(row[0]) if row else 0
+
+
+def test_a_full_backing_filesystem_is_enospc_inside_and_nothing_worse(
+    tmp_path: Path, busybox_template: Path
+) -> None:
+    image = tmp_path / "small.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    run("mkfs.ext4", "-q", "-F", "-E", "nodiscard", image)
+    base = tmp_path / "contextd"
+    small = base / "cowfs"  # the guests' roots and the state database: the daemon's COWFS_ROOT
+    small.mkdir(parents=True)
+    run("mount", "-o", "loop", image, small)
+    try:
+        template = small / "template"
+        run("cp", "-a", busybox_template, template)
+        (template / "srv").mkdir()
+        (template / "srv" / "data").write_bytes(b"d" * (1 << 20))
+        with running_contextd(base) as ctx:
+            _started(ctx, template, "full")
+            ctx("exec", "full", "--", "/bin/sh", "-c", "echo kept > /root/kept")
+            # The host's filesystem fills up (not a guest limit: none is set).
+            filled = ctx(
+                "exec",
+                "full",
+                "--",
+                "/bin/dd",
+                "if=/dev/zero",
+                "of=/root/fill",
+                "bs=1M",
+                check=False,
+            )
+            assert filled.returncode != 0 and "No space left on device" in filled.stderr
+            # A link break that needs room fails the same way and changes nothing.
+            broken = ctx("exec", "full", "--", "/bin/sh", "-c", "echo x >> /srv/data", check=False)
+            assert broken.returncode != 0 and "No space left on device" in broken.stderr
+            assert (template / "srv" / "data").read_bytes() == b"d" * (1 << 20)
+            shared = (template / "srv" / "data").stat().st_ino
+            assert _guest_file(ctx, "full", "/srv/data").stat().st_ino == shared
+            # The guest, its server and the daemon go on; the books too, once there is room.
+            assert guest_status(ctx, "full")["state"] == "running"
+            assert ctx("exec", "full", "--", "/bin/cat", "/root/kept").stdout == "kept\n"
+            ctx("exec", "full", "--", "/bin/rm", "/root/fill")
+            ctx("exec", "full", "--", "/bin/sh", "-c", "echo more > /root/more")
+            assert _guest_file(ctx, "full", "/root/more").read_text() == "more\n"
+            assert _replacements(ctx, "full") == 0
+            ctx("stop", "full")
+            assert left_behind("full", ctx) == []
+    finally:
+        run("umount", "-l", small, check=False)
