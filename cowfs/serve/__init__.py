@@ -12,6 +12,8 @@
   private copy reaches the disk before it replaces the shared file.
 - workers, uring: blocking I/O off the trio loop (threads, io_uring).
 - recovery: the dirty mark and the sweep of a crashed mount's leftovers.
+- journal, resume: what a server leaves for a successor on the same FUSE session,
+  and the successor's start (contextd replaces a guest's server that died).
 
 Policy (what a write may allocate, what it costs) is cowfs.accounting's.
 """
