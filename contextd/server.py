@@ -30,7 +30,7 @@ import trio
 from contextd import config as configs
 from contextd import procfs, restarts, runstate, runtime
 from contextd.cgroups import Cgroup
-from contextd.paths import socket_path
+from contextd.paths import run_dir, socket_path
 from cowfs.errors import CowfsError
 from cowfs.host.paths import state_root
 from cowfs.host.treelock import remove_tree
@@ -449,6 +449,7 @@ async def serve(config_dir: Path, task_status: Any = trio.TASK_STATUS_IGNORED) -
                     await daemon.handle({"verb": "start", "name": config.name})
                 except CowfsError as e:
                     log.error("autostart of %s failed: %s", config.name, e)
+        run_dir()  # made root's alone
         path = socket_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.unlink(missing_ok=True)

@@ -512,3 +512,39 @@ def test_install_makes_and_repairs_the_host_layout(open_dir: Path) -> None:
     run(ROOT / "tools" / "install.sh", env=env)
     assert _modes(root) == {".": "0700", "guests": "0700", "store": "0700", "state.db": "0600"}
     assert {(root / n).stat().st_uid for n in ("", "guests", "store", "state.db")} == {0}
+
+
+def test_the_run_and_log_directories_are_root_only(open_dir: Path) -> None:
+    """Mount records name guests' trees, a successor server trusts its session journal,
+    mount logs name guests' files: a host user can reach none of them."""
+    root = open_dir / "layout"
+    env = {
+        **os.environ,
+        "COWFS_ROOT": str(root),
+        "COWFS_RUN_DIR": str(open_dir / "run"),
+        "COWFS_LOG_DIR": str(open_dir / "log"),
+    }
+    (open_dir / "run").mkdir(mode=0o777)  # opened, as a umask of 0 once made it
+    os.chmod(open_dir / "run", 0o777)
+    (open_dir / "run" / "mounts").mkdir(mode=0o777)
+    os.chmod(open_dir / "run" / "mounts", 0o777)
+    assert _in_layout(root, "limit", "show").returncode == 0
+    backing = _tree(root / "guests" / "g")
+    mountpoint = root / "mnt"
+    mountpoint.mkdir()
+    done = run(COWFS, "mount", backing, mountpoint, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    try:
+        for directory in ("run", "log"):
+            assert stat.S_IMODE((open_dir / directory).stat().st_mode) == 0o700
+        records = list((open_dir / "run" / "mounts").glob("*.json"))
+        assert len(records) == 1
+        assert _can_stat(NOBODY, NOBODY, records[0]) == "EACCES"
+        assert _can_stat(NOBODY, NOBODY, open_dir / "log") == "ok"
+        assert _can_stat(NOBODY, NOBODY, next((open_dir / "log").iterdir())) == "EACCES"
+    finally:
+        run(COWFS, "umount", mountpoint, env=env, check=False)
+    os.chown(open_dir / "run", 1000, 1000)
+    refused = run(COWFS, "mount", backing, mountpoint, env=env, check=False)
+    assert refused.returncode == 1
+    assert f"{open_dir / 'run'}: owned by uid 1000" in refused.stderr

@@ -180,6 +180,19 @@ def _repair(path: Path, mode: int) -> str | None:
     return f"{real} was mode {old:04o}, now {mode:04o}"
 
 
+def secure_private_dir(directory: Path) -> list[str]:
+    """Make directory (created if missing) root's alone, mode 0700; the repairs made.
+
+    For cowfs's run and log directories: their records name guests' trees, and a
+    mount's successor trusts its session journal (cowfs.serve.journal) there.
+    Refused (CowfsError): a directory owned by another user.
+    """
+    _owned_by_root(directory)
+    make_private_dirs(directory)
+    repaired = _repair(directory, 0o700)
+    return [repaired] if repaired else []
+
+
 def secure_host_layout(root: Path) -> list[str]:
     """Make the host layout under root reachable by root only; the repairs made.
 

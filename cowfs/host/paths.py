@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cowfs.host.barrier import secure_host_layout
+from cowfs.host.barrier import secure_host_layout, secure_private_dir
 
 _secured: set[Path] = set()
 
@@ -25,10 +25,23 @@ def state_root() -> Path:
 
 
 def run_dir() -> Path:
-    """Runtime records of live mounts (COWFS_RUN_DIR overrides /run/cowfs)."""
-    return Path(os.environ.get("COWFS_RUN_DIR", "/run/cowfs"))
+    """Runtime records of live mounts and their session journals (COWFS_RUN_DIR overrides
+    /run/cowfs); root's alone (barrier.secure_private_dir), like the layout."""
+    return _private(Path(os.environ.get("COWFS_RUN_DIR", "/run/cowfs")))
 
 
 def log_dir() -> Path:
-    """Where mount daemons write their logs (COWFS_LOG_DIR overrides /var/log/cowfs)."""
-    return Path(os.environ.get("COWFS_LOG_DIR", "/var/log/cowfs"))
+    """Where mount daemons write their logs (COWFS_LOG_DIR overrides /var/log/cowfs); root's
+    alone: they name guests' files."""
+    return _private(Path(os.environ.get("COWFS_LOG_DIR", "/var/log/cowfs")))
+
+
+def _private(directory: Path) -> Path:
+    if directory not in _secured:
+        repairs = secure_private_dir(directory)
+        if repairs:
+            import logging
+
+            logging.getLogger(__name__).warning("made private: %s", "; ".join(repairs))
+        _secured.add(directory)
+    return directory

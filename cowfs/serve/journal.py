@@ -30,6 +30,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cowfs.host.barrier import make_private_dirs
+
 log = logging.getLogger(__name__)
 
 _NODE = struct.Struct("<QQHH")  # nodeid, parent's nodeid (0: none), len(handle), len(name)
@@ -66,7 +68,7 @@ class Journal:
     """The writing side, kept by the serving process."""
 
     def __init__(self, directory: Path, fresh: bool):
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(directory)
         self.directory = directory
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if fresh else 0)
         self._nodes = os.open(directory / "nodes", flags | os.O_APPEND, 0o600)
