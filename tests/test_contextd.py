@@ -226,7 +226,10 @@ def test_autostart(ctx: Contextd, guest_tree: Path) -> None:
 def test_socket_is_root_only(ctx: Contextd) -> None:
     sock = ctx.base / "run" / "contextd.sock"
     assert oct(sock.stat().st_mode & 0o777) == "0o600"
-    os.chmod(sock, 0o666)  # even if the mode allowed it, the peer check refuses
+    assert oct(sock.parent.stat().st_mode & 0o777) == "0o700"
+    # even if the modes allowed it, the peer check refuses
+    os.chmod(sock, 0o666)
+    os.chmod(sock.parent, 0o711)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # a non-root client
@@ -248,6 +251,7 @@ def test_socket_is_root_only(ctx: Contextd) -> None:
     os.waitpid(pid, 0)
     answer = os.read(read_end, 4096)
     os.chmod(sock, 0o600)
+    os.chmod(sock.parent, 0o700)
     assert json.loads(answer) == {"ok": False, "error": "contextd serves root only"}
 
 
@@ -535,3 +539,13 @@ def test_a_user_namespaced_guest_is_root_inside_and_nobody_outside(
     # ns2's bad file keeps ns2 from starting, not ns from being stopped.
     ctx("stop", "ns")
     assert left_behind("ns", ctx) == []
+
+
+def test_records_and_consoles_are_root_only(ctx: Contextd, guest_tree: Path) -> None:
+    # exit records keep the last lines of a guest's console, as its log does
+    ctx("create", "quiet", "--from", str(guest_tree), "--init", "/bin/sh -c 'sleep 1; exit 3'")
+    ctx("start", "quiet")
+    assert wait_for(lambda: guest_status(ctx, "quiet")["state"] == "failed", 10)
+    assert (ctx.base / "run" / "guests" / "quiet.exit.json").exists()
+    for directory in ("run", "log"):
+        assert (ctx.base / directory).stat().st_mode & 0o777 == 0o700, directory
