@@ -70,7 +70,7 @@ class Daemon:
 
     def watch(self, state: runstate.RunState) -> None:
         """Notice at once when the guest's init ends (its supervisor does then)."""
-        self.nursery.start_soon(self._watch, state)
+        self.nursery.start_soon(_guarded, self._watch, state)
 
     async def _watch(self, state: runstate.RunState) -> None:
         name = state.name
@@ -139,7 +139,7 @@ class Daemon:
         deleted it meanwhile (_cancel_restart)."""
         scope = trio.CancelScope()
         self.pending_restarts[name] = scope
-        self.nursery.start_soon(self._restart, name, delay, recent, scope, event)
+        self.nursery.start_soon(_guarded, self._restart, name, delay, recent, scope, event)
 
     async def _restart(
         self, name: str, delay: float, recent: list[float], scope: trio.CancelScope, event: str
@@ -336,6 +336,14 @@ class Daemon:
         return {}
 
 
+async def _guarded(task: Callable[..., Awaitable[None]], *args: Any) -> None:
+    """Run a background task of the daemon; a bug in it is logged, not the daemon's end."""
+    try:
+        await task(*args)
+    except Exception:
+        log.exception("%s failed", getattr(task, "__name__", task))
+
+
 def _peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
@@ -362,6 +370,10 @@ async def _serve_client(daemon: Daemon, stream: Any) -> None:
             message = str(e) if not isinstance(e, KeyError) else f"missing {e}"
             answer = {"ok": False, "error": message}
             _event("request failed", request=buffer.decode(errors="replace").strip(), error=message)
+        except Exception as e:  # a bug: said in one line, logged whole; the daemon goes on
+            message = f"internal error ({type(e).__name__}: {e}); see the daemon's log"
+            answer = {"ok": False, "error": message}
+            log.exception("request failed: %s", buffer.decode(errors="replace").strip())
         await stream.send_all(json.dumps(answer).encode() + b"\n")
 
 

@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from conftest import run
 from contextd_harness import (
     CONTEXTD,
@@ -440,3 +441,19 @@ def test_a_full_backing_filesystem_is_enospc_inside_and_nothing_worse(
             assert left_behind("full", ctx) == []
     finally:
         run("umount", "-l", small, check=False)
+
+
+def test_a_fuse_server_killed_for_memory_is_replaced(ctx: Contextd, guest_tree: Path) -> None:
+    if not Path("/sys/fs/cgroup/memory/cgroup.procs").exists():
+        pytest.skip("needs the cgroup v1 memory hierarchy (this host has none)")
+    _started(ctx, guest_tree, "squeezed", limits={"memory": "96M"})
+    ctx("exec", "squeezed", "--", "/bin/sh", "-c", "echo kept > /root/kept")
+    server = fuse_server_of("squeezed")
+    # The guest's memory runs out; the OOM killer is made to pick the server first.
+    Path(f"/proc/{server}/oom_score_adj").write_text("1000")
+    ctx("exec", "squeezed", "--", "/bin/sh", "-c", "(x=y; while :; do x=$x$x; done) &")
+    assert wait_for(lambda: not Path(f"/proc/{server}").exists(), 30)
+    assert wait_for(lambda: _replacements(ctx, "squeezed") >= 1, 30), ctx.log()
+    status = guest_status(ctx, "squeezed")
+    assert status["state"] == "running" and status["limit_hits"].get("memory", 0) >= 1
+    assert ctx("exec", "squeezed", "--", "/bin/cat", "/root/kept").stdout == "kept\n"
