@@ -364,6 +364,8 @@ class InodeTable:
         """
         if self.by_nodeid.get(node.nodeid) is node:
             del self.by_nodeid[node.nodeid]
+            if self.journal is not None:
+                self.journal.forgotten(node.nodeid)
         if self.by_key.get(node.key) is node:
             del self.by_key[node.key]
         if node._fd < 0 or node.pins:

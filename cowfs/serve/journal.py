@@ -9,11 +9,11 @@ gave it; the new server must know what each stands for. The journal says so:
 * ``nodes``: an append-only log of the node ids the kernel was given, each
   with the backing inode's file handle (name_to_handle_at) and the (parent,
   name) it was last reached by, which a link break needs; a rename, a new
-  link or a link break appends the node again. When the log has grown to
+  link or a link break appends the node again, a forget a record without a
+  handle. When the log has grown to
   several times the table, it is rewritten from the table (``compact``).
-* ``files``: one fixed-size slot per file handle (a file handle is the
-  backing fd's number): the node, open flags and opener of each open file,
-  zeroed at its release.
+* ``files``: one fixed-size slot per backing fd of an open file: its file
+  handle (openfiles.py), node, open flags and opener, zeroed at its release.
 
 Both live in the run directory (a tmpfs, root only): they need to outlive the
 server, not the host. Writes are plain write(2)s to a tmpfs, a few
@@ -35,7 +35,7 @@ from cowfs.host.barrier import make_private_dirs
 log = logging.getLogger(__name__)
 
 _NODE = struct.Struct("<QQHH")  # nodeid, parent's nodeid (0: none), len(handle), len(name)
-_FILE = struct.Struct("<QQII")  # nodeid (0: free slot), open flags, opener's uid, (padding)
+_FILE = struct.Struct("<QQQI4x")  # file handle, nodeid (0: free slot), open flags, opener
 _COMPACT_FLOOR = 1 << 16  # records written before a compaction is considered
 
 
@@ -51,8 +51,10 @@ class NodeRecord:
 
 @dataclass
 class FileRecord:
-    """An open file (its handle is the slot's number) as the last server knew it."""
+    """An open file as the last server knew it: its backing fd (the slot's number) and
+    file handle (openfiles.py)."""
 
+    fd: int
     fh: int
     nodeid: int
     flags: int
@@ -84,6 +86,11 @@ class Journal:
         os.write(self._nodes, _pack_node(nodeid, parent, handle, name))
         self._written += 1
 
+    def forgotten(self, nodeid: int) -> None:
+        """Record that the kernel no longer knows node id (a record without a handle)."""
+        os.write(self._nodes, _pack_node(nodeid, 0, b"", None))
+        self._written += 1
+
     def needs_compaction(self, live: int) -> bool:
         """True if the log holds many more records than the table has nodes."""
         return self._written > max(_COMPACT_FLOOR, 4 * live)
@@ -109,11 +116,11 @@ class Journal:
         self._nodes = os.open(self.directory / "nodes", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self._written = count
 
-    def opened(self, fh: int, nodeid: int, flags: int, uid: int) -> None:
-        os.pwrite(self._files, _FILE.pack(nodeid, flags, uid, 0), fh * _FILE.size)
+    def opened(self, fd: int, fh: int, nodeid: int, flags: int, uid: int) -> None:
+        os.pwrite(self._files, _FILE.pack(fh, nodeid, flags, uid), fd * _FILE.size)
 
-    def released(self, fh: int) -> None:
-        os.pwrite(self._files, bytes(_FILE.size), fh * _FILE.size)
+    def released(self, fd: int) -> None:
+        os.pwrite(self._files, bytes(_FILE.size), fd * _FILE.size)
 
 
 def _pack_node(nodeid: int, parent: int, handle: bytes, name: bytes | None) -> bytes:
@@ -136,7 +143,10 @@ def read_nodes(directory: Path) -> dict[int, NodeRecord]:
             break
         handle = data[offset + _NODE.size : offset + _NODE.size + handle_len]
         name = data[offset + _NODE.size + handle_len : end] or None
-        nodes[nodeid] = NodeRecord(nodeid, parent, handle, name)
+        if handle:
+            nodes[nodeid] = NodeRecord(nodeid, parent, handle, name)
+        else:  # forgotten
+            nodes.pop(nodeid, None)
         offset = end
     return nodes
 
@@ -148,6 +158,6 @@ def read_files(directory: Path) -> Iterator[FileRecord]:
     except FileNotFoundError:
         return
     for slot in range(len(data) // _FILE.size):
-        nodeid, flags, uid, _ = _FILE.unpack_from(data, slot * _FILE.size)
+        fh, nodeid, flags, uid = _FILE.unpack_from(data, slot * _FILE.size)
         if nodeid:
-            yield FileRecord(slot, nodeid, flags, uid)
+            yield FileRecord(slot, fh, nodeid, flags, uid)

@@ -1,4 +1,9 @@
-"""The guest's open files: each FUSE file handle is the backing fd it reads and writes.
+"""The guest's open files: each FUSE file handle names the backing fd it reads and writes.
+
+A file handle is the fd's number in its low 32 bits (pyfuse3's patched read
+path uses them as the fd) and this server's generation (its pid) above: a
+request a dead server had done but not answered, resent to its successor
+(resume.py), cannot name a file the successor opened at the same fd number.
 
 Two parties change them: the operations open and release them, and a link
 break (cow.py) moves every open file of a node to the node's private copy,
@@ -22,14 +27,17 @@ from cowfs.serve.journal import FileRecord, Journal
 from cowfs.tree.marks import fd_path
 from native import syscalls
 
+FD_BITS = 32
+
 
 class OpenFile:
     """A file handle: the backing fd the guest's open file reads and writes."""
 
-    __slots__ = ("fd", "flags", "node", "uid", "writable")
+    __slots__ = ("fd", "fh", "flags", "node", "uid", "writable")
 
-    def __init__(self, fd: int, node: Node, flags: int, uid: int):
-        self.fd = fd
+    def __init__(self, fh: int, node: Node, flags: int, uid: int):
+        self.fh = fh
+        self.fd = fh & ((1 << FD_BITS) - 1)
         self.node = node
         self.flags = flags
         self.uid = uid  # who opened it: the reserve is for uid 0 only
@@ -46,7 +54,8 @@ class OpenFiles:
         self._of_node: dict[Node, set[OpenFile]] = {}
         self._orphans: set[Node] = set()
         self.journal: Journal | None = None  # for a successor server (journal.py)
-        self._placeholders: set[int] = set()  # fds held for a dead server's lost files
+        self._placeholders: dict[int, int] = {}  # a dead server's lost files: fh -> fd held
+        self.generation = os.getpid() << FD_BITS
 
     def __getitem__(self, fh: int) -> OpenFile:
         try:
@@ -59,18 +68,18 @@ class OpenFiles:
         return self._by_handle.get(fh) if fh is not None else None
 
     def add(self, fd: int, node: Node, flags: int, uid: int) -> OpenFile:
-        """Register backing fd, opened with flags by uid, as an open file of node; fd is its fh."""
-        handle = OpenFile(fd, node, flags, uid)
-        self._by_handle[fd] = handle
+        """Register backing fd, opened with flags by uid, as an open file of node."""
+        handle = OpenFile(self.generation | fd, node, flags, uid)
+        self._by_handle[handle.fh] = handle
         self._of_node.setdefault(node, set()).add(handle)
         if self.journal is not None:
-            self.journal.opened(fd, node.nodeid, flags, uid)
+            self.journal.opened(fd, handle.fh, node.nodeid, flags, uid)
         return handle
 
     def resume(self, records: list[FileRecord]) -> int:
         """Take over a dead server's open files (resume.py): each reopened from its node's
-        file handle at the fd number that is its file handle, where reserve_handles put a
-        placeholder; how many could not be (their placeholders stay, and fail every use)."""
+        file handle at its fd number, where reserve_handles put a placeholder; how many
+        could not be (their placeholders stay, and fail every use)."""
         lost = 0
         for record in records:
             node = self.table.by_nodeid.get(record.nodeid)
@@ -81,9 +90,9 @@ class OpenFiles:
                 fd = syscalls.open_by_handle(self.table.mount_fd, node.handle, flags | os.O_CLOEXEC)
             except OSError:
                 lost += 1
-                self._placeholders.add(record.fh)
+                self._placeholders[record.fh] = record.fd
                 continue
-            os.dup2(fd, record.fh, inheritable=False)
+            os.dup2(fd, record.fd, inheritable=False)
             os.close(fd)
             handle = OpenFile(record.fh, node, record.flags, record.uid)
             self._by_handle[record.fh] = handle
@@ -94,14 +103,14 @@ class OpenFiles:
         """Close an open file; at a node's last close, credit it if it was an orphan."""
         handle = self._by_handle.pop(fh, None)
         if handle is None:  # a dead server's file not taken over: its placeholder goes
-            if fh in self._placeholders:
-                self._placeholders.discard(fh)
+            fd = self._placeholders.pop(fh, None)
+            if fd is not None:
                 if self.journal is not None:
-                    self.journal.released(fh)
-                os.close(fh)
+                    self.journal.released(fd)
+                os.close(fd)
             return
         if self.journal is not None:
-            self.journal.released(fh)
+            self.journal.released(handle.fd)
         handles = self._of_node.get(handle.node)
         if handles is not None:
             handles.discard(handle)

@@ -443,8 +443,8 @@ class CowFS(pyfuse3.Operations):
                 fd = self.table.open_with_room(fd_path(node.fd), backing_flags)
         else:
             fd = self.table.open_with_room(fd_path(node.fd), backing_flags)
-        self.open_files.add(fd, node, backing_flags, self._uid(ctx))
-        return pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
+        handle = self.open_files.add(fd, node, backing_flags, self._uid(ctx))
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
 
     @_errors_to_errno
     async def create(
@@ -466,8 +466,8 @@ class CowFS(pyfuse3.Operations):
             return await self.open(entry.st_ino, flags & ~os.O_CREAT, ctx), entry
         self.listings.changed(parent)
         node = self.table.remember(path_fd, st, parent, name)
-        self.open_files.add(fd, node, backing_flags, self._uid(ctx))
-        info = pyfuse3.FileInfo(fh=fd, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
+        handle = self.open_files.add(fd, node, backing_flags, self._uid(ctx))
+        info = pyfuse3.FileInfo(fh=handle.fh, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
         return info, self._entry(node, st)
 
     def _create_file(

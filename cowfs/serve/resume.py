@@ -94,7 +94,7 @@ def reserve_handles(mountpoint: str, keep: list[int]) -> list[int]:
     O_PATH open of /dev/null, on which read and write fail) before anything else is
     opened. keep: fds of ours that must survive: moved above those numbers if in the
     way; their numbers now."""
-    handles = {r.fh for r in journal.read_files(journal_dir(mountpoint))}
+    handles = {r.fd for r in journal.read_files(journal_dir(mountpoint))}
     if not handles:
         return keep
     above = max(handles) + 1
