@@ -4,6 +4,7 @@ restarted as its policy says; each verb answers in one line."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -173,6 +174,10 @@ def _replacements(ctx: Contextd, name: str) -> int:
     return int(guest_status(ctx, name)["root_server_replacements"])
 
 
+def _replaced(ctx: Contextd, name: str, times: int) -> bool:
+    return _replacements(ctx, name) == times
+
+
 def test_a_guest_outlives_the_death_of_its_fuse_server(ctx: Contextd, guest_tree: Path) -> None:
     ctx("create", "steady", "--from", str(guest_tree), "--init", SLEEPER)
     script = _guest_file(ctx, "steady", "/root/work.sh")
@@ -221,7 +226,7 @@ def test_a_fuse_server_that_keeps_dying_ends_its_guest(ctx: Contextd, guest_tree
     for deaths in range(1, 7):
         os.kill(fuse_server_of("doomed"), signal.SIGKILL)
         if deaths <= 5:
-            assert wait_for(lambda n=deaths: _replacements(ctx, "doomed") == n, 20), ctx.log()
+            assert wait_for(functools.partial(_replaced, ctx, "doomed", deaths), 20), ctx.log()
     assert wait_for(lambda: left_behind("doomed", ctx) == [], 20), left_behind("doomed", ctx)
     status = guest_status(ctx, "doomed")
     assert status["state"] == "failed"
