@@ -51,6 +51,7 @@ import os
 import re
 import signal
 import tomllib
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias
 
@@ -102,8 +103,9 @@ _PATTERN_PROBLEMS = {
 
 GuestName = Annotated[str, msgspec.Meta(pattern=_GUEST_NAME)]
 HostName = Annotated[str, msgspec.Meta(pattern=_HOST_NAME)]
-# When contextd starts a guest again by itself (runtime.restart_wanted).
+# When contextd starts a guest again by itself (contextd.restarts).
 RestartPolicy = Literal["no", "on-failure", "always"]
+_ENUMS = {"restart": typing.get_args(RestartPolicy)}  # for the one-line refusal
 InterfaceName = Annotated[str, msgspec.Meta(pattern=_INTERFACE_NAME)]
 AbsolutePath = Annotated[str, msgspec.Meta(pattern=_ABSOLUTE_PATH)]
 NetMode = Annotated[str, msgspec.Meta(pattern=_NET_MODE)]
@@ -478,6 +480,9 @@ def _refusal(path: Path, data: dict[str, Any], error: msgspec.ValidationError) -
         value = None
     if match := re.fullmatch(r"Object contains unknown field `(.*)`", message, re.S):
         return _fail(path, ".".join([*keys, match[1]]), "unknown key")
+    if match := re.fullmatch(r"Invalid enum value (.*)", message, re.S):
+        allowed = ", ".join(repr(v) for v in _ENUMS.get(".".join(keys), ()))
+        return _fail(path, ".".join(keys), f"{match[1]} is not one of {allowed}")
     if match := re.fullmatch(r"Object missing required field `(.*)`", message, re.S):
         key = ".".join([*keys, match[1]])
         return _fail(path, key, f"missing ({_REQUIRED[key]})" if key in _REQUIRED else "missing")

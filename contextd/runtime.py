@@ -545,6 +545,8 @@ def status(config: GuestConfig) -> Status:
         last_console = [str(line) for line in tail] if isinstance(tail, list) else []
     else:
         last_end, last_console = None, []
+    if state is not None and not running:
+        state_name = "stopping"  # ended; contextd has yet to clean up and decide
     if stats is not None:
         if stats.pids_limit_hits:
             hits["pids"] = stats.pids_limit_hits

@@ -100,6 +100,9 @@ class Daemon:
                 record["oom"] = True
             try:
                 config = self._config(name)
+                # Decided and recorded first: `status` never shows a guest to be
+                # restarted as failed meanwhile.
+                plan = self._record_policy(config, record, current.restarts)
                 await trio.to_thread.run_sync(self.runtime.stop, config, 0, False)
             except CowfsError as e:
                 log.error("cleaning up after %s: %s", name, e)
@@ -111,28 +114,39 @@ class Daemon:
                 how=runstate.describe_exit(record),
                 console=tail[-5:] if isinstance(tail, list) else [],
             )
-            self.apply_policy(config, record, current.restarts)
+            self._carry_out(name, plan)
 
     def apply_policy(
         self, config: configs.GuestConfig, record: dict[str, Any], recent: list[float]
     ) -> None:
         """After a guest ended as record says (and was cleaned up): start it again later
         if its restart policy says so, or record why not (contextd.restarts)."""
+        self._carry_out(config.name, self._record_policy(config, record, recent))
+
+    def _record_policy(
+        self, config: configs.GuestConfig, record: dict[str, Any], recent: list[float]
+    ) -> tuple[restarts.Decision, list[float]]:
+        """The restart policy's decision, written into the guest's exit record."""
         now = time.time()
         decision = restarts.decide(config, record, recent, now)
+        recent = restarts.within_interval(config, recent, now)
         if not decision.restart:
             if decision.why:
                 record["gave_up"] = decision.why
-                _event("not restarted", guest=config.name, why=decision.why)
-            runstate.save_exit(config.name, record)
-            return
-        recent = restarts.within_interval(config, recent, now)
-        if decision.counted:
+        elif decision.counted:
             recent.append(now + decision.delay)
             record["restart_at"] = now + decision.delay
         runstate.save_exit(config.name, record)
+        return decision, recent
+
+    def _carry_out(self, name: str, plan: tuple[restarts.Decision, list[float]]) -> None:
+        decision, recent = plan
+        if not decision.restart:
+            if decision.why:
+                _event("not restarted", guest=name, why=decision.why)
+            return
         event = "restarted by its policy" if decision.counted else "rebooted"
-        self._restart_later(config.name, decision.delay, recent, event)
+        self._restart_later(name, decision.delay, recent, event)
 
     def _restart_later(self, name: str, delay: float, recent: list[float], event: str) -> None:
         """Start the guest again in delay seconds, unless a verb has started, stopped or

@@ -35,6 +35,10 @@ init = ["/bin/sh", "-c", "exec httpd"]
 environment = { TERM = "xterm", LANG = "C.UTF-8" }
 stop_signal = "hup"
 stop_timeout = 2
+restart = "on-failure"
+restart_delay = 0.5
+restart_limit = 3
+restart_interval = 30
 capabilities = ["cap_chown", "KILL"]
 autostart = true
 
@@ -73,6 +77,8 @@ def test_every_key_is_read_as_documented(tmp_path: Path) -> None:
     assert config.environment == {"TERM": "xterm", "LANG": "C.UTF-8"}
     assert config.stop_signal == signal.SIGHUP == 1
     assert config.stop_timeout == 2.0 and isinstance(config.stop_timeout, float)
+    assert (config.restart, config.restart_delay, config.restart_limit) == ("on-failure", 0.5, 3)
+    assert config.restart_interval == 30.0
     assert config.capabilities == ["CHOWN", "KILL"]
     assert config.autostart is True
     limits = config.limits
@@ -104,6 +110,8 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.environment == {}
     assert config.stop_signal == 0  # "auto": chosen by the guest's init
     assert config.stop_timeout == 5.0 and config.boot_check == 0.5
+    assert (config.restart, config.restart_delay, config.restart_limit) == ("no", 1.0, 5)
+    assert config.restart_interval == 60.0
     # A user namespace of its own: guest root is no one on the host.
     assert config.security.userns is True
     assert config.idmap() == {"base": (7 + 16) * 65536, "count": 65536}
@@ -220,6 +228,12 @@ BAD = [
     ("stop_signal = 0\n" + MINIMAL, "stop_signal: 0 is not a signal"),
     ("stop_signal = true\n" + MINIMAL, "stop_signal: True is not a signal"),
     ("stop_timeout = -1\n" + MINIMAL, "stop_timeout: expected a number >= 0.0, got -1"),
+    (
+        'restart = "sometimes"\n' + MINIMAL,
+        "restart: 'sometimes' is not one of 'no', 'on-failure', 'always'",
+    ),
+    ("restart_limit = -1\n" + MINIMAL, "restart_limit: expected an integer >= 0, got -1"),
+    ("restart_interval = 0\n" + MINIMAL, "restart_interval: expected a number > 0.0, got 0"),
     ('stop_timeout = "5s"\n' + MINIMAL, "stop_timeout: expected a number, got '5s'"),
     ('capabilities = ["CHOWN", "FLY"]\n' + MINIMAL, "capabilities: 'FLY' is not a capability"),
     ('capabilities = "CHOWN"\n' + MINIMAL, "capabilities: expected a list, got 'CHOWN'"),

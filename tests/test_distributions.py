@@ -112,6 +112,7 @@ def test_a_debian_guest_boots_serves_and_stops_with_its_own_init(
         took = time.monotonic() - began
         status = json.loads(ctx("status", "deb", "--json").stdout)
         # a clean halt by init itself, not the SIGKILL after the stop timeout (5 s)
-        assert status["last_end"].startswith("init asked for a halt"), status
+        assert status["state"] == "stopped", status
+        assert status["last_end"].startswith("stopped by contextd (init asked for a halt)"), status
         assert took < 5.0, took
     assert _ssh_banner(ctx) == ""  # and nothing answers any more

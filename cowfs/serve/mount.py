@@ -26,7 +26,7 @@ from pathlib import Path
 from cowfs.errors import CowfsError
 from cowfs.host import registry
 from cowfs.host.barrier import refuse_reachable
-from cowfs.host.paths import log_dir
+from cowfs.host.paths import log_dir, run_dir
 from cowfs.host.treelock import tree_lock
 from cowfs.serve import journal, recovery, resume
 from cowfs.serve.idmap import SAME_IDS, IdMap
@@ -94,6 +94,8 @@ def check_mount_args(
         raise CowfsError("cowfs mount must run as root (it serves every uid of the guest)")
     refuse_reachable("backing tree", backing, allow_reachable)
     refuse_reachable("mountpoint", mountpoint, allow_reachable)
+    run_dir()  # made root's alone now, or refused here in one line, not in the daemon
+    log_dir()
     return backing_real, mp_real
 
 
@@ -235,11 +237,17 @@ def serve(
         if resume_fd is None:
             recovery.mark_clean(root_fd)
         return
-    registry.write_record(
-        registry.MountRecord(
-            mountpoint, backing, os.getpid(), log_file, options.xid, resume.session_fd()
+    try:
+        registry.write_record(
+            registry.MountRecord(
+                mountpoint, backing, os.getpid(), log_file, options.xid, resume.session_fd()
+            )
         )
-    )
+    except (OSError, CowfsError) as e:  # no mount without its record: nothing could stop it
+        ready(f"mount of {mountpoint} failed: its record: {e}")
+        with contextlib.suppress(Exception):
+            pyfuse3.close(unmount=resume_fd is None)
+        return
     if resume_fd is not None:
         resume.resend_pending()
     log.info(
