@@ -10,11 +10,25 @@ from pathlib import Path
 from typing import Any
 
 import click
+import click.shell_completion
 
 from contextd import __version__
 from contextd.client import request
 from cowfs.errors import CowfsError
 from cowfs.units import format_bytes
+
+
+def _guest_names(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[click.shell_completion.CompletionItem]:
+    """Tab completion of guest names: the configuration files' (no daemon asked)."""
+    from contextd.config import config_dir
+
+    try:
+        names = sorted(p.stem for p in config_dir().glob("*.toml"))
+    except OSError:
+        return []
+    return [click.shell_completion.CompletionItem(n) for n in names if n.startswith(incomplete)]
 
 
 class _Group(click.Group):
@@ -52,7 +66,13 @@ def main() -> None:
 @click.option(
     "--log", "log_file", type=click.Path(path_type=Path), help="Log file (default: stderr)."
 )
-def serve(config_dir: Path | None, log_file: Path | None) -> None:
+@click.option(
+    "--metrics",
+    metavar="[ADDRESS:]PORT",
+    help="Serve every guest's metrics in the Prometheus text format at"
+    " http://ADDRESS:PORT/metrics (a bare port: loopback only). Off by default.",
+)
+def serve(config_dir: Path | None, log_file: Path | None, metrics: str | None) -> None:
     """Run the daemon: the control socket, autostart, adoption of running guests."""
     # Imported here, not at the top: the client's commands start faster without them.
     import logging
@@ -69,6 +89,11 @@ def serve(config_dir: Path | None, log_file: Path | None) -> None:
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     directory = config_dir or default_config_dir()
+    exporter = None
+    if metrics is not None:
+        from contextd import metrics as guest_metrics
+
+        exporter = guest_metrics.serve(directory, metrics)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -79,7 +104,11 @@ def serve(config_dir: Path | None, log_file: Path | None) -> None:
                     nursery.cancel_scope.cancel()
                     return
 
-    trio.run(run)
+    try:
+        trio.run(run)
+    finally:
+        if exporter is not None:
+            exporter.shutdown()
 
 
 @main.command()
@@ -148,7 +177,7 @@ def create(
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_guest_names)
 def start(name: str) -> None:
     """Boot guest NAME."""
     answer = request("start", name=name)
@@ -156,7 +185,7 @@ def start(name: str) -> None:
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_guest_names)
 @click.option(
     "--timeout", type=click.FloatRange(min=0), help="Seconds before SIGKILL (default: the guest's)."
 )
@@ -167,7 +196,7 @@ def stop(name: str, timeout: float | None) -> None:
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_guest_names)
 @click.option("--timeout", type=click.FloatRange(min=0), help="Seconds before SIGKILL.")
 def restart(name: str, timeout: float | None) -> None:
     """Stop (if running) and start guest NAME."""
@@ -184,7 +213,7 @@ def _duration(seconds: float | None) -> str:
 
 
 @main.command()
-@click.argument("name", required=False)
+@click.argument("name", shell_complete=_guest_names, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def status(name: str | None, as_json: bool) -> None:
     """vserver-stat: xid, state, init pid, processes, memory, CPU, uptime, disk, limit hits."""
@@ -259,7 +288,7 @@ def _target(name: str) -> Any:
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("name")
+@click.argument("name", shell_complete=_guest_names)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec(name: str, command: tuple[str, ...]) -> None:
     """Run COMMAND in guest NAME (contextd exec NAME -- CMD ARGS); its exit code is ours.
@@ -276,7 +305,7 @@ def exec(name: str, command: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_guest_names)
 @click.option("--shell", default="/bin/sh", show_default=True, help="Shell to run.")
 def enter(name: str, shell: str) -> None:
     """An interactive shell in guest NAME, on a fresh pty of its own, in a new session."""
@@ -286,7 +315,7 @@ def enter(name: str, shell: str) -> None:
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_guest_names)
 @click.option("-n", "--lines", type=int, default=0, help="Only the last N lines.")
 @click.option(
     "--raw",
@@ -317,7 +346,7 @@ def logs(name: str, lines: int, raw: bool) -> None:
 
 
 @main.command()
-@click.argument("name")
+@click.argument("name", shell_complete=_guest_names)
 @click.option("--remove-root", is_flag=True, help="Also delete the guest's backing tree.")
 def delete(name: str, remove_root: bool) -> None:
     """Delete stopped guest NAME's configuration (and with --remove-root its tree)."""

@@ -497,6 +497,8 @@ class Status:
     uptime_seconds: float | None
     disk_bytes: int | None
     disk_inodes: int | None
+    disk_shared_bytes: int | None  # shared with its template or other guests, not charged
+    disk_shared_inodes: int | None
     limit_hits: dict[str, int]
     root: str
     hostname: str
@@ -517,7 +519,7 @@ def status(config: GuestConfig) -> Status:
     cgroup = Cgroup(config.name)
     stats = cgroup.stats() if cgroup.exists() else None
     hits: dict[str, int] = {}
-    disk_bytes = disk_inodes = None
+    disk_bytes = disk_inodes = shared_bytes = shared_inodes = None
     db = StateDB()
     try:
         guest = db.guest(config.root, create=False)
@@ -525,6 +527,7 @@ def status(config: GuestConfig) -> Status:
             usage = db.usage(guest.id)
             if usage is not None:
                 disk_bytes, disk_inodes = usage.bytes, usage.inodes
+                shared_bytes, shared_inodes = usage.shared_bytes, usage.shared_inodes
             hits.update({f"disk {k}": v for k, v in db.hits(guest.id).items()})
     finally:
         db.close()
@@ -564,6 +567,8 @@ def status(config: GuestConfig) -> Status:
         uptime_seconds=time.time() - state.started if running and state else None,
         disk_bytes=disk_bytes,
         disk_inodes=disk_inodes,
+        disk_shared_bytes=shared_bytes,
+        disk_shared_inodes=shared_inodes,
         limit_hits=hits,
         root=config.root,
         hostname=config.hostname,

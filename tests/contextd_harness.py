@@ -25,8 +25,15 @@ CONTEXTD = str(Path(sys.executable).parent / "contextd")
 class Contextd:
     """A contextd daemon of the test's own, with its own directories."""
 
-    def __init__(self, base: Path, own_network: bool = False, guest_mode: str = "userns"):
+    def __init__(
+        self,
+        base: Path,
+        own_network: bool = False,
+        guest_mode: str = "userns",
+        serve_args: tuple[str, ...] = (),
+    ):
         self.base = base
+        self.serve_args = serve_args  # more of `contextd serve`'s options
         # What `create` is told, for tests that try a thing in both modes: "userns"
         # (the default) or "privileged".
         self.guest_mode = guest_mode
@@ -47,7 +54,8 @@ class Contextd:
     def serve(self) -> None:
         wrapper = ["unshare", "--net", "--"] if self.own_network else []
         self.proc = subprocess.Popen(
-            [*wrapper, CONTEXTD, "serve", "--log", str(self.base / "daemon.log")], env=self.env
+            [*wrapper, CONTEXTD, "serve", "--log", str(self.base / "daemon.log"), *self.serve_args],
+            env=self.env,
         )
         for _ in range(400):
             sock = socket.socket(socket.AF_UNIX)

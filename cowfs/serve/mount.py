@@ -28,7 +28,7 @@ from cowfs.host import registry
 from cowfs.host.barrier import refuse_reachable
 from cowfs.host.paths import log_dir, run_dir
 from cowfs.host.treelock import tree_lock
-from cowfs.serve import journal, recovery, resume
+from cowfs.serve import journal, recovery, resume, stats
 from cowfs.serve.idmap import SAME_IDS, IdMap
 from native import syscalls
 
@@ -259,6 +259,20 @@ def serve(
         breaker.durability.value,
     )
 
+    def publish_stats() -> None:
+        try:
+            stats.write(
+                mountpoint,
+                os.getpid(),
+                fs.counts,
+                link_breaks=breaker.breaks,
+                page_cache_reads=unpatched.direct_reads(),
+                handler_reads=fs.handler_reads,
+                nodes=len(table),
+            )
+        except OSError as e:
+            log.warning("could not publish the mount's counts: %s", e)
+
     async def run() -> None:
         async with trio.open_nursery() as nursery:
 
@@ -275,6 +289,7 @@ def serve(
                     while True:
                         with trio.move_on_after(SYNC_INTERVAL):
                             await hangups.__anext__()
+                        publish_stats()
                         # The database work in a thread: a database locked by
                         # another process holds up the books, never the guest.
                         snapshot = ledger.snapshot(final=False)
@@ -306,6 +321,7 @@ def serve(
             pyfuse3.close(unmount=clean or not options.resumable)
         registry.remove_record(mountpoint)
         if clean:
+            stats.forget(mountpoint)
             if table.journal is not None:
                 table.journal.close()
                 resume.forget_journal(mountpoint)
@@ -455,6 +471,7 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
     if registry.read_record(point) == record:  # its process died without withdrawing it
         registry.remove_record(point)
         resume.forget_journal(point)
+        stats.forget(point)
 
 
 FUSECTL = Path("/sys/fs/fuse/connections")

@@ -31,6 +31,7 @@ from cowfs.serve.idmap import SAME_IDS, IdMap
 from cowfs.serve.inodes import InodeTable, Node
 from cowfs.serve.listings import Listings
 from cowfs.serve.openfiles import OpenFiles
+from cowfs.serve.stats import RequestCounts
 from cowfs.serve.unpatched import DirHandles
 from cowfs.serve.uring import Ring
 from cowfs.serve.workers import WorkerPool
@@ -53,16 +54,23 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 def _errors_to_errno(handler: F) -> F:
     """Turn OSError into the errno the caller sees; log and map anything else to EIO."""
 
+    kind = handler.__name__
+
     @functools.wraps(handler)
     async def wrapper(*args: Any) -> Any:
+        counts: RequestCounts = args[0].counts
+        counts.requests[kind] += 1
         try:
             return await handler(*args)
         except FUSEError:
+            counts.errors[kind] += 1
             raise
         except OSError as e:
+            counts.errors[kind] += 1
             raise FUSEError(e.errno or errno.EIO) from None
         except Exception:
-            log.exception("%s%r failed", handler.__name__, args[1:])
+            counts.errors[kind] += 1
+            log.exception("%s%r failed", kind, args[1:])
             raise FUSEError(errno.EIO) from None
 
     return cast(F, wrapper)
@@ -120,6 +128,7 @@ class CowFS(pyfuse3.Operations):
         self.timeout = cache_timeout
         self._nowait_writes = True
         self.handler_reads = 0
+        self.counts = RequestCounts()  # for monitoring (stats.py)
         self.after_init = after_init
         self.ids = ids
 
