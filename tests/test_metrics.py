@@ -41,8 +41,8 @@ def _scrape(port: int) -> Samples:
     }
 
 
-def _value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
+def _value(samples: Samples, metric: str, **labels: str) -> float | None:
+    return samples.get((metric, frozenset(labels.items())))
 
 
 @pytest.fixture
