@@ -5,6 +5,13 @@
 # installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# --system: then the system install too (tools/system.sh: PATH, man, completion, unit).
+system=
+case ${1:-} in
+    --system) system=yes ;;
+    "") ;;
+    *) echo "usage: tools/install.sh [--system]" >&2; exit 2 ;;
+esac
 
 if [ "$(id -u)" != 0 ]; then
     echo "tools/install.sh: must run as root (it installs packages and mounts FUSE)" >&2
@@ -74,3 +81,6 @@ for path in "$layout" "$layout/guests" "$layout/store" "$layout/state.db" \
         chmod go= "$path"
     fi
 done
+if [ -n "$system" ]; then
+    tools/system.sh install
+fi
