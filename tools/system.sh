@@ -69,17 +69,7 @@ for command in "${commands[@]}"; do
     env "_${command^^}_COMPLETE=zsh_source" ".venv/bin/$command" > "$zsh_dir/_$command"
 done
 
-# Man pages from the commands' own help, so that they and --help never disagree;
-# section 8: these are the administrator's commands.
-pages=$(mktemp -d)
-trap 'rm -rf "$pages"' EXIT
-for command in "${commands[@]}"; do
-    .venv/bin/click-man "$command" --target "$pages" >/dev/null
-done
-for page in "$pages"/*.1; do
-    name=$(basename "$page" .1)
-    sed -e 's/^\(\.TH "[^"]*"\) "1"/\1 "8"/' -e 's/(1)\\fP/(8)\\fP/g' "$page" > "$man_dir/$name.8"
-done
+.venv/bin/python tools/man.py "$man_dir"  # from the commands' own help (click-man)
 install -m 0644 docs/cowfs.md docs/contextd.md docs/design.md "$doc_dir/"
 
 # The unit, pointing at this checkout.
@@ -91,8 +81,8 @@ sed -e "s|^ExecStart=.*|ExecStart=$repo/.venv/bin/contextd serve|" \
 .venv/bin/cowfs limit show > /dev/null
 install -d -m 0700 "${CONTEXTD_CONFIG_DIR:-/etc/contextd}"
 
-if command -v mandb > /dev/null; then
-    mandb -q "$prefix/share/man" 2> /dev/null || true  # the index for apropos; man works without
-fi
 echo "installed: $prefix/sbin/{cowfs,contextd}, man pages in $man_dir, completion, $unit"
+if ! dpkg-query -W -f='${Status}' bash-completion 2> /dev/null | grep -q "install ok installed"; then
+    echo "(bash loads completion scripts through the bash-completion package: apt-get install bash-completion)"
+fi
 echo "start the daemon with: systemctl daemon-reload && systemctl enable --now contextd"
