@@ -549,3 +549,23 @@ def test_records_and_consoles_are_root_only(ctx: Contextd, guest_tree: Path) -> 
     assert (ctx.base / "run" / "guests" / "quiet.exit.json").exists()
     for directory in ("run", "log"):
         assert (ctx.base / directory).stat().st_mode & 0o777 == 0o700, directory
+
+
+def test_a_root_given_as_a_symlink_is_refused_and_nothing_is_made_through_it(
+    ctx: Contextd, guest_tree: Path, tmp_path: Path
+) -> None:
+    # Where the link leads may be anywhere (a directory host users can reach): create
+    # must not clone a guest there through it.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for target in (elsewhere / "g", elsewhere):  # dangling, and to a directory
+        link = tmp_path / "link"
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+        result = ctx(
+            "create", "linked", "--from", str(guest_tree), "--root", str(link), check=False
+        )
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert f"{link}: already exists" in result.stderr
+        assert not (ctx.base / "etc" / "linked.toml").exists()
+        assert sorted(os.listdir(elsewhere)) == []
