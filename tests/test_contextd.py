@@ -470,7 +470,8 @@ def test_halt_and_reboot_inside_stop_and_restart_the_guest(ctx: Contextd, guest_
             and guest_status(ctx, "box")["init_pid"] != first
         )
     ), ctx.log()
-    assert '"rebooted"' in ctx.log()
+    # (logged once the start's boot check is over, after the run state shows it running)
+    assert wait_for(lambda: '"rebooted"' in ctx.log(), 5), ctx.log()
     ctx("exec", "box", "--", "/sbin/poweroff")
     assert wait_for(lambda: left_behind("box", ctx) == []), left_behind("box", ctx)
     status = guest_status(ctx, "box")
