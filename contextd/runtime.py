@@ -120,8 +120,9 @@ class Runtime:
         """End the fork server (guests and their helpers run on)."""
         self.helpers.close()
 
-    def start(self, config: GuestConfig) -> runstate.RunState:
-        """Boot a guest (see the module docstring); its run state.
+    def start(self, config: GuestConfig, restarts: list[float] | None = None) -> runstate.RunState:
+        """Boot a guest (see the module docstring); its run state. restarts: when its
+        restart policy started it lately (recorded with it).
 
         The start fails if init ends within config.boot_check seconds: a boot
         that failed at once is not a running guest (what its console said
@@ -172,6 +173,7 @@ class Runtime:
                 supervisor_pid=supervisor.pid,
                 supervisor_start=procfs.start_time(supervisor.pid) or 0,
                 fuse_server_pid=fuse_server,
+                restarts=list(restarts or []),
             )
             runstate.save(state)
             undo.push("run state", lambda: runstate.drop(config.name))

@@ -168,13 +168,11 @@ class Daemon:
                 del self.pending_restarts[name]
                 try:
                     config = self._config(name, with_others=True)
-                    new = await trio.to_thread.run_sync(self.runtime.start, config)
+                    new = await trio.to_thread.run_sync(self.runtime.start, config, recent)
                 except CowfsError as e:
                     log.error("restart of %s failed: %s", name, e)
                     self._after_failed_restart(name, str(e), recent)
                     return
-                new.restarts = recent
-                runstate.save(new)
                 _event(event, guest=name, init_pid=new.init_pid)
                 self.watch(new)
 
