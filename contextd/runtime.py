@@ -154,7 +154,7 @@ class Runtime:
             fuse_server = self._mount_root(config, str(mountpoint))
             undo.push("cowfs mount", lambda: unmount(str(mountpoint), lazy=True))
             undo.push("network", lambda: network.unplug(config))
-            console_log = _root_only_dir(log_dir()) / f"{config.name}.console.log"
+            console_log = log_dir() / f"{config.name}.console.log"
             runstate.exit_record_path(config.name).unlink(missing_ok=True)
             runstate.root_server_record_path(config.name).unlink(missing_ok=True)
             supervisor, pid = self._supervise(
@@ -223,7 +223,7 @@ class Runtime:
             "backing": config.root,
             "mountpoint": mountpoint,
             "xid": config.xid,
-            "log": str(_root_only_dir(log_dir()) / f"{config.name}.cowfs.log"),
+            "log": str(log_dir() / f"{config.name}.cowfs.log"),
             "idmap": config.idmap(),
         }
 
