@@ -110,6 +110,12 @@ def open_by_handle(mount_fd: int, handle: bytes, flags: int) -> int:
     return _check(lib.native_open_by_handle(mount_fd, body, len(body), handle_type, flags))
 
 
+def detached_noatime_mount(dirfd: int) -> int:
+    """An fd on a copy of dirfd's mount attached nowhere, whose files' atimes no access
+    moves (open_tree + mount_setattr, Linux 5.12+); it goes with its last fd."""
+    return _check(lib.native_detached_noatime_mount(dirfd))
+
+
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04

@@ -20,6 +20,7 @@ fi
 
 packages=(
     fuse3 libfuse3-dev pkg-config gcc make patch  # FUSE; building pyfuse3 and native/
+    meson ninja-build curl xz-utils            # libfuse 3.17 for FUSE passthrough (tools/build-libfuse.sh)
     liburing-dev                               # native/_uring_build.py (io_uring reads)
     busybox-static attr acl libcap2-bin        # test guests; getfattr, setfacl, setcap
     debootstrap                                # real Debian guests (tools/mkguest-debian.sh)
@@ -50,17 +51,29 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # Reinstall only when what the install builds from has changed.
 stamp=.venv/.cowfs-installed
-want=$(cat pyproject.toml setup.py native/_build.py native/_uring_build.py native/pyfuse3/cowfs.patch tools/build-pyfuse3.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml setup.py native/_build.py native/_uring_build.py native/pyfuse3/cowfs.patch \
+    tools/build-pyfuse3.sh tools/build-libfuse.sh | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c "import native._syscalls, native._uring" 2>/dev/null; then
     log=.venv/install.log
+    : >"$log"
+    # libfuse 3.17 in the venv's own prefix, beside the system's 3.14 (bookworm),
+    # for FUSE passthrough (guests share the page cache of the files they share).
+    # Without it (no network to the Debian pool) cowfs works as before, without
+    # passthrough, and says so when it mounts; the next run tries again.
+    libfuse=.venv/libfuse
+    if ! tools/build-libfuse.sh "$libfuse" >>"$log" 2>&1; then
+        echo "tools/install.sh: libfuse 3.17 could not be built (see $log): no FUSE passthrough" >&2
+        libfuse=
+        rm -f "$stamp"
+    fi
     # pyfuse3 with cowfs's patch first (native/pyfuse3/README.md), then cowfs itself.
-    if ! { .venv/bin/pip install --upgrade pip && tools/build-pyfuse3.sh .venv \
-            && .venv/bin/pip install -e '.[test]'; } >"$log" 2>&1; then
+    if ! { .venv/bin/pip install --upgrade pip && tools/build-pyfuse3.sh .venv $libfuse \
+            && .venv/bin/pip install -e '.[test]'; } >>"$log" 2>&1; then
         tail -30 "$log" >&2
         echo "tools/install.sh: pip install failed; full log in $log" >&2
         exit 1
     fi
-    echo "$want" > "$stamp"
+    [ -z "$libfuse" ] || echo "$want" > "$stamp"
 fi
 # Bytecode for the project's own modules, written even where PYTHONDONTWRITEBYTECODE
 # is set: without it every cowfs and contextd command compiles its modules anew

@@ -47,6 +47,14 @@ from cowfs.serve.mount import MountOptions, mount, unmount
     " (io_uring) rather than threads.",
 )
 @click.option(
+    "--passthrough/--no-passthrough",
+    default=True,
+    show_default=True,
+    help="Have the kernel serve read-only opens of shared files from the shared inode"
+    " (FUSE passthrough, Linux 6.9+): guests sharing a file share its page cache. While"
+    " such an open lasts, changing the file's data fails with ETXTBSY.",
+)
+@click.option(
     "--id-map",
     "id_map_text",
     metavar="HOST_BASE:COUNT",
@@ -67,6 +75,7 @@ def mount_command(
     max_node_fds: int | None,
     sync_breaks: bool,
     io_uring: bool,
+    passthrough: bool,
     id_map_text: str | None,
     debug: bool,
     allow_reachable: bool,
@@ -99,6 +108,7 @@ def mount_command(
         max_node_fds=max_node_fds,
         sync_breaks=sync_breaks,
         io_uring=io_uring,
+        passthrough=passthrough,
         allow_reachable=allow_reachable,
         id_map=id_map,
     )

@@ -13,7 +13,8 @@ gave it; the new server must know what each stands for. The journal says so:
   handle. When the log has grown to
   several times the table, it is rewritten from the table (``compact``).
 * ``files``: one fixed-size slot per backing fd of an open file: its file
-  handle (openfiles.py), node, open flags and opener, zeroed at its release.
+  handle (openfiles.py), node, open flags, opener and the backing id the
+  kernel serves it from (passthrough.py), zeroed at its release.
 
 Both live in the run directory (a tmpfs, root only): they need to outlive the
 server, not the host. Writes are plain write(2)s to a tmpfs, a few
@@ -35,7 +36,8 @@ from cowfs.host.barrier import make_private_dirs
 log = logging.getLogger(__name__)
 
 _NODE = struct.Struct("<QQHH")  # nodeid, parent's nodeid (0: none), len(handle), len(name)
-_FILE = struct.Struct("<QQQI4x")  # file handle, nodeid (0: free slot), open flags, opener
+# file handle, nodeid (0: free slot), open flags, opener, backing id (passthrough.py; 0: none)
+_FILE = struct.Struct("<QQQIi")
 _COMPACT_FLOOR = 1 << 16  # records written before a compaction is considered
 
 
@@ -59,6 +61,7 @@ class FileRecord:
     nodeid: int
     flags: int
     uid: int
+    backing_id: int = 0
 
 
 def journal_dir(run_dir: Path, key: str) -> Path:
@@ -116,8 +119,8 @@ class Journal:
         self._nodes = os.open(self.directory / "nodes", os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self._written = count
 
-    def opened(self, fd: int, fh: int, nodeid: int, flags: int, uid: int) -> None:
-        os.pwrite(self._files, _FILE.pack(fh, nodeid, flags, uid), fd * _FILE.size)
+    def opened(self, fd: int, fh: int, nodeid: int, flags: int, uid: int, backing_id: int) -> None:
+        os.pwrite(self._files, _FILE.pack(fh, nodeid, flags, uid, backing_id), fd * _FILE.size)
 
     def released(self, fd: int) -> None:
         os.pwrite(self._files, bytes(_FILE.size), fd * _FILE.size)
@@ -158,6 +161,6 @@ def read_files(directory: Path) -> Iterator[FileRecord]:
     except FileNotFoundError:
         return
     for slot in range(len(data) // _FILE.size):
-        fh, nodeid, flags, uid = _FILE.unpack_from(data, slot * _FILE.size)
+        fh, nodeid, flags, uid, backing_id = _FILE.unpack_from(data, slot * _FILE.size)
         if nodeid:
-            yield FileRecord(slot, fh, nodeid, flags, uid)
+            yield FileRecord(slot, fh, nodeid, flags, uid, backing_id)

@@ -56,6 +56,7 @@ class MountOptions:
     allow_reachable: bool = False  # serve a tree host users can reach (barrier.py): dangerous
     id_map: IdMap = SAME_IDS  # a user-namespaced guest's ids on the host (idmap.py)
     resumable: bool = False  # keep a journal for a successor server (journal.py, resume.py)
+    passthrough: bool = True  # shared files' reads served by the kernel (passthrough.py)
 
 
 def default_log_file(mountpoint: str) -> Path:
@@ -156,6 +157,7 @@ def serve(
     from cowfs.serve.listings import Listings
     from cowfs.serve.openfiles import OpenFiles
     from cowfs.serve.operations import CowFS
+    from cowfs.serve.passthrough import Passthrough
     from cowfs.serve.uring import Ring
     from cowfs.serve.workers import WorkerPool
 
@@ -190,7 +192,8 @@ def serve(
 
     table = InodeTable(root_fd, _node_fd_budget(options.max_node_fds))
     acct = Accountant(ledger.policy)
-    open_files = OpenFiles(table, acct)
+    passthrough = Passthrough(options.passthrough, root_fd)
+    open_files = OpenFiles(table, acct, passthrough)
     if options.resumable:
         journal_at = resume.journal_dir(mountpoint)
         if resume_fd is not None:
@@ -213,6 +216,7 @@ def serve(
     fs = CowFS(
         table=table,
         open_files=open_files,
+        passthrough=passthrough,
         listings=Listings(table),
         dir_handles=unpatched.DirHandles(),
         breaker=breaker,
@@ -251,12 +255,14 @@ def serve(
     if resume_fd is not None:
         resume.resend_pending()
     log.info(
-        "serving %s at %s (pid %d; disk reads by %s; private copies' data %s)",
+        "serving %s at %s (pid %d; disk reads by %s; private copies' data %s;"
+        " passthrough of shared files %s)",
         backing,
         mountpoint,
         os.getpid(),
         "io_uring" if ring is not None else "worker threads",
         breaker.durability.value,
+        "asked for" if passthrough.wanted else "off",
     )
 
     def publish_stats() -> None:
@@ -268,6 +274,7 @@ def serve(
                 link_breaks=breaker.breaks,
                 page_cache_reads=unpatched.direct_reads(),
                 handler_reads=fs.handler_reads,
+                passthrough_opens=passthrough.opens,
                 nodes=len(table),
             )
         except OSError as e:

@@ -24,6 +24,7 @@ import pyfuse3
 from cowfs.accounting.accountant import Accountant
 from cowfs.serve.inodes import InodeTable, Node
 from cowfs.serve.journal import FileRecord, Journal
+from cowfs.serve.passthrough import Passthrough
 from cowfs.tree.marks import fd_path
 from native import syscalls
 
@@ -33,10 +34,11 @@ FD_BITS = 32
 class OpenFile:
     """A file handle: the backing fd the guest's open file reads and writes."""
 
-    __slots__ = ("fd", "fh", "flags", "node", "uid", "writable")
+    __slots__ = ("backing_id", "fd", "fh", "flags", "node", "uid", "writable")
 
-    def __init__(self, fh: int, node: Node, flags: int, uid: int):
+    def __init__(self, fh: int, node: Node, flags: int, uid: int, backing_id: int = 0):
         self.fh = fh
+        self.backing_id = backing_id  # > 0: the kernel reads the backing file itself
         self.fd = fh & ((1 << FD_BITS) - 1)
         self.node = node
         self.flags = flags
@@ -47,9 +49,10 @@ class OpenFile:
 class OpenFiles:
     """Open files by handle and by node, and the orphans they keep charged."""
 
-    def __init__(self, table: InodeTable, acct: Accountant):
+    def __init__(self, table: InodeTable, acct: Accountant, passthrough: Passthrough):
         self.table = table
         self.acct = acct
+        self.passthrough = passthrough
         self._by_handle: dict[int, OpenFile] = {}
         self._of_node: dict[Node, set[OpenFile]] = {}
         self._orphans: set[Node] = set()
@@ -67,14 +70,21 @@ class OpenFiles:
         """The open file of handle fh, if there is one."""
         return self._by_handle.get(fh) if fh is not None else None
 
-    def add(self, fd: int, node: Node, flags: int, uid: int) -> OpenFile:
-        """Register backing fd, opened with flags by uid, as an open file of node."""
-        handle = OpenFile(self.generation | fd, node, flags, uid)
+    def add(self, fd: int, node: Node, flags: int, uid: int, backing_id: int = 0) -> OpenFile:
+        """Register backing fd, opened with flags by uid, as an open file of node (served
+        by the kernel from backing_id if > 0: passthrough.py)."""
+        handle = OpenFile(self.generation | fd, node, flags, uid, backing_id)
         self._by_handle[handle.fh] = handle
         self._of_node.setdefault(node, set()).add(handle)
+        if backing_id:
+            self.passthrough.opened(node, backing_id)
         if self.journal is not None:
-            self.journal.opened(fd, handle.fh, node.nodeid, flags, uid)
+            self.journal.opened(fd, handle.fh, node.nodeid, flags, uid, backing_id)
         return handle
+
+    def has_served_opens(self, node: Node) -> bool:
+        """True if node has open files this server reads and writes (not passed through)."""
+        return any(not handle.backing_id for handle in self._of_node.get(node, ()))
 
     def resume(self, records: list[FileRecord]) -> int:
         """Take over a dead server's open files (resume.py): each reopened from its node's
@@ -94,9 +104,11 @@ class OpenFiles:
                 continue
             os.dup2(fd, record.fd, inheritable=False)
             os.close(fd)
-            handle = OpenFile(record.fh, node, record.flags, record.uid)
+            handle = OpenFile(record.fh, node, record.flags, record.uid, record.backing_id)
             self._by_handle[record.fh] = handle
             self._of_node.setdefault(node, set()).add(handle)
+            if record.backing_id:
+                self.passthrough.opened(node, record.backing_id)
         return lost
 
     def release(self, fh: int) -> None:
@@ -111,6 +123,8 @@ class OpenFiles:
             return
         if self.journal is not None:
             self.journal.released(handle.fd)
+        if handle.backing_id:
+            self.passthrough.released(handle.node)
         handles = self._of_node.get(handle.node)
         if handles is not None:
             handles.discard(handle)

@@ -31,6 +31,7 @@ from cowfs.serve.idmap import SAME_IDS, IdMap
 from cowfs.serve.inodes import InodeTable, Node
 from cowfs.serve.listings import Listings
 from cowfs.serve.openfiles import OpenFiles
+from cowfs.serve.passthrough import Passthrough
 from cowfs.serve.stats import RequestCounts
 from cowfs.serve.unpatched import DirHandles
 from cowfs.serve.uring import Ring
@@ -99,6 +100,7 @@ class CowFS(pyfuse3.Operations):
         *,
         table: InodeTable,
         open_files: OpenFiles,
+        passthrough: Passthrough,
         listings: Listings,
         dir_handles: DirHandles,
         breaker: LinkBreaker,
@@ -119,6 +121,8 @@ class CowFS(pyfuse3.Operations):
         super().__init__()
         self.table = table
         self.open_files = open_files
+        self.passthrough = passthrough
+        self.enable_passthrough = passthrough.wanted  # asked for at FUSE_INIT
         self.listings = listings
         self.dir_handles = dir_handles
         self.breaker = breaker
@@ -272,6 +276,8 @@ class CowFS(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         node = self.table.get(inode)
         truncating_to_zero = fields.update_size and attr.st_size == 0
+        if fields.update_size:
+            self.passthrough.refuse_data_change(node)
         if (
             fields.update_size
             or fields.update_mode
@@ -441,18 +447,34 @@ class CowFS(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.table.get(inode)
         backing_flags = (flags & ~_STRIP_OPEN_FLAGS) | os.O_CLOEXEC
+        backing_id = 0
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+            self.passthrough.refuse_data_change(node)
             await self.breaker.ensure_private(
                 node, self._uid(ctx), with_data=not flags & os.O_TRUNC
             )
-        elif is_marked(node.fd):
-            backing_flags |= os.O_NOATIME  # reading must not touch the shared inode
-        if flags & os.O_TRUNC:
-            with self.acct.change(node):
-                fd = self.table.open_with_room(fd_path(node.fd), backing_flags)
         else:
-            fd = self.table.open_with_room(fd_path(node.fd), backing_flags)
-        handle = self.open_files.add(fd, node, backing_flags, self._uid(ctx))
+            if is_marked(node.fd):
+                backing_flags |= os.O_NOATIME  # reading must not touch the shared inode
+            backing_id = self.passthrough.backing_for_reader(
+                node,
+                other_opens=self.open_files.has_served_opens(node),
+                breaking=node.break_lock is not None,
+            )
+        try:
+            if flags & os.O_TRUNC:
+                with self.acct.change(node):
+                    fd = self.table.open_with_room(fd_path(node.fd), backing_flags)
+            else:
+                fd = self.table.open_with_room(fd_path(node.fd), backing_flags)
+        except BaseException:
+            if backing_id:
+                self.passthrough.forsake(node)
+            raise
+        handle = self.open_files.add(fd, node, backing_flags, self._uid(ctx), backing_id)
+        if backing_id:
+            # No FLUSH at close(2): the kernel needs this server only for the release.
+            return pyfuse3.FileInfo(fh=handle.fh, backing_id=backing_id, noflush=True)
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
 
     @_errors_to_errno

@@ -1,0 +1,178 @@
+"""FUSE passthrough: guests reading a shared file share one page cache, as one inode did.
+
+Without it every mount caches its own copy of each file it reads, on top of
+the backing file's: N guests reading a shared library cost N+1 copies of its
+pages. With it (Linux 6.9+, libfuse 3.17+) the kernel serves an open file
+from a backing file the server registered (a *backing id*): reads, splice and
+mmap go to the backing inode, whose pages every guest sharing it then maps.
+
+Which opens are passed through, and why only those:
+
+* read-only opens of shared regular files (those carrying the COW mark): where
+  the sharing is, and where no write can be lost. A write through a
+  passthrough open would never reach this server, so no limit or quota could
+  be applied to it, and a writable shared mapping of such an open would write
+  into the shared inode itself: write opens are never passed through.
+* The kernel allows one backing file per FUSE inode at a time, and no other
+  kind of open of that inode while it has one. So while a node has
+  passthrough opens, every new read-only open reuses its backing id, and
+  anything that would change the file's data (a write open, O_TRUNC, a
+  truncate) is refused with ETXTBSY ("text file busy", what Linux answers for
+  a running program's file) instead of breaking the link under the readers:
+  no reader ever sees data other than the file's. A change of metadata only
+  (chmod, chown, utimes, xattrs) breaks the link as usual; the readers' backing
+  inode then still holds the very same data.
+* A node that has other opens already (a cached open from before passthrough
+  was possible) is not passed through until they close: the kernel would
+  refuse the mix.
+
+Backing ids belong to the FUSE connection, not to this process: each open
+file's id is journaled with it (journal.py), so that a successor server
+(resume.py) reuses them and closes each at its node's last release.
+
+Reading through the kernel marks the backing file accessed, which would move
+the atime every sharer sees: the file registered is opened from a copy of the
+tree's mount with noatime, attached nowhere (open_tree).
+
+Where the kernel or the pyfuse3 build cannot do it, or the backing filesystem
+refuses (stacked too deep: ELOOP), cowfs serves reads itself as before and
+says so once in its log.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import pyfuse3
+from pyfuse3 import FUSEError
+
+from cowfs.tree.marks import is_marked
+from native import syscalls
+
+if TYPE_CHECKING:
+    from cowfs.serve.inodes import Node
+
+log = logging.getLogger(__name__)
+
+# An open the kernel would refuse to pass through: registering fails for the whole mount.
+_MOUNT_WIDE_ERRORS = {errno.EPERM, errno.ELOOP, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOTTY}
+
+
+def available() -> str | None:
+    """None if this pyfuse3 can pass files through, else why not."""
+    if not getattr(pyfuse3, "passthrough_available", lambda: False)():
+        return "pyfuse3 is built against a libfuse older than 3.17 (tools/install.sh builds 3.17)"
+    return None
+
+
+class Passthrough:
+    """Which opens the kernel serves from backing files, and the backing ids they use."""
+
+    def __init__(self, wanted: bool, tree_fd: int):
+        """tree_fd: the backing tree's root (any fd on its filesystem)."""
+        why_not = available() if wanted else "turned off for this mount"
+        self._mount = self._tree = -1
+        if why_not is None:
+            # The kernel reads a passthrough file through the file the server registers:
+            # opened from a copy of the tree's mount that has noatime, so that no guest's
+            # read moves the atime every sharer sees. The copy is attached nowhere.
+            try:
+                self._mount = syscalls.detached_noatime_mount(tree_fd)  # kept: it is the mount
+                # open_by_handle_at wants a real fd, not open_tree's O_PATH one.
+                self._tree = os.open(
+                    ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._mount
+                )
+            except OSError as e:
+                why_not = f"no detached noatime mount of the tree ({e.strerror})"
+        self.wanted = wanted and why_not is None
+        if wanted and why_not is not None:
+            log.warning("FUSE passthrough unavailable: %s; reads go through this server", why_not)
+        self._negotiated: bool | None = None  # known once the kernel answered FUSE_INIT
+        self._backing: dict[Node, list[int]] = {}  # node -> [backing id, passthrough opens]
+        self.opens = 0  # passthrough opens so far (stats.py)
+
+    @property
+    def enabled(self) -> bool:
+        """True if this mount passes opens through (asked for and granted at FUSE_INIT)."""
+        if self._negotiated is None:
+            if not self.wanted:
+                self._negotiated = False
+            else:
+                self._negotiated = bool((pyfuse3.conn_info() or {}).get("passthrough"))
+                if not self._negotiated:
+                    log.warning(
+                        "FUSE passthrough: the kernel did not offer it (Linux 6.9+ with"
+                        " CONFIG_FUSE_PASSTHROUGH); reads go through this server"
+                    )
+        return self._negotiated
+
+    def _disable(self, why: str) -> None:
+        log.warning("FUSE passthrough off for this mount: %s; reads go through this server", why)
+        self._negotiated = False
+
+    def backing_for_reader(self, node: Node, other_opens: bool, breaking: bool) -> int:
+        """The backing id a new read-only open of node is served from, or 0 for none.
+
+        other_opens: node has open files that are not passed through (the
+        kernel refuses to mix); breaking: a link break of node is under way
+        (its writer's open must not meet a passthrough reader).
+        """
+        entry = self._backing.get(node)
+        if entry is not None:
+            return entry[0]
+        if not self.enabled or other_opens or breaking or node.is_dir or not is_marked(node.fd):
+            return 0
+        try:
+            fd = syscalls.open_by_handle(
+                self._tree, syscalls.name_to_handle(node.fd), os.O_RDONLY | os.O_CLOEXEC
+            )
+        except OSError:  # no file handle reaches it: served as before
+            return 0
+        try:
+            backing_id = pyfuse3.passthrough_open(fd)  # the kernel keeps its own reference
+        except OSError as e:
+            if e.errno in _MOUNT_WIDE_ERRORS:
+                self._disable(f"the kernel refused a backing file: {e.strerror}")
+            return 0
+        finally:
+            os.close(fd)
+        self._backing[node] = [backing_id, 0]
+        return backing_id
+
+    def opened(self, node: Node, backing_id: int) -> None:
+        """An open of node was answered with backing_id (> 0)."""
+        entry = self._backing.setdefault(node, [backing_id, 0])
+        entry[1] += 1
+        self.opens += 1
+
+    def released(self, node: Node) -> None:
+        """A passthrough open of node was released: at its last, the backing id goes."""
+        entry = self._backing.get(node)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self._backing[node]
+            try:
+                pyfuse3.passthrough_close(entry[0])
+            except OSError as e:  # the connection is ending: the kernel drops it anyway
+                log.debug("closing backing id %d: %s", entry[0], e)
+
+    def forsake(self, node: Node) -> None:
+        """node got a backing id for an open that did not happen: drop the id unless used."""
+        entry = self._backing.get(node)
+        if entry is not None and entry[1] == 0:
+            entry[1] = 1
+            self.released(node)
+
+    def refuse_data_change(self, node: Node) -> None:
+        """ETXTBSY if node's data may not change now: it has passthrough readers."""
+        if node in self._backing:
+            raise FUSEError(errno.ETXTBSY)
+
+    def passed_through(self, node: Node) -> bool:
+        """True if node has passthrough opens."""
+        return node in self._backing
