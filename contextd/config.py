@@ -17,6 +17,7 @@
     restart_interval = 60.0
     capabilities = ["CHOWN", ...] # kept; all others dropped (default: the mode's set)
     autostart = false
+    passthrough = true            # shared files read from the shared inode: one page cache
 
     [security]
     userns = true                 # a user namespace of its own (false: guest root is host root)
@@ -381,6 +382,9 @@ class GuestConfig(msgspec.Struct, forbid_unknown_fields=True):
     restart_interval: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     capabilities: list[Capability] = msgspec.field(default_factory=lambda: [_MODE_DEFAULT])
     autostart: bool = False
+    # Read-only opens of shared files served by the kernel from the shared inode (one
+    # page cache for every guest sharing it); cowfs(8) PAGE CACHE AND PASSTHROUGH.
+    passthrough: bool = True
     limits: Limits = msgspec.field(default_factory=Limits)
     net: NetConfig = msgspec.field(default_factory=NetConfig)
     security: Security = msgspec.field(default_factory=Security)
@@ -600,6 +604,7 @@ def _file_contents(config: GuestConfig) -> dict[str, Any]:
         "restart_interval": float(config.restart_interval),
         "capabilities": list(config.capabilities),
         "autostart": config.autostart,
+        "passthrough": config.passthrough,
     }
     data["security"] = {"userns": config.security.userns}
     if config.security.userns and config.security.id_base is not None:

@@ -66,6 +66,7 @@ def mount_options(args: dict[str, Any]) -> MountOptions:
         xid=args.get("xid"),
         id_map=IdMap(idmap["base"], idmap["count"]) if idmap else SAME_IDS,
         resumable=True,  # its supervisor replaces a server that dies (contextd.rootserver)
+        passthrough=args.get("passthrough", True),
     )
 
 

@@ -225,6 +225,7 @@ class Runtime:
             "xid": config.xid,
             "log": str(log_dir() / f"{config.name}.cowfs.log"),
             "idmap": config.idmap(),
+            "passthrough": config.passthrough,
         }
 
     def _supervise(

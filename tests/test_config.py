@@ -41,6 +41,7 @@ restart_limit = 3
 restart_interval = 30
 capabilities = ["cap_chown", "KILL"]
 autostart = true
+passthrough = false
 
 [limits]
 memory = "256M"
@@ -81,6 +82,7 @@ def test_every_key_is_read_as_documented(tmp_path: Path) -> None:
     assert config.restart_interval == 30.0
     assert config.capabilities == ["CHOWN", "KILL"]
     assert config.autostart is True
+    assert config.passthrough is False
     limits = config.limits
     assert (limits.memory, limits.cpu_weight, limits.cpu_quota, limits.pids) == (
         256 * 2**20,
@@ -117,6 +119,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.idmap() == {"base": (7 + 16) * 65536, "count": 65536}
     assert "SYS_ADMIN" in config.capabilities and "SYS_RAWIO" not in config.capabilities
     assert config.autostart is False
+    assert config.passthrough is True
     limits = config.limits
     assert [limits.memory, limits.cpu_weight, limits.cpu_quota] == [None, None, None]
     assert [limits.pids, limits.disk_space, limits.disk_inodes] == [None, None, None]

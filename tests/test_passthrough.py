@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Mounts, cowfs, is_marked
+from contextd_harness import SLEEPER, Contextd
 
 BIG = 8 * 1024 * 1024
 
@@ -251,3 +252,28 @@ def test_without_passthrough_a_write_under_a_reader_goes_on_as_before(
             writer.write(b"MINE")
         assert reader.read() == b"MINEed\n"
     assert (template / "etc/motd").read_text() == "shared\n"
+
+
+@pytest.mark.parametrize("passthrough", [True, False])
+def test_a_guests_configuration_turns_passthrough_on_or_off(
+    passthrough: bool, ctx: Contextd, guest_tree: Path
+) -> None:
+    """contextd's `passthrough` key reaches the guest's root: with it, a shared file held
+    open for reading inside the guest cannot be changed there (ETXTBSY); without, it can."""
+    ctx("create", "pt", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx.configure("pt", passthrough=passthrough)
+    ctx("start", "pt")
+    result = ctx(
+        "exec",
+        "pt",
+        "--",
+        "/bin/sh",
+        "-c",
+        "exec 3</etc/passwd; echo x >> /etc/passwd && echo appended",
+        check=False,
+    )
+    if passthrough:
+        assert result.returncode != 0 and "Text file busy" in result.stderr, result
+    else:
+        assert result.returncode == 0 and result.stdout == "appended\n", result
+    ctx("stop", "pt")
