@@ -106,6 +106,9 @@ class _Families:
         self.cached_reads = counter(
             c + "page_cache_reads", "Reads answered from the page cache without Python"
         )
+        self.passthrough_opens = counter(
+            c + "passthrough_opens", "Opens of shared files the kernel served from the shared inode"
+        )
         self.nodes = gauge(c + "nodes", "Inodes the kernel knows through the mount")
 
     def add(self, config: configs.GuestConfig, status: runtime.Status) -> None:
@@ -150,6 +153,7 @@ class _Families:
             self.errors.add_metric([*guest, kind], count)
         _maybe(self.breaks, guest, counts.get("link_breaks"))
         _maybe(self.cached_reads, guest, counts.get("page_cache_reads"))
+        _maybe(self.passthrough_opens, guest, counts.get("passthrough_opens"))
         _maybe(self.nodes, guest, counts.get("nodes"))
 
     def all(self) -> Iterator[Metric]:

@@ -105,6 +105,8 @@ def test_a_scrape_shows_every_guest_and_its_values_move(
     assert (_value(after, "contextd_guest_memory_bytes", **busy) or 0) > 0
     assert (_value(after, "contextd_guest_uptime_seconds", **busy) or 0) > 0
     assert _value(after, "contextd_cowfs_requests_total", **idle, kind="write") is None
+    # The guest ran its shared busybox: an open the kernel served from the shared inode.
+    assert (_value(after, "contextd_cowfs_passthrough_opens_total", **busy) or 0) >= 1
     # A FUSE server replaced: counted.
     os.kill(fuse_server_of("busy"), signal.SIGKILL)
     replaced = "contextd_guest_root_server_replacements_total"

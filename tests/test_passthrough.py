@@ -212,17 +212,56 @@ def test_a_change_of_metadata_under_a_reader_breaks_the_link_and_reads_go_on(
         # readers' backing file; its data is the same.
         assert motd.read_text() == "shared\n"
         assert reader.read() == b"shared\n"
+        # The readers' backing file is still the shared inode: a writer may not share it
+        # (a writable mapping of it would write the shared inode).
+        with pytest.raises(OSError) as refused:
+            open(motd, "r+b").close()
+        assert refused.value.errno == errno.ETXTBSY
     motd.write_text("mine\n")
     assert motd.read_text() == "mine\n"
     assert (template / "etc/motd").read_text() == "shared\n"
     assert (template / "etc/motd").stat().st_mode & 0o777 == 0o644
 
 
+def test_a_private_file_is_read_from_its_backing_inode(
+    shared: tuple[Path, Path, Path], tmp_path: Path, mounts: Mounts
+) -> None:
+    """A guest's own file too: one page cache (the backing file's), not two."""
+    _, a, _ = shared
+    mnt_a = mounts.mount(a, tmp_path / "mnt-a")
+    (mnt_a / "own").write_bytes(os.urandom(BIG))
+    drop_pages(a / "own")
+    (a / "own").read_bytes()  # on the host: the backing inode's pages
+    assert resident_bytes(mnt_a / "own") == BIG
+
+
+def test_a_writer_and_a_mapping_reader_of_a_private_file_see_one_inode(
+    shared: tuple[Path, Path, Path], tmp_path: Path, mounts: Mounts
+) -> None:
+    _, a, _ = shared
+    mnt_a = mounts.mount(a, tmp_path / "mnt-a")
+    own = mnt_a / "own"
+    own.write_bytes(b"0" * 8192)
+    with open(own, "rb") as reader:
+        mapping = mmap.mmap(reader.fileno(), 0, prot=mmap.PROT_READ)
+        with open(own, "r+b", buffering=0) as writer:
+            writer.seek(4096)
+            writer.write(b"written")
+            shared_map = mmap.mmap(writer.fileno(), 0)
+            shared_map[:6] = b"mapped"
+            shared_map.flush()
+            shared_map.close()
+        assert mapping[4096:4103] == b"written" and mapping[:6] == b"mapped"
+        mapping.close()
+    assert (a / "own").read_bytes()[:6] == b"mapped"
+    assert (a / "own").read_bytes()[4096:4103] == b"written"
+
+
 def test_a_private_file_read_and_written_at_once_is_served_and_counted(
     shared: tuple[Path, Path, Path], tmp_path: Path, mounts: Mounts
 ) -> None:
-    """A private file is never passed through: a reader does not block its writer (a log
-    and its tail), and every write is checked against the guest's limit."""
+    """A reader of a private file does not hold up its writer (a log and its tail), and
+    every write(2) still reaches cowfs, which checks it against the guest's limit."""
     _, a, _ = shared
     used = json.loads(cowfs("du", a, "--json").stdout)["guests"][0]["private_bytes"]
     cowfs("limit", "set", a, "--space", str(used + 2 * 1024 * 1024))

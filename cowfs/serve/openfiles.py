@@ -108,7 +108,7 @@ class OpenFiles:
             self._by_handle[record.fh] = handle
             self._of_node.setdefault(node, set()).add(handle)
             if record.backing_id:
-                self.passthrough.opened(node, record.backing_id)
+                self.passthrough.opened(node, record.backing_id, known=False)
         return lost
 
     def release(self, fh: int) -> None:

@@ -447,12 +447,12 @@ class CowFS(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.table.get(inode)
         backing_flags = (flags & ~_STRIP_OPEN_FLAGS) | os.O_CLOEXEC
-        backing_id = 0
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
-            self.passthrough.refuse_data_change(node)
-            await self.breaker.ensure_private(
-                node, self._uid(ctx), with_data=not flags & os.O_TRUNC
-            )
+            backing_id = self.passthrough.backing_for_writer(node)
+            if not backing_id:
+                await self.breaker.ensure_private(
+                    node, self._uid(ctx), with_data=not flags & os.O_TRUNC
+                )
         else:
             if is_marked(node.fd):
                 backing_flags |= os.O_NOATIME  # reading must not touch the shared inode
@@ -473,9 +473,16 @@ class CowFS(pyfuse3.Operations):
             raise
         handle = self.open_files.add(fd, node, backing_flags, self._uid(ctx), backing_id)
         if backing_id:
-            # No FLUSH at close(2): the kernel needs this server only for the release.
-            return pyfuse3.FileInfo(fh=handle.fh, backing_id=backing_id, noflush=True)
-        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=True, direct_io=bool(flags & os.O_DIRECT))
+            # No FLUSH at close(2): the kernel needs this server only for the release. A
+            # writer's write(2)s still come here (direct I/O): limits and quota apply.
+            return pyfuse3.FileInfo(
+                fh=handle.fh, backing_id=backing_id, noflush=True, direct_io=handle.writable
+            )
+        return pyfuse3.FileInfo(
+            fh=handle.fh,
+            keep_cache=self.passthrough.may_keep_cache(node),
+            direct_io=bool(flags & os.O_DIRECT),
+        )
 
     @_errors_to_errno
     async def create(

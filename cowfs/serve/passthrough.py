@@ -4,35 +4,37 @@ Without it every mount caches its own copy of each file it reads, on top of
 the backing file's: N guests reading a shared library cost N+1 copies of its
 pages. With it (Linux 6.9+, libfuse 3.17+) the kernel serves an open file
 from a backing file the server registered (a *backing id*): reads, splice and
-mmap go to the backing inode, whose pages every guest sharing it then maps.
+mmap go to the backing inode, whose pages every guest sharing it then maps,
+and no read reaches this server.
 
-Which opens are passed through, and why only those:
+The kernel allows one backing file per FUSE inode at a time, and no other
+kind of open of that inode while it has one. What is passed through, and why:
 
-* read-only opens of shared regular files (those carrying the COW mark): where
-  the sharing is, and where no write can be lost. A write through a
-  passthrough open would never reach this server, so no limit or quota could
-  be applied to it, and a writable shared mapping of such an open would write
-  into the shared inode itself: write opens are never passed through.
-* The kernel allows one backing file per FUSE inode at a time, and no other
-  kind of open of that inode while it has one. So while a node has
-  passthrough opens, every new read-only open reuses its backing id, and
-  anything that would change the file's data (a write open, O_TRUNC, a
-  truncate) is refused with ETXTBSY ("text file busy", what Linux answers for
-  a running program's file) instead of breaking the link under the readers:
-  no reader ever sees data other than the file's. A change of metadata only
-  (chmod, chown, utimes, xattrs) breaks the link as usual; the readers' backing
-  inode then still holds the very same data.
-* A node that has other opens already (a cached open from before passthrough
-  was possible) is not passed through until they close: the kernel would
-  refuse the mix.
-
-Backing ids belong to the FUSE connection, not to this process: each open
-file's id is journaled with it (journal.py), so that a successor server
-(resume.py) reuses them and closes each at its node's last release.
+* every read-only open of a regular file, shared or private, unless the node
+  has other opens already (a writer this server serves: the kernel would
+  refuse the mix, and the open is served as before until they close);
+* a write open of a **private** file that has passthrough readers: served
+  with their backing id (the guest's own inode) in direct-I/O mode, so that
+  write(2) still comes to this server (limits, quota), while mappings share
+  the one inode. A write open of a private file with no such readers is
+  served as before;
+* never a write open of a **shared** file. It must break the link first, and
+  its readers' backing file is the shared inode (a writable shared mapping
+  would write into it). While a shared file has passthrough readers, anything
+  that would change its data (a write open, O_TRUNC, a truncate) is refused
+  with ETXTBSY ("text file busy", what Linux answers for a running program's
+  file) instead of breaking the link under them: no reader ever sees data
+  other than the file's. A change of metadata only (chmod, chown, utimes,
+  xattrs) breaks the link as usual; the readers' backing inode then still
+  holds the same data, and a writer waits for them as for a shared file.
 
 Reading through the kernel marks the backing file accessed, which would move
 the atime every sharer sees: the file registered is opened from a copy of the
 tree's mount with noatime, attached nowhere (open_tree).
+
+Backing ids belong to the FUSE connection, not to this process: each open
+file's id is journaled with it (journal.py), so that a successor server
+(resume.py) reuses them and closes each at its node's last release.
 
 Where the kernel or the pyfuse3 build cannot do it, or the backing filesystem
 refuses (stacked too deep: ELOOP), cowfs serves reads itself as before and
@@ -53,7 +55,7 @@ from cowfs.tree.marks import is_marked
 from native import syscalls
 
 if TYPE_CHECKING:
-    from cowfs.serve.inodes import Node
+    from cowfs.serve.inodes import Key, Node
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,18 @@ def available() -> str | None:
     if not getattr(pyfuse3, "passthrough_available", lambda: False)():
         return "pyfuse3 is built against a libfuse older than 3.17 (tools/install.sh builds 3.17)"
     return None
+
+
+class Backing:
+    """A node's backing id while it has passthrough opens."""
+
+    __slots__ = ("backing_id", "key", "opens")
+
+    def __init__(self, backing_id: int, key: Key | None):
+        self.backing_id = backing_id
+        # The backing inode registered; None if not known (taken over from a dead server).
+        self.key = key
+        self.opens = 0
 
 
 class Passthrough:
@@ -91,7 +105,10 @@ class Passthrough:
         if wanted and why_not is not None:
             log.warning("FUSE passthrough unavailable: %s; reads go through this server", why_not)
         self._negotiated: bool | None = None  # known once the kernel answered FUSE_INIT
-        self._backing: dict[Node, list[int]] = {}  # node -> [backing id, passthrough opens]
+        self._backing: dict[Node, Backing] = {}
+        # Nodes written through a passthrough open: the kernel's own page cache of the
+        # node may be stale, so its next served open must not keep it.
+        self._written: set[Node] = set()
         self.opens = 0  # passthrough opens so far (stats.py)
 
     @property
@@ -122,8 +139,8 @@ class Passthrough:
         """
         entry = self._backing.get(node)
         if entry is not None:
-            return entry[0]
-        if not self.enabled or other_opens or breaking or node.is_dir or not is_marked(node.fd):
+            return entry.backing_id
+        if not self.enabled or other_opens or breaking or node.is_dir:
             return 0
         try:
             fd = syscalls.open_by_handle(
@@ -139,13 +156,43 @@ class Passthrough:
             return 0
         finally:
             os.close(fd)
-        self._backing[node] = [backing_id, 0]
+        self._backing[node] = Backing(backing_id, node.key)
         return backing_id
 
-    def opened(self, node: Node, backing_id: int) -> None:
-        """An open of node was answered with backing_id (> 0)."""
-        entry = self._backing.setdefault(node, [backing_id, 0])
-        entry[1] += 1
+    def backing_for_writer(self, node: Node) -> int:
+        """The backing id a write open of node shares with its passthrough readers, 0 if it
+        has none (served as before); ETXTBSY if its readers' inode is not the node's
+        private one (a shared file, or one whose link broke under them)."""
+        entry = self._backing.get(node)
+        if entry is None:
+            return 0
+        if entry.key != node.key or is_marked(node.fd):
+            raise FUSEError(errno.ETXTBSY)
+        self._written.add(node)
+        return entry.backing_id
+
+    def refuse_data_change(self, node: Node) -> None:
+        """ETXTBSY if node's data may not change now (a truncate): its passthrough
+        readers' inode is not the node's private one."""
+        entry = self._backing.get(node)
+        if entry is not None and (entry.key != node.key or is_marked(node.fd)):
+            raise FUSEError(errno.ETXTBSY)
+
+    def may_keep_cache(self, node: Node) -> bool:
+        """False once for a node written through passthrough: the next open served as
+        before must not keep the kernel's cached pages of it."""
+        if node in self._written:
+            self._written.discard(node)
+            return False
+        return True
+
+    def opened(self, node: Node, backing_id: int, known: bool = True) -> None:
+        """An open of node was answered with backing_id (> 0); known=False: by a dead
+        server, whose backing inode is not known."""
+        entry = self._backing.get(node)
+        if entry is None:
+            entry = self._backing[node] = Backing(backing_id, node.key if known else None)
+        entry.opens += 1
         self.opens += 1
 
     def released(self, node: Node) -> None:
@@ -153,26 +200,17 @@ class Passthrough:
         entry = self._backing.get(node)
         if entry is None:
             return
-        entry[1] -= 1
-        if entry[1] <= 0:
+        entry.opens -= 1
+        if entry.opens <= 0:
             del self._backing[node]
             try:
-                pyfuse3.passthrough_close(entry[0])
+                pyfuse3.passthrough_close(entry.backing_id)
             except OSError as e:  # the connection is ending: the kernel drops it anyway
-                log.debug("closing backing id %d: %s", entry[0], e)
+                log.debug("closing backing id %d: %s", entry.backing_id, e)
 
     def forsake(self, node: Node) -> None:
         """node got a backing id for an open that did not happen: drop the id unless used."""
         entry = self._backing.get(node)
-        if entry is not None and entry[1] == 0:
-            entry[1] = 1
+        if entry is not None and entry.opens == 0:
+            entry.opens = 1
             self.released(node)
-
-    def refuse_data_change(self, node: Node) -> None:
-        """ETXTBSY if node's data may not change now: it has passthrough readers."""
-        if node in self._backing:
-            raise FUSEError(errno.ETXTBSY)
-
-    def passed_through(self, node: Node) -> bool:
-        """True if node has passthrough opens."""
-        return node in self._backing
