@@ -292,10 +292,16 @@ def test_file_capabilities_survive_break(guests: tuple[Path, Path, Path, Path]) 
     assert not is_marked(a / "bin" / "busybox")
 
 
-def test_reading_a_shared_file_leaves_its_atime(guests: tuple[Path, Path, Path, Path]) -> None:
+@pytest.mark.parametrize("passthrough", [True, False])
+def test_reading_a_shared_file_leaves_its_atime(
+    passthrough: bool, guests: tuple[Path, Path, Path, Path], tmp_path: Path, mounts: Mounts
+) -> None:
     """A guest reading a shared file must not touch the inode every sharer sees (its atime
-    would tell one guest when another read it)."""
-    template, _a, _b, mnt = guests
+    would tell one guest when another read it): read by the kernel (passthrough) or by
+    cowfs."""
+    template, _a, b, _ = guests
+    flag = "--passthrough" if passthrough else "--no-passthrough"
+    mnt = mounts.mount(b, tmp_path / "mnt-b", flag)
     lib = "usr/lib/libbig.so"
     old = (template / lib).stat().st_atime_ns
     assert (mnt / lib).read_bytes()  # a fresh mount: the reads reach the backing file

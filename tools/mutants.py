@@ -57,6 +57,50 @@ MUTANTS = (
         ("tests/test_cow.py",),
     ),
     Mutant(
+        "passthrough-read-touches-atime",
+        "reading a shared file through the kernel (passthrough) leaves its atime",
+        "cowfs/serve/passthrough.py",
+        "os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._mount",
+        "os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=tree_fd",
+        ("tests/test_cow.py::test_reading_a_shared_file_leaves_its_atime",),
+    ),
+    Mutant(
+        "passthrough-writer-on-shared-inode",
+        "no write open shares a shared file's passthrough readers' backing (ETXTBSY)",
+        "cowfs/serve/passthrough.py",
+        "        if entry.key != node.key or is_marked(node.fd):\n"
+        "            raise FUSEError(errno.ETXTBSY)\n        self._written",
+        "        self._written",
+        ("tests/test_passthrough.py",),
+    ),
+    Mutant(
+        "passthrough-writer-after-metadata-break",
+        "a writer never shares readers' backing file that is no longer the node's inode",
+        "cowfs/serve/passthrough.py",
+        "        if entry.key != node.key or is_marked(node.fd):\n"
+        "            raise FUSEError(errno.ETXTBSY)\n        self._written",
+        "        if is_marked(node.fd):\n"
+        "            raise FUSEError(errno.ETXTBSY)\n        self._written",
+        ("tests/test_passthrough.py",),
+    ),
+    Mutant(
+        "passthrough-data-change-under-readers",
+        "a shared file's data never changes under its passthrough readers (ETXTBSY)",
+        "cowfs/serve/passthrough.py",
+        "        if entry is not None and (entry.key != node.key or is_marked(node.fd)):\n"
+        "            raise FUSEError(errno.ETXTBSY)",
+        "        pass",
+        ("tests/test_passthrough.py",),
+    ),
+    Mutant(
+        "successor-forgets-backing-ids",
+        "a successor server reuses the backing ids of the open files it takes over",
+        "cowfs/serve/openfiles.py",
+        "self.passthrough.opened(node, record.backing_id, known=False)",
+        "pass",
+        ("tests/test_faults.py::test_a_guest_outlives_the_death_of_its_fuse_server",),
+    ),
+    Mutant(
         "no-break-on-write",
         "a write to a shared file never reaches the other sharers",
         "cowfs/serve/cow.py",
