@@ -16,7 +16,11 @@ file under its /usr through its own root, one guest after the other:
 
 Before each contender's run the caches are dropped, /proc/meminfo's Cached
 recorded, the N guests' reads done, and Cached recorded again: the growth is
-the page cache the N guests cost. The contenders run in turn for each N,
+the page cache the N guests cost, along with whatever else the host cached
+meanwhile. So the page cache the trees' own inodes hold is counted too
+(cachestat(2) on every file and directory of the template and of each guest's
+root, each inode once; through a FUSE or overlay mount that is the mount's own
+inode's pages). The contenders run in turn for each N,
 every round (odd rounds in reverse order); medians, min and max over rounds.
 With --mmap, N processes then map the same shared library (libc) through N
 guests, one guest each, and touch every page: the total proportional set size
