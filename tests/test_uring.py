@@ -150,7 +150,7 @@ def test_cold_reads_through_the_mount(
     data = os.urandom(8 * 2**20)
     (backing / "big").write_bytes(data)
     log = tmp_path / "mount.log"
-    mnt = mounts.mount(backing, tmp_path / "mnt", option, "--log", str(log))
+    mnt = mounts.mount(backing, tmp_path / "mnt", option, "--no-passthrough", "--log", str(log))
     drop_caches()
     rng = random.Random(5)
     fd = os.open(mnt / "big", os.O_RDONLY)
@@ -199,7 +199,9 @@ def test_reads_from_the_page_cache_and_from_the_disk_agree(
     data = os.urandom(3 * 2**20 + 777)
     (backing / "f").write_bytes(data)
     log = tmp_path / "mount.log"
-    mnt = mounts.mount(backing, tmp_path / "mnt", "--log", str(log))
+    # Without passthrough: the reads must reach this server (passthrough would serve
+    # them in the kernel from the backing file).
+    mnt = mounts.mount(backing, tmp_path / "mnt", "--no-passthrough", "--log", str(log))
     drop_caches()
     with open(backing / "f", "rb") as warm:  # cache the first MiB and scattered pages
         warm.read(2**20)
