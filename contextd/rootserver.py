@@ -63,8 +63,11 @@ class RootServer:
 
     def ended(self) -> None:
         """The server has died: start a successor on its session, or raise RootServerError."""
-        with contextlib.suppress(ChildProcessError):  # ours if it was a successor
-            os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG)
+        # Ours if it was a successor: reaped here, or it would pass to the daemon as
+        # a zombie when this supervisor ends. Its pidfd is readable, so the wait is
+        # short, but a WNOHANG wait could come before it was reapable.
+        with contextlib.suppress(ChildProcessError):
+            os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
         os.close(self.pidfd)
         self.pidfd = -1
         now = time.monotonic()

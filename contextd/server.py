@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import os
+import select
 import socket
 import struct
 import time
@@ -434,8 +435,11 @@ async def _reap_children() -> None:
     subreaper while it runs.
 
     Only those: waitpid(-1) would take the exit status of the helpers
-    that the verbs wait for themselves.
+    that the verbs wait for themselves. Each is watched by a pidfd from the
+    moment its run state is seen, so that one that ends with its guest (whose
+    run state is gone by the next look) is reaped all the same.
     """
+    watched: dict[int, int] = {}  # pid -> its pidfd
     while True:
         await trio.sleep(0.5)
         for name in runstate.recorded():
@@ -443,9 +447,21 @@ async def _reap_children() -> None:
             if state is None:
                 continue
             for pid in (state.init_pid, state.fuse_server_pid):  # (a dead server: resumed)
-                with contextlib.suppress(ChildProcessError):
-                    if pid:
-                        os.waitpid(pid, os.WNOHANG)
+                if pid and pid not in watched:
+                    with contextlib.suppress(OSError):
+                        watched[pid] = os.pidfd_open(pid)
+        for pid, pidfd in list(watched.items()):
+            if _reaped(pidfd):
+                os.close(pidfd)
+                del watched[pid]
+
+
+def _reaped(pidfd: int) -> bool:
+    """Reap the process if it is an ended child of ours; whether there is no more to do."""
+    try:
+        return os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG) is not None
+    except ChildProcessError:  # not (yet) ours: someone else reaps it once it has ended
+        return bool(select.select([pidfd], [], [], 0)[0])
 
 
 async def serve(config_dir: Path, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -340,6 +340,10 @@ def _holding_open(path: Path) -> list[int]:
     return found
 
 
+def _pidfds(pid: int) -> int:
+    return sum(os.readlink(fd) == "anon_inode:[pidfd]" for fd in Path(f"/proc/{pid}/fd").iterdir())
+
+
 def test_helpers_forked_from_a_fork_server_that_is_replaced_if_it_dies(
     ctx: Contextd, guest_tree: Path
 ) -> None:
@@ -377,6 +381,8 @@ def test_a_start_that_fails_is_undone(ctx: Contextd, guest_tree: Path) -> None:
     ctx("create", "warm", "--from", str(guest_tree), "--init", SLEEPER)
     ctx("start", "warm")  # the fork server and the daemon's own fds settle first
     ctx("stop", "warm")
+    # The daemon's reaper holds a pidfd of each guest's processes until it has reaped them.
+    assert wait_for(lambda: _pidfds(ctx.proc.pid) == 0)  # type: ignore[union-attr]
     fds_before = len(os.listdir(f"/proc/{ctx.proc.pid}/fd"))
     for _ in range(3):
         result = ctx("start", "broken", check=False)
@@ -385,6 +391,7 @@ def test_a_start_that_fails_is_undone(ctx: Contextd, guest_tree: Path) -> None:
     # Mount, cgroup, state and console logger undone; nothing left open in the daemon.
     assert left_behind("broken", ctx) == []
     assert _holding_open(ctx.base / "log" / "broken.console.log") == []
+    assert wait_for(lambda: _pidfds(ctx.proc.pid) == 0)  # type: ignore[union-attr]
     assert len(os.listdir(f"/proc/{ctx.proc.pid}/fd")) == fds_before
 
 

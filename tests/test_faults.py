@@ -285,6 +285,55 @@ def test_a_hung_fuse_server_does_not_keep_its_guest_from_stopping(
             os.kill(server, signal.SIGKILL)
 
 
+def _traced(pid: int) -> bool:
+    return all(
+        "TracerPid:\t0\n" not in (task / "status").read_text()
+        for task in Path(f"/proc/{pid}/task").iterdir()
+    )
+
+
+def test_an_append_the_dead_server_had_done_is_not_done_twice(
+    ctx: Contextd, guest_tree: Path
+) -> None:
+    log = guest_tree / "root" / "log"
+    log.write_text("first\n")
+    _started(ctx, guest_tree, "appender")
+    writer = subprocess.Popen(
+        [CONTEXTD, "exec", "appender", "--", "/bin/sh", "-c",
+         "exec 3>>/root/log; echo armed; read go; echo second >&3; echo done"],
+        env=ctx.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert writer.stdin is not None and writer.stdout is not None
+    assert writer.stdout.readline() == "armed\n"  # the log is open: only its write is left
+    server = fuse_server_of("appender")
+    # The server's answers to /dev/fuse held back after the first (to the write's
+    # GETXATTR security.capability): it dies having appended, before it could say so,
+    # and the kernel resends the write to its successor.
+    tracer = subprocess.Popen(
+        ["strace", "-qq", "-f", "-o", "/dev/null", "-p", str(server),
+         "-e", "trace=writev", "-e", "inject=writev:delay_enter=60000000:when=2+"],
+    )  # fmt: skip
+    try:
+        assert wait_for(lambda: _traced(server), 10)
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        private = _guest_file(ctx, "appender", "/root/log")
+        assert wait_for(lambda: private.read_text() == "first\nsecond\n", 10)
+        time.sleep(0.2)
+        assert writer.poll() is None  # (not answered)
+        os.kill(server, signal.SIGKILL)
+        tracer.kill()  # its parent hears of the death once the tracer is gone
+        assert wait_for(lambda: _replacements(ctx, "appender") == 1, 20), ctx.log()
+        assert writer.stdout.readline() == "done\n"
+        assert writer.wait(timeout=20) == 0
+    finally:
+        tracer.kill()
+        tracer.wait()
+        writer.kill()
+        writer.wait()
+    assert private.read_text() == "first\nsecond\n"
+
+
 def _making_a_copy(server: int) -> bool:
     """True while the server has an unnamed private copy (O_TMPFILE) open."""
     for fd in Path(f"/proc/{server}/fd").iterdir():

@@ -93,7 +93,9 @@ class OpenFiles:
         lost = 0
         for record in records:
             node = self.table.by_nodeid.get(record.nodeid)
-            flags = record.flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY)
+            flags = record.flags & ~(
+                os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_APPEND
+            )
             try:
                 if node is None or node.handle is None:
                     raise FileNotFoundError

@@ -46,7 +46,10 @@ NAME_MAX = 255
 # buffer is a round trip to this process, so ask for the largest FUSE write.
 IO_BLOCK_SIZE = 128 * 1024
 # Flags the kernel has already acted on, or that must not reach the backing open.
-_STRIP_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECT
+# O_APPEND too: the kernel already sends an appending write(2) at the end of the
+# file it knows, and written at that offset it is the same when a successor does
+# it again (a request resent after a server's death); appended, it would be twice.
+_STRIP_OPEN_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECT | os.O_APPEND
 _AT_FD = syscalls.AT_EMPTY_PATH | syscalls.AT_SYMLINK_NOFOLLOW
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -566,7 +569,7 @@ class CowFS(pyfuse3.Operations):
                         raise
                     self._nowait_writes = False
             if written < len(buf):
-                # Only the rest: with O_APPEND the offset is ignored and all would go again.
+                # Only the rest, at its own offset.
                 rest = memoryview(buf)[written:]
                 written += await self.disk.write(fd, rest, off + written)
         return written
