@@ -44,6 +44,10 @@ from native.syscalls import open_in_root
 
 log = logging.getLogger(__name__)
 
+# Seconds a guest's root server has to end after the unmount at stop before it is
+# killed: one that hung or was stopped (SIGSTOP) never notices the unmount.
+SERVER_END_TIMEOUT = 10.0
+
 
 class GuestError(CowfsError):
     """A guest operation that cannot be done; one line for the admin."""
@@ -346,14 +350,14 @@ class Runtime:
         if os.path.realpath(mountpoint) in registry.mounted_points():
             for _ in range(100):
                 try:
-                    unmount(mountpoint)
+                    unmount(mountpoint, timeout=SERVER_END_TIMEOUT, kill_late=True)
                     break
                 except CowfsError as e:
                     if "busy" not in str(e):
                         raise
                     time.sleep(0.05)  # the guest's mount namespace is being torn down
             else:
-                unmount(mountpoint, lazy=True)
+                unmount(mountpoint, lazy=True, timeout=SERVER_END_TIMEOUT, kill_late=True)
         network.unplug(config)
         cgroup.remove()
         runstate.drop(config.name)

@@ -271,8 +271,8 @@ def test_a_hung_fuse_server_does_not_keep_its_guest_from_stopping(
         " && sync /root/out && touch /root/synced) > /dev/null 2>&1 &",
     )
     assert wait_for(lambda: _guest_file(ctx, "hung", "/root/written").exists(), 60)
-    time.sleep(0.05)
     server = fuse_server_of("hung")
+    assert wait_for(lambda: _in_fsync(server), 20)
     os.kill(server, signal.SIGSTOP)  # with the fsync in its hands: its caller cannot be killed
     try:
         assert not _guest_file(ctx, "hung", "/root/synced").exists()
@@ -332,6 +332,31 @@ def test_an_append_the_dead_server_had_done_is_not_done_twice(
         writer.kill()
         writer.wait()
     assert private.read_text() == "first\nsecond\n"
+
+
+def _in_fsync(pid: int) -> bool:
+    """True while a thread of process pid is in fsync(2) or fdatasync(2)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            if (task / "syscall").read_text().split()[0] in ("74", "75"):
+                return True
+    return False
+
+
+def test_a_stopped_fuse_server_of_an_idle_guest_is_killed_at_its_stop(
+    ctx: Contextd, guest_tree: Path
+) -> None:
+    _started(ctx, guest_tree, "frozen")
+    server = fuse_server_of("frozen")
+    os.kill(server, signal.SIGSTOP)  # nothing asked of it: the guest ends, the unmount is done
+    try:
+        ctx("stop", "frozen", "--timeout", "1")
+        assert left_behind("frozen", ctx) == []
+        assert not Path(f"/proc/{server}").exists()
+        assert "did not end within 10 s of its unmount: killed" in ctx.log()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)
 
 
 def _making_a_copy(server: int) -> bool:

@@ -450,8 +450,12 @@ def _detach_stdio() -> None:
     os.close(devnull)
 
 
-def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
-    """Detach the cowfs mount at mountpoint and wait until its process has finished."""
+def unmount(
+    mountpoint: str, lazy: bool = False, timeout: float = 30.0, kill_late: bool = False
+) -> None:
+    """Detach the cowfs mount at mountpoint and wait until its process has finished;
+    kill_late: kill it if it has not within timeout (a server that hung or was
+    stopped never notices the unmount; a killed one loses nothing: journal.py)."""
     if not os.path.lexists(mountpoint):
         raise CowfsError(f"{mountpoint}: no such directory")
     point = os.path.realpath(mountpoint)
@@ -472,7 +476,7 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 30.0) -> None:
     if record is None or record.pid <= 0:
         return
     deadline = time.monotonic() + timeout
-    if not _wait_ended(record.pid, timeout):
+    if not _wait_ended(record.pid, timeout, kill_late):
         raise CowfsError(f"{mountpoint}: unmounted, but pid {record.pid} still runs")
     _reap_if_ours(record.pid, deadline)
     if registry.read_record(point) == record:  # its process died without withdrawing it
@@ -514,14 +518,22 @@ def _reap_if_ours(pid: int, deadline: float) -> None:
             time.sleep(0.01)
 
 
-def _wait_ended(pid: int, timeout: float) -> bool:
-    """Wait until process pid and all its threads have ended; False if timeout passed first."""
+def _wait_ended(pid: int, timeout: float, kill_late: bool = False) -> bool:
+    """Wait until process pid and all its threads have ended; False if timeout passed
+    first (and, with kill_late, it did not end within 5 s of a SIGKILL either)."""
     # A pidfd is readable from the moment the whole process has exited: no polling.
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
         return True
     try:
-        return bool(select.select([pidfd], [], [], timeout)[0])
+        if select.select([pidfd], [], [], timeout)[0]:
+            return True
+        if not kill_late:
+            return False
+        log.warning("cowfs server %d did not end within %g s of its unmount: killed", pid, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return bool(select.select([pidfd], [], [], 5)[0])
     finally:
         os.close(pidfd)
