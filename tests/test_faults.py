@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -257,6 +258,23 @@ def test_requests_in_flight_are_answered_by_the_successor(ctx: Contextd, guest_t
     assert len(out) == 400 << 20 and out.count(0) == len(out)
 
 
+@contextlib.contextmanager
+def _frozen(pid: int) -> Iterator[None]:
+    """Process pid stopped (SIGSTOP) for the block, and killed after it if it still runs."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _stopped_leaving_nothing(ctx: Contextd, name: str, server: int) -> None:
+    ctx("stop", name, "--timeout", "1")
+    assert left_behind(name, ctx) == []
+    assert not Path(f"/proc/{server}").exists()
+
+
 def test_a_hung_fuse_server_does_not_keep_its_guest_from_stopping(
     ctx: Contextd, guest_tree: Path
 ) -> None:
@@ -273,16 +291,10 @@ def test_a_hung_fuse_server_does_not_keep_its_guest_from_stopping(
     assert wait_for(lambda: _guest_file(ctx, "hung", "/root/written").exists(), 60)
     server = fuse_server_of("hung")
     assert wait_for(lambda: _in_fsync(server), 20)
-    os.kill(server, signal.SIGSTOP)  # with the fsync in its hands: its caller cannot be killed
-    try:
+    with _frozen(server):  # with the fsync in its hands: its caller cannot be killed
         assert not _guest_file(ctx, "hung", "/root/synced").exists()
-        ctx("stop", "hung", "--timeout", "1")
-        assert left_behind("hung", ctx) == []
-        assert not Path(f"/proc/{server}").exists()
+        _stopped_leaving_nothing(ctx, "hung", server)
         assert "FUSE connection aborted" in ctx.log()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(server, signal.SIGKILL)
 
 
 def _traced(pid: int) -> bool:
@@ -348,15 +360,9 @@ def test_a_stopped_fuse_server_of_an_idle_guest_is_killed_at_its_stop(
 ) -> None:
     _started(ctx, guest_tree, "frozen")
     server = fuse_server_of("frozen")
-    os.kill(server, signal.SIGSTOP)  # nothing asked of it: the guest ends, the unmount is done
-    try:
-        ctx("stop", "frozen", "--timeout", "1")
-        assert left_behind("frozen", ctx) == []
-        assert not Path(f"/proc/{server}").exists()
+    with _frozen(server):  # nothing asked of it: the guest ends, the unmount is done
+        _stopped_leaving_nothing(ctx, "frozen", server)
         assert "did not end within 10 s of its unmount: killed" in ctx.log()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(server, signal.SIGKILL)
 
 
 def _making_a_copy(server: int) -> bool:
