@@ -65,10 +65,22 @@ def drop_all_but(keep: list[str] | tuple[str, ...]) -> None:
     Root's capabilities after execve are its bounding set, so the bounding set
     is what confines a guest's root; the others make it hold now, before exec.
     """
+    drop_bounding_but(keep)
+    limit_held_to(keep)
+
+
+def drop_bounding_but(keep: list[str] | tuple[str, ...]) -> None:
+    """Drop every capability but keep from the bounding set (needs CAP_SETPCAP)."""
     keep_mask = mask(keep)
     for number in range(last_cap() + 1):
         if not keep_mask >> number & 1:
             syscalls.prctl(syscalls.PR_CAPBSET_DROP, number)
+
+
+def limit_held_to(keep: list[str] | tuple[str, ...]) -> None:
+    """Keep no capability but those of keep in the effective and permitted sets, none
+    inheritable, no ambient ones."""
+    keep_mask = mask(keep)
     syscalls.prctl(syscalls.PR_CAP_AMBIENT, syscalls.PR_CAP_AMBIENT_CLEAR_ALL)
     effective, permitted, _inheritable = syscalls.capget()
     syscalls.capset(effective & keep_mask, permitted & keep_mask, 0)

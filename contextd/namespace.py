@@ -41,7 +41,7 @@ def _mount(
     sc.mount(source, target, fstype, flags, data)
 
 
-def _bind_readonly(path: str) -> None:
+def bind_readonly(path: str) -> None:
     _mount(path, path, None, sc.MS_BIND | sc.MS_REC)
     _mount(None, path, None, sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV)
 
@@ -59,17 +59,41 @@ def setup_root(root: str, idmap: dict[str, int] | None = None) -> tuple[int, int
     bound from the host's /dev rather than made, and /sys, when the network
     namespace is the host's, is the host's bound read-only.
     """
-    _mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-    # A bind of the root onto itself: pivot_root needs a mount point, and it keeps
-    # the guest's mounts below inside its own tree. All else is relative to it.
-    _mount(root, root, None, sc.MS_BIND | sc.MS_REC)
-    os.chdir(root)
+    enter_root_tree(root)
     if idmap is not None:
         become_namespace_root()
     for sub in ("proc", "sys", "dev"):
         if not os.path.isdir(sub) or os.path.islink(sub):
             raise RuntimeError(f"the guest has no /{sub} directory")
-    proc = "proc"
+    mount_proc("proc")
+    mount_sys("sys")
+    mount_cgroup("sys/fs/cgroup")
+    console = _make_dev("dev", bind_devices=idmap is not None)
+    _mount_run(".")
+    pivot_into_root()
+    return console
+
+
+def enter_root_tree(root: str) -> None:
+    """Make root (a mount point or not) a mount of its own in this (new, private) mount
+    namespace and our cwd: what is mounted for the new root is mounted relative to it."""
+    _mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+    # A bind of the root onto itself: pivot_root needs a mount point, and it keeps
+    # the guest's mounts below inside its own tree.
+    _mount(root, root, None, sc.MS_BIND | sc.MS_REC)
+    os.chdir(root)
+
+
+def pivot_into_root() -> None:
+    """The cwd (enter_root_tree's root) becomes /, and the host's tree is detached."""
+    sc.pivot_root(".", ".")  # the old root is stacked on the new one ...
+    sc.umount2(".", sc.MNT_DETACH)  # ... and detached: the host's tree is gone
+    os.chdir("/")
+
+
+def mount_proc(proc: str, sysctls: dict[str, str] | None = None) -> None:
+    """A new /proc at proc, its dangerous files and directories masked and the kernel's
+    tunables read-only; sysctls (those the context's own namespaces own) set first."""
     empty = _empty_read_only_file(proc)
     try:
         _mount("proc", proc, "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
@@ -88,17 +112,12 @@ def setup_root(root: str, idmap: dict[str, int] | None = None) -> tuple[int, int
                 sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV,
                 "size=0",
             )
+    for key, value in (sysctls or {}).items():
+        with open(f"{proc}/sys/{key.replace('.', '/')}", "w") as f:
+            f.write(value)
     for name in READONLY_PROC:
         if os.path.isdir(f"{proc}/{name}"):
-            _bind_readonly(f"{proc}/{name}")
-    _mount_sys("sys")
-    _mount_cgroup("sys/fs/cgroup")
-    console = _make_dev("dev", bind_devices=idmap is not None)
-    _mount_run(".")
-    sc.pivot_root(".", ".")  # the old root is stacked on the new one ...
-    sc.umount2(".", sc.MNT_DETACH)  # ... and detached: the host's tree is gone
-    os.chdir("/")
-    return console
+            bind_readonly(f"{proc}/{name}")
 
 
 def become_namespace_root() -> None:
@@ -109,7 +128,8 @@ def become_namespace_root() -> None:
     os.setresuid(0, 0, 0)
 
 
-def _mount_sys(target: str) -> None:
+def mount_sys(target: str) -> None:
+    """sysfs, read-only (the host's, bound read-only, where a new one may not be made)."""
     flags = sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
     try:
         _mount("sysfs", target, "sysfs", flags)
@@ -118,7 +138,7 @@ def _mount_sys(target: str) -> None:
         _mount(None, target, None, sc.MS_REMOUNT | sc.MS_BIND | flags)
 
 
-def _mount_cgroup(target: str) -> None:
+def mount_cgroup(target: str) -> None:
     """The guest's own part of the cgroup hierarchy a distribution's systemd keeps its
     units in: the cgroup namespace made before this shows the guest's cgroup as its
     root. On hosts with cgroup v1's systemd hierarchy, that one at
@@ -171,15 +191,9 @@ def _empty_read_only_file(directory: str) -> int:
 def _make_dev(dev: str, bind_devices: bool) -> tuple[int, int]:
     """A minimal /dev on tmpfs; the console's pty (master, slave)."""
     _mount("tmpfs", dev, "tmpfs", sc.MS_NOSUID | sc.MS_STRICTATIME, "mode=755,size=65536k")
+    make_device_nodes(dev, bind_devices)
     old_umask = os.umask(0)
     try:
-        for name, major, minor in DEVICES:
-            node = f"{dev}/{name}"
-            if bind_devices:  # no mknod in a user namespace: the host's own node, bound
-                os.close(os.open(node, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
-                _mount(f"/dev/{name}", node, None, sc.MS_BIND)
-            else:
-                os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
         os.mkdir(f"{dev}/pts", 0o755)
         _mount(
             "devpts",
@@ -192,14 +206,36 @@ def _make_dev(dev: str, bind_devices: bool) -> tuple[int, int]:
         os.mkdir(f"{dev}/shm", 0o1777)
         _mount("tmpfs", f"{dev}/shm", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777")
         os.mkdir(f"{dev}/mqueue", 0o1777)
-        for name, target in (
-            ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-            ("stderr", "/proc/self/fd/2"), ("core", "/proc/kcore"),
-        ):  # fmt: skip
-            os.symlink(target, f"{dev}/{name}")
-        return _make_console(dev)
+        make_dev_links(dev)
+        return make_console(dev)
     finally:
         os.umask(old_umask)
+
+
+def make_device_nodes(dev: str, bind_devices: bool) -> None:
+    """The devices every context has (DEVICES) in the directory dev; bind_devices: in a
+    user namespace, which may not mknod, the host's own nodes bound there."""
+    old_umask = os.umask(0)
+    try:
+        for name, major, minor in DEVICES:
+            node = f"{dev}/{name}"
+            if bind_devices:
+                os.close(os.open(node, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o666))
+                _mount(f"/dev/{name}", node, None, sc.MS_BIND)
+            else:
+                os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+    finally:
+        os.umask(old_umask)
+
+
+def make_dev_links(dev: str) -> None:
+    """/dev/fd, stdin, stdout, stderr and core, as symlinks into /proc."""
+    for name, target in (
+        ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"), ("core", "/proc/kcore"),
+    ):  # fmt: skip
+        with contextlib.suppress(FileExistsError):
+            os.symlink(target, f"{dev}/{name}")
 
 
 TIOCGPTN = 0x80045430
@@ -207,19 +243,26 @@ TIOCSPTLCK = 0x40045431
 TIOCGPTPEER = 0x5441
 
 
-def _make_console(dev: str) -> tuple[int, int]:
+def make_console(dev: str) -> tuple[int, int]:
     """/dev/console: a pty of the guest's own devpts, bound there; (master, slave).
 
     Its master goes to the supervisor, which keeps the console log from it: a
     distribution's init writes its boot to /dev/console and gives it to
     whatever it runs there.
     """
-    master = os.open(f"{dev}/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-    fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+    master, slave = make_pty(f"{dev}/pts/ptmx")
     number = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))[0]
-    slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
     os.close(os.open(f"{dev}/console", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
     _mount(f"{dev}/pts/{number}", f"{dev}/console", None, sc.MS_BIND)
+    return master, slave
+
+
+def make_pty(ptmx: str) -> tuple[int, int]:
+    """A new pty of the devpts whose ptmx this is: (master, slave), neither our
+    controlling terminal."""
+    master = os.open(ptmx, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+    slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
     return master, slave
 
 

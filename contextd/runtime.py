@@ -76,7 +76,7 @@ def half_started(config: GuestConfig) -> bool:
     return Cgroup(config.name).exists() or mountpoint in registry.mounted_points()
 
 
-def _apply_disk_limits(config: GuestConfig) -> None:
+def apply_disk_limits(config: GuestConfig) -> None:
     """The configuration's disk limits into cowfs's books (the reserve stays as set there)."""
     limits = config.limits
     if limits.disk_space is None and limits.disk_inodes is None:
@@ -86,7 +86,7 @@ def _apply_disk_limits(config: GuestConfig) -> None:
     )
 
 
-def _kill_and_remove(cgroup: Cgroup) -> None:
+def kill_and_remove(cgroup: Cgroup) -> None:
     """Undo a start's cgroup: its processes, and a FUSE server a lazy unmount left running."""
     cgroup.kill_all()
     for pid in cgroup.fuse_server_pids():
@@ -104,7 +104,7 @@ def _devnull() -> Iterator[int]:
         os.close(fd)
 
 
-def _root_only_dir(path: Path) -> Path:
+def root_only_dir(path: Path) -> Path:
     """path, made if missing, readable by root only: guests' roots and consoles are the
     admin's (a host user must not reach a guest's setuid files through its mount point)."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -148,14 +148,14 @@ class Runtime:
                 cgroup.kill_all()
                 cgroup.remove()
             cgroup.create(config.limits)
-            undo.push("cgroup", lambda: _kill_and_remove(cgroup))
+            undo.push("cgroup", lambda: kill_and_remove(cgroup))
             idmap = config.idmap()
             if idmap is not None:
                 cgroup.delegate(idmap["base"], idmap["base"])
-            mountpoint = _root_only_dir(run_dir() / "roots") / config.name
+            mountpoint = root_only_dir(run_dir() / "roots") / config.name
             mountpoint.mkdir(exist_ok=True)
-            _apply_disk_limits(config)
-            fuse_server = self._mount_root(config, str(mountpoint))
+            apply_disk_limits(config)
+            fuse_server = self.mount_root(config, str(mountpoint))
             undo.push("cowfs mount", lambda: unmount(str(mountpoint), lazy=True))
             undo.push("network", lambda: network.unplug(config))
             console_log = log_dir() / f"{config.name}.console.log"
@@ -194,7 +194,7 @@ class Runtime:
             undo.run()
             raise
 
-    def _mount_root(self, config: GuestConfig, mountpoint: str) -> int:
+    def mount_root(self, config: GuestConfig, mountpoint: str) -> int:
         """Mount the guest's cowfs root at mountpoint: a FUSE server forked by the fork
         server; its pid."""
         # Not forked from contextd itself: its threads must not be forked.
@@ -347,17 +347,7 @@ class Runtime:
             for pid in cgroup.fuse_server_pids():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        if os.path.realpath(mountpoint) in registry.mounted_points():
-            for _ in range(100):
-                try:
-                    unmount(mountpoint, timeout=SERVER_END_TIMEOUT, kill_late=True)
-                    break
-                except CowfsError as e:
-                    if "busy" not in str(e):
-                        raise
-                    time.sleep(0.05)  # the guest's mount namespace is being torn down
-            else:
-                unmount(mountpoint, lazy=True, timeout=SERVER_END_TIMEOUT, kill_late=True)
+        unmount_root(mountpoint)
         network.unplug(config)
         cgroup.remove()
         runstate.drop(config.name)
@@ -373,6 +363,22 @@ class Runtime:
             _wait_pidfd(init, timeout)
         finally:
             os.close(init.fd)
+
+
+def unmount_root(mountpoint: str) -> None:
+    """Unmount a guest's root once its processes have ended (if it is mounted): its FUSE
+    server ends, or is killed SERVER_END_TIMEOUT seconds later."""
+    if os.path.realpath(mountpoint) not in registry.mounted_points():
+        return
+    for _ in range(100):
+        try:
+            unmount(mountpoint, timeout=SERVER_END_TIMEOUT, kill_late=True)
+            return
+        except CowfsError as e:
+            if "busy" not in str(e):
+                raise
+            time.sleep(0.05)  # the guest's mount namespace is being torn down
+    unmount(mountpoint, lazy=True, timeout=SERVER_END_TIMEOUT, kill_late=True)
 
 
 class _Process:

@@ -31,6 +31,7 @@ import trio
 from contextd import config as configs
 from contextd import procfs, restarts, runstate, runtime
 from contextd.cgroups import Cgroup
+from contextd.oci import roots as oci_roots
 from contextd.paths import run_dir, socket_path
 from cowfs.errors import CowfsError
 from cowfs.host.paths import state_root
@@ -68,6 +69,7 @@ class Daemon:
         self.nursery = nursery
         self.locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
         self.pending_restarts: dict[str, trio.CancelScope] = {}
+        self.image_lock = trio.Lock()
 
     def watch(self, state: runstate.RunState) -> None:
         """Notice at once when the guest's init ends (its supervisor does then)."""
@@ -349,6 +351,28 @@ class Daemon:
         return {}
 
 
+    # -- OCI containers (contextd.oci): their roots; the engine runs the rest ------
+
+    async def do_oci_prepare(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Make and mount the cowfs root of a container being created (contextd-oci)."""
+        async with self.image_lock:  # two containers of a new image: one copy of it
+            record = await trio.to_thread.run_sync(oci_roots.prepare, self.runtime, request)
+        _event("oci container prepared", guest=record.name, id=record.id, engine=record.engine)
+        return {"root": record.mountpoint, "xid": record.xid}
+
+    async def do_oci_started(self, request: dict[str, Any]) -> dict[str, Any]:
+        oci_roots.started(request["name"], int(request["pid"]), int(request["pid_start"]))
+        return {}
+
+    async def do_oci_release(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Unmount and remove a deleted container's root; nothing if it has none."""
+        record = oci_roots.load(request["name"])
+        if record is not None:
+            await trio.to_thread.run_sync(oci_roots.release, record)
+            _event("oci container released", guest=record.name, id=record.id)
+        return {}
+
+
 async def _guarded(task: Callable[..., Awaitable[None]], *args: Any) -> None:
     """Run a background task of the daemon; a bug in it is logged, not the daemon's end."""
     try:
@@ -450,6 +474,10 @@ async def _reap_children() -> None:
                 if pid and pid not in watched:
                     with contextlib.suppress(OSError):
                         watched[pid] = os.pidfd_open(pid)
+        for record in oci_roots.recorded():  # their inits are their engines' to reap
+            if record.fuse_server_pid and record.fuse_server_pid not in watched:
+                with contextlib.suppress(OSError):
+                    watched[record.fuse_server_pid] = os.pidfd_open(record.fuse_server_pid)
         for pid, pidfd in list(watched.items()):
             if _reaped(pidfd):
                 os.close(pidfd)

@@ -48,9 +48,9 @@ import sys
 import termios
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from contextd import namespace
+from contextd import namespace, spawn
 from contextd.rootserver import RootServer, RootServerError
 from contextd.seccomp import GuestFilter
 from cowfs.atomicfile import write_atomically
@@ -138,69 +138,34 @@ class Init:
 
 
 def _fork_init(request: dict[str, Any]) -> Init:
-    """PID 1 of the guest's new namespaces, made by a throwaway child (see the module
-    docstring) and passed to us, the subreaper, when that child ends."""
+    """PID 1 of the guest's new namespaces (contextd.spawn), passed to us, the subreaper."""
     sc.prctl(PR_SET_CHILD_SUBREAPER, 1)
     guest_filter = GuestFilter()  # libseccomp is loaded here, while the host's root is ours
-    idmap = request.get("idmap")
     flags = sc.CLONE_NEWPID | sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
     if request.get("net") == "isolated":
         flags |= sc.CLONE_NEWNET
     go_r, go_w = os.pipe()
     errors_r, errors_w = os.pipe2(os.O_CLOEXEC)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    to_child_r, to_child_w = os.pipe()
-    from_child_r, from_child_w = os.pipe()
-    child = os.fork()
-    if child == 0:  # the throwaway child
-        try:
-            for fd in (go_w, errors_r, to_child_w, from_child_r):
-                os.close(fd)
-            ours.close()
-            if idmap:
-                sc.unshare(sc.CLONE_NEWUSER)
-                os.write(from_child_w, b"u")
-                if os.read(to_child_r, 1) != b"m":
-                    os._exit(1)
-            sc.unshare(flags)
-            pid = os.fork()
-            if pid == 0:
-                os.close(to_child_r)
-                os.close(from_child_w)
-                _become_init(request, go_r, errors_w, theirs, guest_filter)
-            os.write(from_child_w, b"p" + pid.to_bytes(8, "little"))
-        finally:
-            os._exit(0)
-    for fd in (go_r, errors_w, to_child_r, from_child_w):
-        os.close(fd)
-    theirs.close()
+
+    def become() -> NoReturn:
+        ours.close()
+        _become_init(request, go_r, errors_w, theirs, guest_filter)
+
     try:
-        if idmap:
-            if os.read(from_child_r, 1) != b"u":
-                raise StartError("the user namespace was not made")
-            _write_id_maps(child, idmap)
-            os.write(to_child_w, b"m")
-        answer = os.read(from_child_r, 9)
-        if len(answer) != 9 or answer[:1] != b"p":
-            raise StartError("the guest's namespaces were not made")
-        return Init(int.from_bytes(answer[1:], "little"), go_w, ours, errors_r)
-    except BaseException:
+        pid = spawn.fork_into_namespaces(
+            flags, become, close_in_child=(go_w, errors_r), idmap=request.get("idmap")
+        )
+    except spawn.SpawnError as e:
         os.close(go_w)
         os.close(errors_r)
         ours.close()
-        raise
+        raise StartError(str(e)) from None
     finally:
-        os.close(to_child_w)
-        os.close(from_child_r)
-        _wait(child)  # its PID 1 passes to us
-
-
-def _write_id_maps(pid: int, idmap: dict[str, int]) -> None:
-    """Guest ids 0..count-1 are host ids base..base+count-1, for users and groups."""
-    line = f"0 {idmap['base']} {idmap['count']}\n"
-    for kind in ("uid_map", "gid_map"):
-        with open(f"/proc/{pid}/{kind}", "w") as f:
-            f.write(line)
+        os.close(go_r)
+        os.close(errors_w)
+        theirs.close()
+    return Init(pid, go_w, ours, errors_r)
 
 
 def _become_init(
@@ -209,7 +174,7 @@ def _become_init(
     errors_w: int,
     console: socket.socket,
     guest_filter: GuestFilter,
-) -> None:
+) -> NoReturn:
     """PID 1 until it execs init; never returns."""
     try:
         if os.read(go_r, 16) != b"go":  # contextd moves us into the cgroup meanwhile
