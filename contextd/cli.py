@@ -236,6 +236,10 @@ def status(name: str | None, as_json: bool) -> None:
             f" {format_bytes(g['disk_bytes']) if g['disk_bytes'] is not None else '-':>9} {hits}"
         )
     for g in guests:
+        if g.get("engine"):
+            click.echo(f"{g['name']}: OCI container {g['container_id']} of {g['engine']},"
+                       f" bundle {g['bundle']}")  # fmt: skip
+    for g in guests:
         if g["net_mode"] == "isolated":
             click.echo(f"{g['name']}: {_network(g)}")
     for g in guests:
@@ -269,7 +273,8 @@ def _secs(value: float | None) -> str:
 def list_command() -> None:
     """Guest names and states."""
     for g in request("list")["guests"]:
-        click.echo(f"{g['name']} {g['state']}")
+        oci = f" (OCI container of {g['engine']}: {g['container_id']})" if g.get("engine") else ""
+        click.echo(f"{g['name']} {g['state']}{oci}")
 
 
 def _target(name: str) -> Any:

@@ -523,6 +523,10 @@ class Status:
     restarts: int  # automatic restarts (its restart policy) within its restart_interval
     root_server_replacements: int  # FUSE servers of its root that died and were replaced
     last_console: list[str]  # what its console said last then
+    # An OCI container's (contextd-oci): the engine that runs it, its id and bundle.
+    engine: str | None = None
+    container_id: str | None = None
+    bundle: str | None = None
 
 
 def status(config: GuestConfig) -> Status:

@@ -233,10 +233,9 @@ class Daemon:
         return {"guests": guests}
 
     def _all_status(self) -> list[dict[str, Any]]:
-        return [
-            dataclasses.asdict(runtime.status(c))
-            for c in configs.load_all(self.config_dir).values()
-        ]
+        guests = [runtime.status(c) for c in configs.load_all(self.config_dir).values()]
+        containers = [oci_roots.status(r) for r in oci_roots.recorded()]
+        return [dataclasses.asdict(s) for s in guests + containers]
 
     async def do_status(self, request: dict[str, Any]) -> dict[str, Any]:
         config = self._config(request["name"])

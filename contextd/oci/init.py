@@ -24,6 +24,7 @@ An error before 5 goes to create through the error pipe, which fails.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import resource
@@ -175,34 +176,47 @@ def _existing(root: int, rootfs: str, path: str) -> str | None:
 
 def _target(root: int, rootfs: str, destination: str, directory: bool) -> str:
     """A mount's destination inside the root, made if missing (directories, and an empty
-    file for a file's bind); symlinks on the way resolve inside the root."""
-    parts = [p for p in destination.split("/") if p and p != "."]
-    if ".." in parts:
-        raise RuntimeError(f"mount destination {destination} has '..' in it")
-    fd = -1
-    for index, part in enumerate(parts):
-        last = index == len(parts) - 1
-        prefix = "/".join(parts[: index + 1]).encode()
-        if fd >= 0:
-            os.close(fd)
+    file for a file's bind). Symlinks on the way are followed as the container would see
+    them, inside its root (an absolute one from the root, ".." never above it): what is
+    made is made in the root, never on the host (the root is the container's own clone,
+    which nothing else changes meanwhile)."""
+    pending = [p for p in destination.split("/") if p and p != "."]
+    resolved: list[str] = []  # real directories, from the root down
+    links = 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        parent = _real_dir(root, "/".join(resolved))
         try:
-            fd = sc.open_in_root(root, prefix, os.O_PATH)
-        except FileNotFoundError:
-            parent = _real_dir(root, "/".join(parts[:index]))
             try:
-                if last and not directory:
-                    os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                     0o644, dir_fd=parent))  # fmt: skip
-                else:
+                st = os.stat(part, dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                if pending or directory:
                     os.mkdir(part, 0o755, dir_fd=parent)
-            finally:
-                os.close(parent)
-            fd = sc.open_in_root(root, prefix, os.O_PATH)
-        if not last and not stat.S_ISDIR(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise RuntimeError(f"mount destination {destination}: {part} is not a directory")
-    if fd < 0:
+                else:
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                    os.close(os.open(part, flags, 0o644, dir_fd=parent))
+                st = os.stat(part, dir_fd=parent, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                if links > 40:
+                    raise OSError(errno.ELOOP, f"mount destination {destination}")
+                link = os.readlink(part, dir_fd=parent)
+                if link.startswith("/"):
+                    resolved = []
+                pending = [p for p in link.split("/") if p and p != "."] + pending
+                continue
+            if pending and not stat.S_ISDIR(st.st_mode):
+                raise RuntimeError(f"mount destination {destination}: {part} is not a directory")
+            resolved.append(part)
+        finally:
+            os.close(parent)
+    if not resolved:
         raise RuntimeError("a mount on the container's root itself is not supported")
+    fd = sc.open_in_root(root, "/".join(resolved).encode(), os.O_PATH)
     try:
         return _resolved(fd, rootfs, destination)
     finally:

@@ -21,6 +21,7 @@ kept in /run/contextd/oci/NAME.json until `delete` releases it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -37,11 +38,13 @@ from contextd.paths import run_dir
 from contextd.runtime import (
     GuestError,
     Runtime,
+    Status,
     apply_disk_limits,
     kill_and_remove,
     root_only_dir,
     unmount_root,
 )
+from contextd.runtime import status as guest_status
 from cowfs.atomicfile import write_atomically
 from cowfs.host.paths import state_root
 from cowfs.host.treelock import remove_tree
@@ -247,6 +250,20 @@ def prepare(runtime: Runtime, request: dict[str, object]) -> OciRecord:
         release(record)
         raise
     return record
+
+
+def status(record: OciRecord) -> Status:
+    """What `contextd status` and `list` show of the container."""
+    running = record.is_running()
+    return dataclasses.replace(
+        guest_status(record.config()),
+        state="running" if running else "stopped",
+        init_pid=record.init_pid if running else None,
+        uptime_seconds=time.time() - record.created if running else None,
+        engine=record.engine,
+        container_id=record.id,
+        bundle=record.bundle,
+    )
 
 
 def started(name: str, pid: int, pid_start: int) -> None:
