@@ -243,3 +243,70 @@ def test_unsupported_specs_are_refused_in_one_line(podman: Podman) -> None:
     result = podman.run_container("--rm", "--pid", "host", IMAGE, "true", check=False)
     assert result.returncode != 0
     assert "the host's pid namespace is not shared with containers" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def containerd(
+    tmp_path_factory: pytest.TempPathFactory, podman: Podman
+) -> Iterator[list[str]]:
+    """A containerd of the module's own (its own socket, root and state), with the busybox
+    image (saved by podman as an OCI archive): the ctr command line to reach it."""
+    if not have("containerd"):
+        pytest.skip("containerd is not installed (tools/install.sh installs it)")
+    base = tmp_path_factory.mktemp("containerd")
+    config = base / "config.toml"
+    config.write_text(
+        f'version = 2\nroot = "{base}/root"\nstate = "{base}/state"\n'
+        f'[grpc]\n  address = "{base}/containerd.sock"\n'
+    )
+    with open(base / "log", "w") as log:
+        server = subprocess.Popen(["containerd", "-c", str(config)], stdout=log, stderr=log)
+    ctr = ["ctr", "-a", str(base / "containerd.sock")]
+    try:
+        for _ in range(200):
+            if subprocess.run([*ctr, "version"], capture_output=True, check=False).returncode == 0:
+                break
+            time.sleep(0.05)
+        archive = base / "image.tar"
+        podman("save", "--format", "oci-archive", "-o", str(archive), IMAGE)
+        run(*ctr, "image", "import", "--base-name", IMAGE.split(":")[0], archive)
+        yield ctr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_containerd_runs_and_stops_a_container(
+    daemon: Contextd, podman: Podman, containerd: list[str]
+) -> None:
+    runtime = ["--runc-binary", str(podman.runtime)]
+    result = subprocess.run(
+        [*containerd, "run", "--rm", *runtime, IMAGE, "once", "sh", "-c", "echo ok; exit 3"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert (result.returncode, result.stdout) == (3, "ok\n"), result.stderr
+    run(*containerd, "run", "-d", *runtime, IMAGE, "svc", "sleep", "1000")
+    try:
+        tasks = run(*containerd, "task", "ls").stdout
+        assert "svc" in tasks and "RUNNING" in tasks
+        inside = subprocess.run(
+            [*containerd, "task", "exec", "--exec-id", "e1", "svc", "sh", "-c", "echo in; exit 5"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert (inside.returncode, inside.stdout) == (5, "in\n"), inside.stderr
+        run(*containerd, "task", "kill", "--signal", "SIGKILL", "svc")
+        assert wait_stopped(containerd, "svc")
+    finally:
+        run(*containerd, "task", "delete", "--force", "svc", check=False)
+        run(*containerd, "container", "delete", "svc", check=False)
+    assert leftovers(daemon, podman) == []
+
+
+def wait_stopped(ctr: list[str], task: str) -> bool:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        listed = run(*ctr, "task", "ls").stdout.splitlines()
+        if any(line.split()[:1] == [task] and "STOPPED" in line for line in listed):
+            return True
+        time.sleep(0.1)
+    return False

@@ -30,6 +30,7 @@ packages=(
     libseccomp2 keyutils                       # guests' seccomp filter; keyctl for its tests
     shellcheck strace                          # tools/test.sh checks the shell scripts; test_faults holds a server with strace
     xfsprogs btrfs-progs e2fsprogs             # loop filesystems for reflink tests and benches
+    podman runc containerd                     # engines that drive contextd-oci (tests/test_oci.py); runc a bench peer
     python3-venv
 )
 missing=()
