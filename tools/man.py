@@ -15,6 +15,7 @@ from click_man.core import write_man_pages
 
 from contextd import __version__ as contextd_version
 from contextd.cli import main as contextd_main
+from contextd.oci.cli import main as contextd_oci_main
 from cowfs import __version__ as cowfs_version
 from cowfs.cli import main as cowfs_main
 
@@ -36,6 +37,7 @@ def main() -> None:
         for name, group, version in (
             ("cowfs", cowfs_main, cowfs_version),
             ("contextd", contextd_main, contextd_version),
+            ("contextd-oci", contextd_oci_main, contextd_version),
         ):
             write_man_pages(name, _eager(group), version=version, target_dir=pages)
         for page in sorted(Path(pages).glob("*.1")):

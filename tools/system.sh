@@ -36,7 +36,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-commands=(cowfs contextd)
+commands=(cowfs contextd contextd-oci)
 man_dir=$prefix/share/man/man8
 bash_dir=$prefix/share/bash-completion/completions
 zsh_dir=$prefix/share/zsh/site-functions
@@ -65,12 +65,14 @@ install -d "$prefix/sbin" "$man_dir" "$bash_dir" "$zsh_dir" "$doc_dir" "$unit_di
 for command in "${commands[@]}"; do
     ln -sfn "$repo/.venv/bin/$command" "$prefix/sbin/$command"
     # Completion scripts as click prints them (guest names complete too).
-    env "_${command^^}_COMPLETE=bash_source" ".venv/bin/$command" > "$bash_dir/$command"
-    env "_${command^^}_COMPLETE=zsh_source" ".venv/bin/$command" > "$zsh_dir/_$command"
+    variable=${command^^}
+    variable=_${variable//-/_}_COMPLETE  # click's name for it: contextd-oci -> _CONTEXTD_OCI_COMPLETE
+    env "$variable=bash_source" ".venv/bin/$command" > "$bash_dir/$command"
+    env "$variable=zsh_source" ".venv/bin/$command" > "$zsh_dir/_$command"
 done
 
 .venv/bin/python tools/man.py "$man_dir"  # from the commands' own help (click-man)
-install -m 0644 docs/cowfs.md docs/contextd.md docs/design.md "$doc_dir/"
+install -m 0644 docs/cowfs.md docs/contextd.md docs/contextd-oci.md docs/design.md "$doc_dir/"
 
 # The unit, pointing at this checkout.
 sed -e "s|^ExecStart=.*|ExecStart=$repo/.venv/bin/contextd serve|" \
