@@ -33,6 +33,7 @@ def test_system_install_then_uninstall(tmp_path: Path) -> None:
     system = ROOT / "tools" / "system.sh"
     _run(system, "install", "--prefix", prefix, "--unit-dir", units, env=env)
     assert _run("contextd", "--version", env=env).startswith("contextd, version")
+    assert _run("contextd-oci", "--version", env=env).startswith("contextd-oci, version")
     assert (prefix / "sbin" / "cowfs").resolve() == ROOT / ".venv" / "bin" / "cowfs"
     # man pages, made from the commands: every option --help names is in the page
     man = ["man", "-M", prefix / "share" / "man"]
@@ -44,6 +45,8 @@ def test_system_install_then_uninstall(tmp_path: Path) -> None:
         ("contextd", "create"),
         ("cowfs", "mount"),
         ("cowfs", "hashify"),
+        ("contextd-oci", "create"),
+        ("contextd-oci", "exec"),
     ]:
         helped = _run(command, verb, "--help", env=env)
         page = _run(*man, "8", f"{command}-{verb}", env=env)
