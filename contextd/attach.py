@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from contextd import cgroups, namespace, procfs, relay
+from contextd import cgroups, namespace, procfs, relay, spawn
 from contextd.seccomp import GuestFilter
 from cowfs.errors import CowfsError
 from native import syscalls
@@ -176,14 +176,7 @@ def _join_and_run(
             os.close(fd)
         for signum in FORWARDED:
             signal.signal(signum, lambda s, _f: _signal_group(command, s))
-        while True:
-            try:
-                _, status = os.waitpid(command, 0)
-                break
-            except InterruptedError:
-                continue
-        code = os.waitstatus_to_exitcode(status)
-        os._exit(code if code >= 0 else 128 - code)
+        os._exit(spawn.wait_exit_code(command))
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.write(2, f"contextd: cannot enter guest {target.name}: {e}\n".encode())

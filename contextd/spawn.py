@@ -93,6 +93,19 @@ def write_id_maps(pid: int, idmap: dict[str, int]) -> None:
             f.write(line)
 
 
+def wait_exit_code(pid: int) -> int:
+    """Wait for a child to end; its exit code as a shell gives it (128 + N if killed by
+    signal N)."""
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
+
+
 def _reap(pid: int) -> None:
     while True:
         try:

@@ -103,14 +103,7 @@ def _fork_init(
     fifo_path = directory / "exec.fifo"
     os.mkfifo(fifo_path, 0o600)
     fifo = os.open(fifo_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    console = None
-    if console_socket:  # a host path: connected here, used by init once it has the pty
-        console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            console.connect(console_socket)
-        except OSError as e:
-            console.close()
-            raise ContainerError(f"console socket {console_socket}: {e.strerror}") from None
+    console = _connect_console(console_socket)
     network = container.namespace_path("network")
     join_fds = (os.open(network, os.O_RDONLY | os.O_CLOEXEC),) if network else ()
     flags = sc.CLONE_NEWPID | sc.CLONE_NEWNS | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC
@@ -154,6 +147,21 @@ def _fork_init(
     finally:
         os.close(go_w)
         os.close(errors_r)
+
+
+def _connect_console(path: str | None) -> socket.socket | None:
+    """The engine's console socket, connected; a host path, so connected here, before
+    anything joins or makes the container's mount namespace (the pty's master is sent
+    over it from inside)."""
+    if not path:
+        return None
+    console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        console.connect(path)
+    except OSError as e:
+        console.close()
+        raise ContainerError(f"console socket {path}: {e.strerror}") from None
+    return console
 
 
 def start(store: StateStore, container_id: str) -> None:
@@ -276,16 +284,7 @@ def exec_process(
         os.close(pidfd)
     if pid_file is not None:
         write_atomically(pid_file, str(pid))
-    if detach:
-        return 0
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
-    code = os.waitstatus_to_exitcode(status)
-    return code if code >= 0 else 128 - code
+    return 0 if detach else spawn.wait_exit_code(pid)
 
 
 def _fork_joined(
@@ -293,14 +292,7 @@ def _fork_joined(
 ) -> int:
     """Fork a joiner that enters the container's cgroup and namespaces and forks the
     process there, which sets itself up as init does and execs; the process's pid."""
-    console = None
-    if console_socket:
-        console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            console.connect(console_socket)
-        except OSError as e:
-            console.close()
-            raise ContainerError(f"console socket {console_socket}: {e.strerror}") from None
+    console = _connect_console(console_socket)
     guest_filter = GuestFilter()
     pid_r, pid_w = os.pipe2(os.O_CLOEXEC)
     errors_r, errors_w = os.pipe2(os.O_CLOEXEC)
