@@ -310,3 +310,18 @@ def wait_stopped(ctr: list[str], task: str) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def test_a_container_outlives_a_restart_of_the_daemon(daemon: Contextd, podman: Podman) -> None:
+    """The daemon keeps the container's root; restarted, it still releases it at delete."""
+    podman.run_container("-d", "--name", "across", IMAGE, "sleep", "1000")
+    try:
+        daemon.kill()
+        daemon.serve()
+        result = podman("exec", "across", "cat", "/etc/passwd")
+        assert result.stdout.startswith("root:x:0:0:"), result.stderr
+        listed = daemon("list").stdout
+        assert "running (OCI container of libpod" in listed
+    finally:
+        podman("rm", "--force", "--time", "0", "across")
+    assert leftovers(daemon, podman) == []
