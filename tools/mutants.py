@@ -258,6 +258,72 @@ MUTANTS = (
         "    line = f\"0 0 {idmap['count']}\\n\"",
         ("tests/test_guest_attacks.py", "-k", "leaked and userns"),
     ),
+    Mutant(
+        "devices-all-allowed",
+        "a guest opens and makes only the devices of contextd's list",
+        "contextd/cgroups.py",
+        '        _write(guest / "devices.deny", "a")',
+        '        _write(guest / "devices.allow", "a")',
+        ("tests/test_guest_attacks.py", "-k", "devices_outside and privileged"),
+    ),
+    Mutant(
+        "fuse-server-not-charged",
+        "the work a guest gives its FUSE server is charged to the guest",
+        "contextd/runtime.py",
+        "                cgroup.add_fuse_server(fuse_server)\n",
+        "                pass\n",
+        ("tests/test_guest_attacks.py", "-k", "charged_to_the_guest and privileged"),
+    ),
+    Mutant(
+        "terminal-filter-off",
+        "a guest's output cannot drive the admin's terminal",
+        "contextd/relay.py",
+        "            data = data[: partial.start()]\n        return self._clean(data)",
+        "            data = data[: partial.start()]\n        return data",
+        ("tests/test_guest_attacks.py", "-k", "drive_the_admins_terminal and privileged"),
+    ),
+    Mutant(
+        "resumed-append-kept",
+        "a write resent to a successor server is done once",
+        "cowfs/serve/openfiles.py",
+        "os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_APPEND",
+        "os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY",
+        ("tests/test_faults.py", "-k", "append_the_dead_server"),
+    ),
+    Mutant(
+        "hung-server-never-killed",
+        "a guest's stop leaves no FUSE server behind, even a hung one",
+        "cowfs/serve/mount.py",
+        "        if not kill_late:\n            return False",
+        "        if True:\n            return False",
+        ("tests/test_faults.py", "-k", "stopped_fuse_server_of_an_idle_guest"),
+    ),
+    Mutant(
+        "oci-destination-on-the-host",
+        "an OCI mount destination is made inside the container's root, never on the host",
+        "contextd/oci/init.py",
+        '    pending = [p for p in destination.split("/") if p and p != "."]\n',
+        '    if directory:\n        os.makedirs(rootfs + destination, exist_ok=True)\n'
+        '    return rootfs + destination\n'
+        '    pending = [p for p in destination.split("/") if p and p != "."]\n',
+        ("tests/test_oci.py", "-k", "symlink"),
+    ),
+    Mutant(
+        "oci-keeps-every-capability",
+        "an OCI container holds the spec's bounding set only",
+        "contextd/oci/init.py",
+        "    drop_bounding_but(keep)\n",
+        "    pass\n",
+        ("tests/test_oci.py", "-k", "capabilities"),
+    ),
+    Mutant(
+        "oci-no-seccomp",
+        "an OCI container's calls pass contextd's seccomp filter",
+        "contextd/oci/init.py",
+        "    guest_filter.load()\n",
+        "    pass\n",
+        ("tests/test_oci.py", "-k", "capabilities"),
+    ),
 )
 
 
