@@ -17,9 +17,9 @@ from native import syscalls
 
 
 def as_user(
-    uid: int, gid: int, script: str, cwd: Path | None = None
+    uid: int, gid: int, script: str, cwd: Path | None = None, groups: tuple[int, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """Run a shell script as uid:gid with no supplementary groups.
+    """Run a shell script as uid:gid with supplementary groups (none by default).
 
     Its working directory (cwd) is entered as root first: a host user cannot
     reach a mount by path (the barrier), a guest's process starts inside it.
@@ -28,7 +28,7 @@ def as_user(
         ["sh", "-c", script],
         user=uid,
         group=gid,
-        extra_groups=[],
+        extra_groups=list(groups),
         capture_output=True,
         text=True,
         cwd=cwd,

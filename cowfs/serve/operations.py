@@ -32,6 +32,7 @@ from cowfs.serve.inodes import InodeTable, Node
 from cowfs.serve.listings import Listings
 from cowfs.serve.openfiles import OpenFiles
 from cowfs.serve.passthrough import Passthrough
+from cowfs.serve.privileges import kill_suidgid
 from cowfs.serve.stats import RequestCounts
 from cowfs.serve.unpatched import DirHandles
 from cowfs.serve.uring import Ring
@@ -80,6 +81,14 @@ def _errors_to_errno(handler: F) -> F:
     return cast(F, wrapper)
 
 
+def _kills_privileges(ctx: pyfuse3.RequestContext) -> bool:
+    """Whether the kernel asks this request to kill the file's privileges (privileges.py).
+
+    Never with a pyfuse3 older than cowfs's patch 10, which tells no request so.
+    """
+    return bool(getattr(ctx, "kill_suidgid", False))
+
+
 def _check_new_name(name: bytes) -> None:
     """Refuse names a guest may not create: too long, or reserved by cowfs."""
     if len(name) > NAME_MAX:
@@ -97,6 +106,9 @@ class CowFS(pyfuse3.Operations):
     read_fh_directly = True
     enable_writeback_cache = False  # limits and quota must fail the write(2) itself
     enable_acl = True  # the kernel then checks POSIX ACLs too
+    # The kernel then asks for no security.capability before each write: it flags
+    # the writes, truncates and opens whose privilege kill is ours (privileges.py).
+    handle_killpriv_v2 = True
 
     def __init__(
         self,
@@ -279,6 +291,8 @@ class CowFS(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         node = self.table.get(inode)
         truncating_to_zero = fields.update_size and attr.st_size == 0
+        # On a truncate only: a chown is flagged whoever calls, and needs nothing (privileges.py).
+        kill = fields.update_size and _kills_privileges(ctx)
         if fields.update_size:
             self.passthrough.refuse_data_change(node)
         if (
@@ -292,6 +306,8 @@ class CowFS(pyfuse3.Operations):
             await self.breaker.ensure_private(
                 node, self._uid(ctx), with_data=not truncating_to_zero
             )
+        if kill:
+            kill_suidgid(node.fd, node.nodeid, ctx, self.ids)
         if fields.update_size:
             # Growing a file by truncate allocates nothing; its real change is charged.
             with self.acct.change(node):
@@ -456,6 +472,8 @@ class CowFS(pyfuse3.Operations):
                 await self.breaker.ensure_private(
                     node, self._uid(ctx), with_data=not flags & os.O_TRUNC
                 )
+            if _kills_privileges(ctx):  # O_TRUNC
+                kill_suidgid(node.fd, node.nodeid, ctx, self.ids)
         else:
             if is_marked(node.fd):
                 backing_flags |= os.O_NOATIME  # reading must not touch the shared inode
@@ -554,9 +572,13 @@ class CowFS(pyfuse3.Operations):
         return view[:got]
 
     @_errors_to_errno
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    async def write(
+        self, fh: int, off: int, buf: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> int:
         handle = self.open_files[fh]
         fd = handle.fd
+        if ctx is not None and _kills_privileges(ctx):
+            kill_suidgid(fd, handle.node.nodeid, ctx, self.ids)
         with self.acct.writing(handle, handle.uid, off, len(buf)):
             written = 0
             if self._nowait_writes:
