@@ -41,7 +41,8 @@ class Podman:
         exports = " ".join(
             f"{k}={shlex.quote(v)}"
             for k, v in daemon.env.items()
-            if k.startswith(("CONTEXTD_", "COWFS_"))
+            # (PYTHONPATH: tools/mutants.py runs the tests on a scratch copy of the code)
+            if k.startswith(("CONTEXTD_", "COWFS_")) or k == "PYTHONPATH"
         )
         self.runtime.write_text(
             f"#!/bin/sh\nexport {exports}\n"

@@ -285,9 +285,9 @@ MUTANTS = (
     Mutant(
         "resumed-append-kept",
         "a write resent to a successor server is done once",
-        "cowfs/serve/openfiles.py",
-        "os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_APPEND",
-        "os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY",
+        "cowfs/serve/operations.py",
+        "os.O_NOFOLLOW | os.O_DIRECT | os.O_APPEND\n",
+        "os.O_NOFOLLOW | os.O_DIRECT\n",
         ("tests/test_faults.py", "-k", "append_the_dead_server"),
     ),
     Mutant(
