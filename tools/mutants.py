@@ -37,6 +37,11 @@ class Mutant:
     old: str  # the text replaced (it must occur exactly once)
     new: str
     tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
+    # More changes of the same bug elsewhere (path, old, new): a defence made twice.
+    more: tuple[tuple[str, str, str], ...] = ()
+
+    def edits(self) -> list[tuple[str, str, str]]:
+        return [(self.path, self.old, self.new), *self.more]
 
 
 MUTANTS = (
@@ -289,6 +294,14 @@ MUTANTS = (
         "os.O_NOFOLLOW | os.O_DIRECT | os.O_APPEND\n",
         "os.O_NOFOLLOW | os.O_DIRECT\n",
         ("tests/test_faults.py", "-k", "append_the_dead_server"),
+        # (the successor strips O_APPEND from what it adopts too: journals of older servers)
+        more=(
+            (
+                "cowfs/serve/openfiles.py",
+                "os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY | os.O_APPEND",
+                "os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY",
+            ),
+        ),
     ),
     Mutant(
         "hung-server-never-killed",
@@ -357,16 +370,20 @@ def run_tests(tests: tuple[str, ...], tree: Path) -> tuple[int, list[str], list[
 def run_mutant(mutant: Mutant, tree: Path) -> tuple[str, float]:
     """ "killed by TEST", "SURVIVED", "not applied" (its text is not in the file) or an
     error (a test's set-up failed: that proves nothing), and the seconds it took."""
-    path = tree / mutant.path
-    original = path.read_text()
-    if original.count(mutant.old) != 1:
-        return "not applied", 0.0
-    path.write_text(original.replace(mutant.old, mutant.new))
+    originals = {tree / path: (tree / path).read_text() for path, _old, _new in mutant.edits()}
+    changed = dict(originals)
+    for path, old, new in mutant.edits():
+        if changed[tree / path].count(old) != 1:
+            return "not applied", 0.0
+        changed[tree / path] = changed[tree / path].replace(old, new)
     began = time.monotonic()
     try:
+        for file, text in changed.items():
+            file.write_text(text)
         status, failed, errored = run_tests(mutant.tests, tree)
     finally:
-        path.write_text(original)
+        for file, text in originals.items():
+            file.write_text(text)
     took = time.monotonic() - began
     if status == 1 and failed and not errored:
         return f"killed by {failed[0]}", took
