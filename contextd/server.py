@@ -349,7 +349,6 @@ class Daemon:
         _event("deleted", guest=config.name, root_removed=bool(request.get("remove_root")))
         return {}
 
-
     # -- OCI containers (contextd.oci): their roots; the engine runs the rest ------
 
     async def do_oci_prepare(self, request: dict[str, Any]) -> dict[str, Any]:

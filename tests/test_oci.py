@@ -45,8 +45,7 @@ class Podman:
             if k.startswith(("CONTEXTD_", "COWFS_")) or k == "PYTHONPATH"
         )
         self.runtime.write_text(
-            f"#!/bin/sh\nexport {exports}\n"
-            f'exec {CONTEXTD_OCI} --root {self.state} "$@"\n'
+            f'#!/bin/sh\nexport {exports}\nexec {CONTEXTD_OCI} --root {self.state} "$@"\n'
         )
         self.runtime.chmod(0o755)
         self.argv = [
@@ -183,9 +182,10 @@ def test_two_containers_share_files_but_not_writes(daemon: Contextd, podman: Pod
         seen = podman("exec", "two", "cat", "/etc/passwd").stdout
         assert "mine" not in seen
         assert "mine" in podman("exec", "one", "cat", "/etc/passwd").stdout
-        assert os.stat(trees["one"] / "etc" / "passwd").st_ino != os.stat(
-            trees["two"] / "etc" / "passwd"
-        ).st_ino
+        assert (
+            os.stat(trees["one"] / "etc" / "passwd").st_ino
+            != os.stat(trees["two"] / "etc" / "passwd").st_ino
+        )
     finally:
         podman("rm", "--force", "--time", "0", "one", "two")
     assert leftovers(daemon, podman) == []
@@ -247,9 +247,7 @@ def test_unsupported_specs_are_refused_in_one_line(podman: Podman) -> None:
 
 
 @pytest.fixture(scope="module")
-def containerd(
-    tmp_path_factory: pytest.TempPathFactory, podman: Podman
-) -> Iterator[list[str]]:
+def containerd(tmp_path_factory: pytest.TempPathFactory, podman: Podman) -> Iterator[list[str]]:
     """A containerd of the module's own (its own socket, root and state), with the busybox
     image (saved by podman as an OCI archive): the ctr command line to reach it."""
     if not have("containerd"):

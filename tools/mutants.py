@@ -316,8 +316,8 @@ MUTANTS = (
         "an OCI mount destination is made inside the container's root, never on the host",
         "contextd/oci/init.py",
         '    pending = [p for p in destination.split("/") if p and p != "."]\n',
-        '    if directory:\n        os.makedirs(rootfs + destination, exist_ok=True)\n'
-        '    return rootfs + destination\n'
+        "    if directory:\n        os.makedirs(rootfs + destination, exist_ok=True)\n"
+        "    return rootfs + destination\n"
         '    pending = [p for p in destination.split("/") if p and p != "."]\n',
         ("tests/test_oci.py", "-k", "symlink"),
     ),

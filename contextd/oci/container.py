@@ -391,4 +391,3 @@ def features() -> dict[str, object]:
         },
         "annotations": {"org.contextd.cowfs.disk-space": "per-container disk limit"},
     }
-
