@@ -312,6 +312,16 @@ MUTANTS = (
         ("tests/test_faults.py", "-k", "stopped_fuse_server_of_an_idle_guest"),
     ),
     Mutant(
+        "host-keyring-reachable",
+        "root's keyrings are out of a guest's reach",
+        "contextd/seccomp.py",
+        '"kernel keyrings": ("add_key", "keyctl", "request_key"),',
+        '"kernel keyrings": ("kcmp",),',
+        ("tests/test_guest_attacks.py", "-k", "keyrings and privileged"),
+        # (defended twice: the command that enters a guest gets a session keyring of its own)
+        more=(("contextd/attach.py", "        syscalls.join_new_session_keyring()\n", ""),),
+    ),
+    Mutant(
         "oci-destination-on-the-host",
         "an OCI mount destination is made inside the container's root, never on the host",
         "contextd/oci/init.py",
