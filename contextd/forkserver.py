@@ -93,9 +93,16 @@ def _supervisor_job(args: dict[str, Any]) -> int:
     return 0
 
 
+def _keeper_job(args: dict[str, Any]) -> int:
+    from contextd.oci import keeper
+
+    return keeper.keep(args)
+
+
 JOBS: dict[str, Callable[[dict[str, Any]], int]] = {
     "mount": _mount_job,
     "supervisor": _supervisor_job,
+    "keeper": _keeper_job,  # an OCI container's root (contextd.oci.keeper)
 }
 
 
@@ -104,6 +111,7 @@ def _preload() -> None:
     import pyfuse3  # noqa: F401
     import trio  # noqa: F401
 
+    import contextd.oci.keeper
     import contextd.supervisor  # noqa: F401
     import cowfs.accounting.ledger
     import cowfs.host.statedb

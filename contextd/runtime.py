@@ -202,7 +202,7 @@ class Runtime:
         try:
             with _devnull() as null:
                 self.helpers.run(
-                    "mount", self._mount_args(config, mountpoint), [null, answer_w, answer_w]
+                    "mount", self.mount_args(config, mountpoint), [null, answer_w, answer_w]
                 )
         except ForkServerError as e:
             os.close(answer_r)
@@ -221,7 +221,7 @@ class Runtime:
         return int(reply["pid"])
 
     @staticmethod
-    def _mount_args(config: GuestConfig, mountpoint: str) -> dict[str, Any]:
+    def mount_args(config: GuestConfig, mountpoint: str) -> dict[str, Any]:
         """The fork server's mount job's arguments (contextd.forkserver.mount_options)."""
         return {
             "backing": config.root,
@@ -256,7 +256,7 @@ class Runtime:
                 "pid": fuse_server,
                 "start": procfs.start_time(fuse_server) or 0,
                 "mount": {
-                    **self._mount_args(config, mountpoint),
+                    **self.mount_args(config, mountpoint),
                     "cgroup_dirs": [str(d) for d in cgroup.fuse_server_dirs],
                 },
                 "record": str(runstate.root_server_record_path(config.name)),

@@ -359,7 +359,13 @@ class Daemon:
         return {"root": record.mountpoint, "xid": record.xid}
 
     async def do_oci_started(self, request: dict[str, Any]) -> dict[str, Any]:
-        oci_roots.started(request["name"], int(request["pid"]), int(request["pid_start"]))
+        await trio.to_thread.run_sync(
+            oci_roots.started,
+            self.runtime,
+            request["name"],
+            int(request["pid"]),
+            int(request["pid_start"]),
+        )
         return {}
 
     async def do_oci_release(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -8,9 +8,11 @@ hosts with hybrid cgroups, so the runtime is always named).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import build_busybox_guest, have, run
-from contextd_harness import CONTEXTD, Contextd
+from contextd_harness import CONTEXTD, Contextd, procfs_alive, wait_for
 
 pytestmark = pytest.mark.skipif(
     not (have("podman") and have("conmon")),
@@ -324,3 +326,33 @@ def test_a_container_outlives_a_restart_of_the_daemon(daemon: Contextd, podman: 
     finally:
         podman("rm", "--force", "--time", "0", "across")
     assert leftovers(daemon, podman) == []
+
+
+def test_a_container_outlives_the_death_of_its_roots_server(
+    daemon: Contextd, podman: Podman
+) -> None:
+    """As a guest does (contextd(8), FAULTS): kill -9 of the FUSE server, a successor takes
+    over the session, the container's files still answer."""
+    podman.run_container("-d", "--name", "sturdy", IMAGE, "sleep", "1000")
+    try:
+        short = podman.inspect("sturdy", ".Id")[:12]
+        first = _registered_server(daemon, short)
+        os.kill(first, signal.SIGKILL)
+        assert wait_for(lambda: _registered_server(daemon, short) not in (0, first), 30)
+        result = podman("exec", "sturdy", "cat", "/etc/passwd")
+        assert result.stdout.startswith("root:x:0:0:"), result.stderr
+        assert podman.inspect("sturdy", ".State.Status") == "running"
+    finally:
+        podman("rm", "--force", "--time", "0", "sturdy")
+    assert leftovers(daemon, podman) == []
+
+
+def _registered_server(daemon: Contextd, short: str) -> int:
+    """The live server the mount registry names for the container's root (0 if none)."""
+    mountpoint = os.path.realpath(daemon.base / "run" / "roots" / f"oci-{short}")
+    for record in Path("/run/cowfs/mounts").glob("*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            mount = json.loads(record.read_text())
+            if mount["mountpoint"] == mountpoint and procfs_alive(mount["pid"]):
+                return int(mount["pid"])
+    return 0

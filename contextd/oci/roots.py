@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import select
 import shutil
 import subprocess
 import time
@@ -34,6 +35,7 @@ from pathlib import Path
 from contextd import procfs
 from contextd.cgroups import Cgroup
 from contextd.config import GuestConfig, Limits, Security, Size
+from contextd.forkserver import ForkServerError
 from contextd.paths import run_dir
 from contextd.runtime import (
     GuestError,
@@ -69,6 +71,7 @@ class OciRecord:
     mountpoint: str
     template: str
     fuse_server_pid: int = 0
+    keeper_pid: int = 0  # contextd.oci.keeper, a job of the fork server
     init_pid: int = 0
     init_start: int = 0
     created: float = 0.0
@@ -266,13 +269,48 @@ def status(record: OciRecord) -> Status:
     )
 
 
-def started(name: str, pid: int, pid_start: int) -> None:
-    """Note the container's init (verb oci_started)."""
+def started(runtime: Runtime, name: str, pid: int, pid_start: int) -> None:
+    """Note the container's init, and start the keeper of its root (contextd.oci.keeper)
+    (verb oci_started)."""
     record = load(name)
     if record is None:
         raise GuestError(f"no OCI container {name}")
     record.init_pid, record.init_start = pid, pid_start
+    cgroup = Cgroup(name)
+    config = record.config()
+    server = {
+        "pid": record.fuse_server_pid,
+        "start": procfs.start_time(record.fuse_server_pid) or 0,
+        "mount": {
+            **runtime.mount_args(config, record.mountpoint),
+            "cgroup_dirs": [str(d) for d in cgroup.fuse_server_dirs],
+        },
+        "record": str(root_server_record_path(name)),
+    }
+    args = {"fuse_server": server, "init_pid": pid, "init_start": pid_start}
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        record.keeper_pid = runtime.helpers.run("keeper", args, [null, null, null])
+    except ForkServerError as e:
+        raise GuestError(f"container {name}: the keeper of its root did not start: {e}") from None
+    finally:
+        os.close(null)
+    cgroup.add_fuse_server(record.keeper_pid)  # charged with the server it keeps
     save(record)
+
+
+def _pidfd_or_none(pid: int) -> int | None:
+    if not pid:
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+
+
+def root_server_record_path(name: str) -> Path:
+    """Where the keeper notes the replacements of the container's FUSE server."""
+    return _records() / f"{name}.rootserver"
 
 
 def release(record: OciRecord) -> None:
@@ -280,10 +318,15 @@ def release(record: OciRecord) -> None:
     (there should be none left) killed, its root unmounted, its tree and cgroup removed."""
     cgroup = Cgroup(record.name)
     cgroup.kill_all()
+    keeper = _pidfd_or_none(record.keeper_pid)
     unmount_root(record.mountpoint)
+    if keeper is not None:  # it reaps the server it started once the unmount ends it
+        select.select([keeper], [], [], 5)
+        os.close(keeper)
     kill_and_remove(cgroup)
     with contextlib.suppress(FileNotFoundError):
         os.rmdir(record.mountpoint)
     if os.path.isdir(record.root):
         remove_tree(record.root)
     (_records() / f"{record.name}.json").unlink(missing_ok=True)
+    root_server_record_path(record.name).unlink(missing_ok=True)
