@@ -5,7 +5,7 @@ For each: the time from the start command to the guest's init running (it
 prints "ready"), and from the stop command to nothing left; then memory per
 idle guest (proportional set size of every process a guest costs: for contextd
 the guest's processes, its cowfs FUSE process and its console logger, and the
-fork server they come from once for all guests) and 20
+fork server they come from once for all guests) and 50
 guests at once. Run as root:  .venv/bin/python bench/contextd_bench.py [--markdown]
 """
 
@@ -216,7 +216,7 @@ class Plain:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/contextd-bench"))
-    parser.add_argument("--guests", type=int, default=20)
+    parser.add_argument("--guests", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
