@@ -356,3 +356,27 @@ def _registered_server(daemon: Contextd, short: str) -> int:
             if mount["mountpoint"] == mountpoint and procfs_alive(mount["pid"]):
                 return int(mount["pid"])
     return 0
+
+
+def test_an_image_template_goes_once_its_image_is_removed(
+    daemon: Contextd, podman: Podman, tmp_path: Path
+) -> None:
+    """The copy of an image's layers stays for its next container, and goes once the
+    engine has removed the image and no container uses it."""
+    guests = Path(daemon.env["COWFS_ROOT"]) / "guests"
+    tree = build_busybox_guest(tmp_path / "tree")
+    (tree / "etc" / "motd").write_text("a short-lived image\n")
+    run("tar", "-C", tree, "-cf", tmp_path / "brief.tar", ".")
+    podman("import", str(tmp_path / "brief.tar"), "localhost/brief:1")
+    before = set(guests.glob("oci-image-*"))
+    podman.run_container("--rm", "localhost/brief:1", "true")
+    made = set(guests.glob("oci-image-*")) - before
+    assert len(made) == 1
+    (template,) = made
+    assert (template / "etc" / "motd").read_text() == "a short-lived image\n"
+    podman.run_container("--rm", "localhost/brief:1", "true")
+    assert template.is_dir(), "kept for the image's next container"
+    podman("rmi", "localhost/brief:1")
+    podman.run_container("--rm", IMAGE, "true")  # any container's delete prunes
+    assert not template.exists()
+    assert before <= set(guests.glob("oci-image-*"))  # the other images' stay

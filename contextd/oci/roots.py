@@ -9,7 +9,10 @@ template of contextd's own, ``guests/oci-image-HASH`` (the merged view of the
 lower layers, a read-only overlay: whiteouts applied), and every container of
 that image is a ``cowfs clone`` of it: 100 containers of one image share their
 unchanged files, and with passthrough their page cache. `cowfs hashify` can
-share templates with the content store like any guest tree.
+share templates with the content store like any guest tree. A template stays
+for the image's next container until its engine has removed the image (a layer
+it was made from is gone) and no container uses it: then the next release
+removes it.
 
 The container's root is then mounted by a FUSE server forked by contextd's fork
 server (as a guest's root is), kept in contextd/NAME/cowfs, outside the
@@ -24,6 +27,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import select
 import shutil
@@ -48,11 +52,14 @@ from contextd.runtime import (
 )
 from contextd.runtime import status as guest_status
 from cowfs.atomicfile import write_atomically
+from cowfs.errors import CowfsError
 from cowfs.host.paths import state_root
 from cowfs.host.treelock import remove_tree
 from cowfs.unify.clone import clone
 from cowfs.units import parse_size
 from native import syscalls as sc
+
+log = logging.getLogger(__name__)
 
 FIRST_XID = 60000  # OCI containers' xids: 60000-65535, apart from configured guests'
 DISK_LIMIT_ANNOTATION = "org.contextd.cowfs.disk-space"  # bytes, or with K/M/G/T
@@ -176,6 +183,7 @@ def image_template(layers: list[str]) -> str:
             raise GuestError(f"the image's layers could not be copied: {copy.stderr.strip()}")
         os.chmod(work, 0o755)
         os.rename(work, template)
+        write_atomically(_images() / f"{key}.json", json.dumps({"layers": layers}))
     finally:
         for directory in (merged, empty):
             with contextlib.suppress(OSError):
@@ -183,6 +191,31 @@ def image_template(layers: list[str]) -> str:
         if work.exists():
             shutil.rmtree(work, ignore_errors=True)
     return str(template)
+
+
+def _images() -> Path:
+    """Where the layers each image template was made from are noted."""
+    return root_only_dir(state_root() / "oci-images")
+
+
+def prune_templates() -> list[str]:
+    """Remove the templates of images their engine has removed (a layer of theirs is gone)
+    that no container uses any more; the templates removed."""
+    in_use = {r.template for r in recorded()}
+    removed = []
+    for note in sorted(_images().glob("*.json")):
+        template = str(state_root() / "guests" / f"oci-image-{note.stem}")
+        try:
+            layers = json.loads(note.read_text())["layers"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if template in in_use or all(os.path.isdir(layer) for layer in layers):
+            continue
+        if os.path.isdir(template):
+            remove_tree(template)
+        note.unlink()
+        removed.append(template)
+    return removed
 
 
 def _free_xid() -> int:
@@ -330,3 +363,7 @@ def release(record: OciRecord) -> None:
         remove_tree(record.root)
     (_records() / f"{record.name}.json").unlink(missing_ok=True)
     root_server_record_path(record.name).unlink(missing_ok=True)
+    try:
+        prune_templates()
+    except CowfsError as e:  # the container is gone all the same; tried again next time
+        log.warning("image templates not pruned: %s", e)
