@@ -9,6 +9,7 @@ hosts with hybrid cgroups, so the runtime is always named).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shlex
@@ -347,6 +348,10 @@ def test_a_container_outlives_the_death_of_its_roots_server(
     assert leftovers(daemon, podman) == []
 
 
+def _replaced(daemon: Contextd, short: str, dead: int) -> bool:
+    return _registered_server(daemon, short) not in (0, dead)
+
+
 def _registered_server(daemon: Contextd, short: str) -> int:
     """The live server the mount registry names for the container's root (0 if none)."""
     mountpoint = os.path.realpath(daemon.base / "run" / "roots" / f"oci-{short}")
@@ -380,3 +385,24 @@ def test_an_image_template_goes_once_its_image_is_removed(
     podman.run_container("--rm", IMAGE, "true")  # any container's delete prunes
     assert not template.exists()
     assert before <= set(guests.glob("oci-image-*"))  # the other images' stay
+
+
+def test_a_root_server_that_keeps_dying_ends_the_container(
+    daemon: Contextd, podman: Podman
+) -> None:
+    """Past the keeper's limit (contextd.rootserver.MAX_DEATHS within a minute) no
+    successor is started: the container's init is killed and its engine says so."""
+    podman.run_container("-d", "--name", "doomed", IMAGE, "sleep", "1000")
+    try:
+        short = podman.inspect("doomed", ".Id")[:12]
+        server = _registered_server(daemon, short)
+        for deaths in range(1, 7):
+            os.kill(server, signal.SIGKILL)
+            if deaths <= 5:
+                assert wait_for(functools.partial(_replaced, daemon, short, server), 30)
+                server = _registered_server(daemon, short)
+        assert wait_for(lambda: podman.inspect("doomed", ".State.Status") == "exited", 30)
+        assert podman.inspect("doomed", ".State.ExitCode") == "137"
+    finally:
+        podman("rm", "--force", "--time", "0", "doomed")
+    assert leftovers(daemon, podman) == []
