@@ -406,3 +406,24 @@ def test_a_root_server_that_keeps_dying_ends_the_container(
     finally:
         podman("rm", "--force", "--time", "0", "doomed")
     assert leftovers(daemon, podman) == []
+
+
+def test_the_runtimes_own_command_line(daemon: Contextd, podman: Podman) -> None:
+    """What an admin types at contextd-oci for a container an engine runs: exec with a
+    command (options before the id, as runc), ps, state; errors in one line."""
+    podman.run_container("-d", "--name", "typed", IMAGE, "sleep", "1000")
+    try:
+        container_id = podman.inspect("typed", ".Id")
+        pid = int(podman.inspect("typed", ".State.Pid"))
+        runtime = [str(podman.runtime)]
+        result = run(*runtime, "exec", container_id, "sh", "-c", "echo hi; exit 4", check=False)
+        assert (result.returncode, result.stdout) == (4, "hi\n"), result.stderr
+        assert json.loads(run(*runtime, "ps", "--format", "json", container_id).stdout) == [pid]
+        state = json.loads(run(*runtime, "state", container_id).stdout)
+        assert (state["status"], state["pid"], state["id"]) == ("running", pid, container_id)
+        missing = run(*runtime, "state", "no-such-container", check=False)
+        assert missing.returncode == 1
+        assert missing.stderr == "contextd-oci: container no-such-container does not exist\n"
+    finally:
+        podman("rm", "--force", "--time", "0", "typed")
+    assert leftovers(daemon, podman) == []

@@ -138,7 +138,7 @@ def delete(ctx: click.Context, force: bool, container_id: str) -> None:
     container.delete(_store(ctx), container_id, force)
 
 
-@main.command(name="exec")
+@main.command(name="exec", context_settings={"allow_interspersed_args": False})
 @click.option("-p", "--process", "process_file", type=click.Path(dir_okay=False),
               help="process.json: what to run.")  # fmt: skip
 @click.option("-d", "--detach", is_flag=True, help="Leave the process running; exit at once.")
