@@ -322,6 +322,27 @@ MUTANTS = (
         more=(("contextd/attach.py", "        syscalls.join_new_session_keyring()\n", ""),),
     ),
     Mutant(
+        "guest-types-into-the-admins-terminal",
+        "a command entering a guest cannot type into the admin's terminal (TIOCSTI)",
+        "contextd/attach.py",
+        "            master, slave = _guest_pty(target)\n",
+        "            master, slave = os.dup(0), os.dup(0)\n",
+        ("tests/test_guest_attacks.py", "-k", "type_into_the_admins_terminal and privileged"),
+        # (defended three times: a pty of the guest's own, and two new sessions)
+        more=(
+            (
+                "contextd/attach.py",
+                "        os.setsid()  # out of the admin's session and process group\n",
+                "",
+            ),
+            (
+                "contextd/attach.py",
+                "        os.setsid()\n        if use_pty:\n            fcntl.ioctl(0, termios.TIOCSCTTY, 0)\n",
+                "",
+            ),
+        ),
+    ),
+    Mutant(
         "oci-destination-on-the-host",
         "an OCI mount destination is made inside the container's root, never on the host",
         "contextd/oci/init.py",
