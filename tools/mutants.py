@@ -337,7 +337,8 @@ MUTANTS = (
             ),
             (
                 "contextd/attach.py",
-                "        os.setsid()\n        if use_pty:\n            fcntl.ioctl(0, termios.TIOCSCTTY, 0)\n",
+                "        os.setsid()\n        if use_pty:\n"
+                "            fcntl.ioctl(0, termios.TIOCSCTTY, 0)\n",
                 "",
             ),
         ),
