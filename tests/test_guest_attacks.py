@@ -27,7 +27,14 @@ from pathlib import Path
 
 import pytest
 from conftest import run
-from contextd_harness import CONTEXTD, SLEEPER, Contextd, fuse_server_of, running_contextd
+from contextd_harness import (
+    CONTEXTD,
+    SLEEPER,
+    Contextd,
+    fuse_server_of,
+    running_contextd,
+    wait_for,
+)
 
 ATTACKS = Path(__file__).parent / "attacks"
 
@@ -339,12 +346,24 @@ def test_a_guest_cannot_type_into_the_admins_terminal(
                 check=False,
             )
             typed = _pending_input(slave)
+            # Later, from a process the command left behind: once exec has returned,
+            # nothing of contextd reads the terminal any more (the admin's shell would).
+            subprocess.run(
+                [CONTEXTD, "exec", "tty", "--", "/bin/sh", "-c",
+                 "trap '' HUP; (sleep 1; /attack/tiocsti > /tmp/later 2>&1) > /dev/null 2>&1 &"],
+                stdin=slave, stdout=slave, stderr=slave, env=ctx.env,
+                preexec_fn=lambda: _as_controlling_terminal(slave), timeout=60, check=False,
+            )  # fmt: skip
+            assert wait_for(lambda: ctx("exec", "tty", "--", "/bin/cat", "/tmp/later",
+                                        check=False).stdout != "", 10)  # fmt: skip
+            typed_later = _pending_input(slave)
         shown = _pending_input(master)
     finally:
         os.close(master)
         os.close(slave)
     assert b"pushed" in shown or b"refused" in shown, shown  # it ran, on a pty of its own
     assert typed == b""
+    assert typed_later == b""
 
 
 def test_kill_of_its_process_group_does_not_reach_the_admins(
