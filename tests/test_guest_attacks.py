@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -346,17 +347,21 @@ def test_a_guest_cannot_type_into_the_admins_terminal(
                 check=False,
             )
             typed = _pending_input(slave)
-            # Later, from a process the command left behind: once exec has returned,
-            # nothing of contextd reads the terminal any more (the admin's shell would).
-            subprocess.run(
-                [CONTEXTD, "exec", "tty", "--", "/bin/sh", "-c",
-                 "trap '' HUP; (sleep 1; /attack/tiocsti > /tmp/later 2>&1) > /dev/null 2>&1 &"],
+            # Later, from a process the command left behind, once exec has returned and
+            # nothing of contextd reads the terminal any more, while the admin's shell
+            # (the session's leader) goes on. (The terminal as its fd 3: sh gives a
+            # background job /dev/null as its stdin.)
+            later = "trap '' HUP; exec 3<&0; (sleep 1; /attack/tiocsti <&3 >/tmp/later 2>&1) &"
+            admin_shell = subprocess.Popen(
+                ["/bin/sh", "-c", shlex.join([CONTEXTD, "exec", "tty", "--", "/bin/sh", "-c",
+                                              later]) + "; sleep 4"],
                 stdin=slave, stdout=slave, stderr=slave, env=ctx.env,
-                preexec_fn=lambda: _as_controlling_terminal(slave), timeout=60, check=False,
+                preexec_fn=lambda: _as_controlling_terminal(slave),
             )  # fmt: skip
             assert wait_for(lambda: ctx("exec", "tty", "--", "/bin/cat", "/tmp/later",
                                         check=False).stdout != "", 10)  # fmt: skip
             typed_later = _pending_input(slave)
+            admin_shell.wait(timeout=30)
         shown = _pending_input(master)
     finally:
         os.close(master)
