@@ -38,8 +38,11 @@ class Contextd:
         # (the default) or "privileged".
         self.guest_mode = guest_mode
         # In a network namespace of the test's own, the daemon's bridges and the
-        # guests' traffic never touch the machine's network.
+        # guests' traffic never touch the machine's network. Named (ip netns), so
+        # that it outlives a daemon the test stops, for the one it starts next.
         self.own_network = own_network
+        digest = hashlib.sha256(str(base).encode()).hexdigest()[:12]
+        self.netns = f"contextd-test-{digest}" if own_network else ""
         self.env = dict(os.environ)
         self.env.update(
             CONTEXTD_CONFIG_DIR=str(base / "etc"),
@@ -52,7 +55,9 @@ class Contextd:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def serve(self) -> None:
-        wrapper = ["unshare", "--net", "--"] if self.own_network else []
+        if self.own_network and not Path("/run/netns", self.netns).exists():
+            subprocess.run(["ip", "netns", "add", self.netns], check=True)
+        wrapper = self._in_network()
         self.proc = subprocess.Popen(
             [*wrapper, CONTEXTD, "serve", "--log", str(self.base / "daemon.log"), *self.serve_args],
             env=self.env,
@@ -70,11 +75,16 @@ class Contextd:
 
     def on_host(self, *command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a command on the daemon's side of the guests' network (its namespace)."""
-        assert self.proc is not None
-        prefix = ["nsenter", f"--net=/proc/{self.proc.pid}/ns/net"] if self.own_network else []
+        prefix = self._in_network()
         return subprocess.run(
             [*prefix, *command], capture_output=True, text=True, timeout=60, check=check
         )
+
+    def _in_network(self) -> list[str]:
+        """The command prefix that runs a command in the daemon's network namespace
+        (nsenter, not `ip netns exec`: that one gives the command a mount namespace
+        of its own, where the daemon's mounts would be out of the tests' sight)."""
+        return ["nsenter", f"--net=/run/netns/{self.netns}", "--"] if self.own_network else []
 
     def zombie_children(self) -> list[str]:
         """Children of the daemon that ended and that it has not reaped."""
@@ -127,6 +137,8 @@ class Contextd:
         for config in (self.base / "etc").glob("*.toml"):
             self("stop", config.stem, "--timeout", "0", check=False)
         self.kill()
+        if self.own_network:
+            subprocess.run(["ip", "netns", "delete", self.netns], check=False)
 
 
 @contextmanager

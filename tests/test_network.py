@@ -222,3 +222,27 @@ def test_isolated_without_addresses_has_loopback_only(netctx: Contextd, guest_tr
         "echo local > /index.html && httpd -p 127.0.0.1:8080 -h /")  # fmt: skip
     out = ctx("exec", "alone", "--", "wget", "-q", "-O", "-", "http://127.0.0.1:8080/")
     assert out.stdout == "local\n"
+
+
+def test_an_adopted_guests_network_works_and_is_removed_at_its_stop(
+    netctx: Contextd, guest_tree: Path
+) -> None:
+    """After a restart of the daemon: the guest still serves at its address, its traffic
+    is counted, and its stop removes its interfaces."""
+    ctx = netctx
+    ctx("create", "web", "--from", str(guest_tree), "--init", SLEEPER, "--address", "10.77.0.31")
+    ctx("start", "web")
+    ctx("exec", "web", "--", "/bin/sh", "-c",
+        "mkdir -p /www && echo before > /www/index.html && httpd -p 80 -h /www")  # fmt: skip
+    assert fetch(ctx, "http://10.77.0.31/") == "before\n"
+    ctx.kill()
+    ctx.serve()
+    assert '"adopted"' in ctx.log()
+    ctx("exec", "web", "--", "/bin/sh", "-c", "echo after > /www/index.html")
+    assert fetch(ctx, "http://10.77.0.31/") == "after\n"
+    status = json.loads(ctx("status", "web", "--json").stdout)
+    assert status["addresses"] == ["10.77.0.31/24"]
+    assert status["traffic"]["tx_packets"] >= 2  # two HTTP answers, at least
+    assert host_links(ctx) == {"lo", "ctx0", "vctx101"}
+    ctx("stop", "web")
+    assert host_links(ctx) == {"lo"}
