@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -74,6 +75,8 @@ def main() -> None:
 )
 def serve(config_dir: Path | None, log_file: Path | None, metrics: str | None) -> None:
     """Run the daemon: the control socket, autostart, adoption of running guests."""
+    if os.geteuid() != 0:  # it mounts, makes namespaces and cgroups, and serves root only
+        raise CowfsError("contextd serve must run as root")
     # Imported here, not at the top: the client's commands start faster without them.
     import logging
 

@@ -60,6 +60,11 @@ class _Group(click.Group):
         except CowfsError as e:
             click.echo(f"cowfs: error: {e}", err=True)
             sys.exit(1)
+        except OSError as e:  # one line, never a traceback
+            where = f"{e.filename}: " if e.filename else ""
+            hint = " (cowfs is root's: run it as root)" if os.geteuid() != 0 else ""
+            click.echo(f"cowfs: error: {where}{e.strerror or e}{hint}", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
