@@ -77,7 +77,8 @@ class OciRecord:
     root: str  # its cowfs tree (a clone of the image's template)
     mountpoint: str
     template: str
-    fuse_server_pid: int = 0
+    fuse_server_pid: int = 0  # the first; the daemon's child (its successors: the keeper's)
+    fuse_server_start: int = 0
     keeper_pid: int = 0  # contextd.oci.keeper, a job of the fork server
     init_pid: int = 0
     init_start: int = 0
@@ -280,6 +281,7 @@ def prepare(runtime: Runtime, request: dict[str, object]) -> OciRecord:
         cgroup.create(limits)
         os.makedirs(record.mountpoint, exist_ok=True)
         record.fuse_server_pid = runtime.mount_root(config, record.mountpoint)
+        record.fuse_server_start = procfs.start_time(record.fuse_server_pid) or 0
         cgroup.add_fuse_server(record.fuse_server_pid)
         save(record)
     except BaseException:
@@ -332,6 +334,23 @@ def started(runtime: Runtime, name: str, pid: int, pid_start: int) -> None:
     save(record)
 
 
+def _reap_first_server(record: OciRecord) -> None:
+    """Reap the container's first FUSE server, the daemon's child, if it has ended: the
+    daemon's reaper looks for it only every half second, and a container can come and
+    go (its server killed) in less."""
+    pid = record.fuse_server_pid
+    if not pid or procfs.start_time(pid) != record.fuse_server_start:
+        return
+    pidfd = _pidfd_or_none(pid)
+    if pidfd is None:
+        return
+    try:
+        with contextlib.suppress(ChildProcessError):  # not ours, or reaped meanwhile
+            os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+    finally:
+        os.close(pidfd)
+
+
 def _pidfd_or_none(pid: int) -> int | None:
     if not pid:
         return None
@@ -353,6 +372,7 @@ def release(record: OciRecord) -> None:
     cgroup.kill_all()
     keeper = _pidfd_or_none(record.keeper_pid)
     unmount_root(record.mountpoint)
+    _reap_first_server(record)
     if keeper is not None:  # it reaps the server it started once the unmount ends it
         select.select([keeper], [], [], 5)
         os.close(keeper)
