@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def _stat_fields(pid: int) -> list[str] | None:
     """The fields of /proc/PID/stat after the command name (state first), or None if gone."""
@@ -26,3 +28,24 @@ def is_alive(pid: int) -> bool:
     """True if the process exists and has not ended (a zombie waiting to be reaped has)."""
     fields = _stat_fields(pid)
     return bool(fields) and fields[0] not in ("Z", "X")  # type: ignore[index]
+
+
+def is_running(pid: int, start: int) -> bool:
+    """True if pid is still the process that started at start (not a recycled pid) and
+    has not ended."""
+    return pid > 0 and start_time(pid) == start and is_alive(pid)
+
+
+def pidfd_of(pid: int, start: int | None = None) -> int | None:
+    """A pidfd of process pid (checked to be the one that started at start, if given);
+    None if it is gone or the pid is another process's now."""
+    if pid <= 0:
+        return None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    if start is not None and start_time(pid) != start:
+        os.close(pidfd)
+        return None
+    return pidfd

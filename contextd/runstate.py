@@ -139,5 +139,4 @@ def drop(name: str) -> None:
 
 def is_running(state: RunState) -> bool:
     """True if the recorded init is still that process (not a recycled pid)."""
-    start = procfs.start_time(state.init_pid)
-    return start is not None and start == state.init_start and procfs.is_alive(state.init_pid)
+    return procfs.is_running(state.init_pid, state.init_start)

@@ -84,6 +84,15 @@ def fork_into_namespaces(
         _reap(child)  # its child passes to the subreaper above us
 
 
+def fail(errors_w: int, error: BaseException, status: int = 127) -> NoReturn:
+    """In a context's process before its exec: tell the one that made it what went
+    wrong (one line on its error pipe), and end."""
+    try:
+        os.write(errors_w, f"{type(error).__name__}: {error}".encode()[:4000])
+    finally:
+        os._exit(status)
+
+
 def write_id_maps(pid: int, idmap: dict[str, int]) -> None:
     """Ids 0..count-1 in the user namespace of pid are host ids base..base+count-1,
     for users and groups."""

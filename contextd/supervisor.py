@@ -205,10 +205,7 @@ def _become_init(
         argv = list(request["init"])
         os.execve(argv[0], argv, env)
     except BaseException as e:  # reported to contextd; the guest does not start
-        try:
-            os.write(errors_w, f"{type(e).__name__}: {e}".encode()[:4000])
-        finally:
-            os._exit(127)
+        spawn.fail(errors_w, e)
 
 
 # -- supervising ------------------------------------------------------------------

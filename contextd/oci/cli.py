@@ -153,18 +153,15 @@ def exec_(
     tty: bool, console_socket: str | None, container_id: str, command: tuple[str, ...],
 ) -> None:  # fmt: skip
     """Run a process in a running container (process.json, or a command)."""
-    if process_file is None:
-        if not command:
-            raise ContainerError("exec: give --process or a command")
-        process = {"args": list(command), "env": [f"PATH={spec.PATH}"], "terminal": tty}
-        import tempfile
-
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(process, f)
-            process_file = f.name
+    if process_file is not None:
+        process = spec.load_process(Path(process_file))
+    elif command:
+        process = spec.Process(args=list(command), env=[f"PATH={spec.PATH}"], terminal=tty)
+    else:
+        raise ContainerError("exec: give --process or a command")
     code = container.exec_process(
-        _store(ctx), container_id, Path(process_file), Path(pid_file) if pid_file else None,
-        detach, console_socket,
+        _store(ctx), container_id, process, Path(pid_file) if pid_file else None, detach,
+        console_socket,
     )  # fmt: skip
     sys.exit(code)
 

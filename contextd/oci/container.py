@@ -255,22 +255,16 @@ def ps(store: StateStore, container_id: str) -> list[int]:
 def exec_process(
     store: StateStore,
     container_id: str,
-    process_file: Path,
+    process: spec.Process,
     pid_file: Path | None,
     detach: bool,
     console_socket: str | None,
 ) -> int:
-    """Run process.json's process in the container; detach: once it runs, leave it to our
-    parent (the engine, a subreaper) and return 0; else wait and return its exit code."""
+    """Run the process in the container; detach: once it runs, leave it to our parent
+    (the engine, a subreaper) and return 0; else wait and return its exit code."""
     state = store.load(container_id)
     if state.status(store.directory(container_id)) == "stopped":
         raise ContainerError("cannot exec in a stopped container")
-    try:
-        process = msgspec.json.decode(process_file.read_bytes(), type=spec.Process)
-    except OSError as e:
-        raise ContainerError(f"{process_file}: {e.strerror}") from None
-    except (msgspec.ValidationError, msgspec.DecodeError) as e:
-        raise ContainerError(f"{process_file}: {e}") from None
     if process.terminal and not console_socket:
         raise ContainerError("process.terminal is set: --console-socket is needed")
     if not detach:
@@ -347,8 +341,7 @@ def _join(
         os.write(pid_w, str(child).encode())
         os.read(ready_r, 1)  # EOF once the process has exec'd or failed
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.write(errors_w, f"{type(e).__name__}: {e}".encode()[:4000])
+        spawn.fail(errors_w, e, status=0)
     os._exit(0)
 
 
@@ -370,9 +363,7 @@ def _become_process(
         namespace.close_fds(keep=(errors_w, ready_w))
         argv0 = init.become_process(process, None, guest_filter)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.write(errors_w, f"{type(e).__name__}: {e}".encode()[:4000])
-        os._exit(127)
+        spawn.fail(errors_w, e)
     init.exec_process(process, argv0)
 
 
@@ -382,7 +373,7 @@ def features() -> dict[str, object]:
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.1.0",
         "hooks": [],
-        "mountOptions": sorted(set(init._FLAGS) | init._IGNORED),
+        "mountOptions": sorted(set(init.MOUNT_FLAGS) | init.IGNORED_OPTIONS),
         "linux": {
             "namespaces": list(spec.KNOWN_NAMESPACES),
             "capabilities": [f"CAP_{name}" for name in spec.CAPABILITIES],

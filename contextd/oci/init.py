@@ -28,12 +28,13 @@ import errno
 import fcntl
 import os
 import resource
+import select
 import socket
 import stat
 import termios
 from typing import NoReturn
 
-from contextd import namespace
+from contextd import namespace, spawn
 from contextd.capabilities import drop_bounding_but, limit_held_to
 from contextd.oci.spec import PATH, Mount, Process, Spec
 from contextd.seccomp import GuestFilter
@@ -43,13 +44,15 @@ PR_SET_KEEPCAPS = 8
 MS_NOATIME = 1 << 10
 MS_RELATIME = 1 << 21
 MS_SYNCHRONOUS = 16
-_FLAGS = {
+MOUNT_FLAGS = {
     "ro": sc.MS_RDONLY, "nosuid": sc.MS_NOSUID, "nodev": sc.MS_NODEV, "noexec": sc.MS_NOEXEC,
     "strictatime": sc.MS_STRICTATIME, "relatime": MS_RELATIME, "noatime": MS_NOATIME,
     "sync": MS_SYNCHRONOUS,
 }  # fmt: skip
-_IGNORED = {"rw", "bind", "rbind", "private", "rprivate", "shared", "rshared", "slave", "rslave",
-            "suid", "dev", "exec", "atime", "norelatime", "async"}  # fmt: skip
+IGNORED_OPTIONS = {
+    "rw", "bind", "rbind", "private", "rprivate", "shared", "rshared", "slave", "rslave",
+    "suid", "dev", "exec", "atime", "norelatime", "async",
+}  # fmt: skip
 
 
 class Channels:
@@ -82,10 +85,7 @@ def become_init(spec: Spec, rootfs: str, channels: Channels, guest_filter: Guest
         namespace.close_fds(keep=(channels.errors_w, channels.fifo))
         argv0 = become_process(spec.process, spec.hostname or None, guest_filter)
     except BaseException as e:  # reported by create, which fails
-        try:
-            os.write(channels.errors_w, f"{type(e).__name__}: {e}".encode()[:4000])
-        finally:
-            os._exit(127)
+        spawn.fail(channels.errors_w, e)
     os.close(channels.errors_w)  # ready: create returns
     wait_for_start(channels.fifo)
     exec_process(spec.process, argv0)
@@ -147,9 +147,9 @@ def _options(options: list[str]) -> tuple[int, str]:
     flags = 0
     data = []
     for option in options:
-        if option in _FLAGS:
-            flags |= _FLAGS[option]
-        elif option not in _IGNORED:
+        if option in MOUNT_FLAGS:
+            flags |= MOUNT_FLAGS[option]
+        elif option not in IGNORED_OPTIONS:
             data.append(option)
     return flags, ",".join(data)
 
@@ -297,8 +297,6 @@ def find_program(process: Process) -> str:
 
 def wait_for_start(fifo: int) -> None:
     """Block until `start` writes to exec.fifo (opened by create for reading)."""
-    import select
-
     while True:
         try:
             select.select([fifo], [], [])

@@ -36,7 +36,8 @@ def keep(args: dict[str, Any]) -> int:
     except (OSError, RootServerError):
         return 1
     mountpoint = os.path.realpath(args["fuse_server"]["mount"]["mountpoint"])
-    init = _pidfd_of(int(args["init_pid"]), int(args["init_start"]))
+    init = procfs.pidfd_of(int(args["init_pid"]), int(args["init_start"]))
+    init = -1 if init is None else init
     while True:
         watched = [server.pidfd] + ([init] if init >= 0 else [])
         try:
@@ -59,15 +60,3 @@ def keep(args: dict[str, Any]) -> int:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(init, signal.SIGKILL)
             return 1
-
-
-def _pidfd_of(pid: int, start: int) -> int:
-    """A pidfd of the init, -1 if it has ended already (or the pid is another's now)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return -1
-    if procfs.start_time(pid) != start:
-        os.close(pidfd)
-        return -1
-    return pidfd

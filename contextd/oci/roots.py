@@ -96,11 +96,7 @@ class OciRecord:
         )
 
     def is_running(self) -> bool:
-        return (
-            self.init_pid > 0
-            and procfs.start_time(self.init_pid) == self.init_start
-            and procfs.is_alive(self.init_pid)
-        )
+        return procfs.is_running(self.init_pid, self.init_start)
 
 
 def _records() -> Path:
@@ -338,10 +334,7 @@ def _reap_first_server(record: OciRecord) -> None:
     """Reap the container's first FUSE server, the daemon's child, if it has ended: the
     daemon's reaper looks for it only every half second, and a container can come and
     go (its server killed) in less."""
-    pid = record.fuse_server_pid
-    if not pid or procfs.start_time(pid) != record.fuse_server_start:
-        return
-    pidfd = _pidfd_or_none(pid)
+    pidfd = procfs.pidfd_of(record.fuse_server_pid, record.fuse_server_start)
     if pidfd is None:
         return
     try:
@@ -349,15 +342,6 @@ def _reap_first_server(record: OciRecord) -> None:
             os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
     finally:
         os.close(pidfd)
-
-
-def _pidfd_or_none(pid: int) -> int | None:
-    if not pid:
-        return None
-    try:
-        return os.pidfd_open(pid)
-    except ProcessLookupError:
-        return None
 
 
 def root_server_record_path(name: str) -> Path:
@@ -370,7 +354,7 @@ def release(record: OciRecord) -> None:
     (there should be none left) killed, its root unmounted, its tree and cgroup removed."""
     cgroup = Cgroup(record.name)
     cgroup.kill_all()
-    keeper = _pidfd_or_none(record.keeper_pid)
+    keeper = procfs.pidfd_of(record.keeper_pid)
     unmount_root(record.mountpoint)
     _reap_first_server(record)
     if keeper is not None:  # it reaps the server it started once the unmount ends it

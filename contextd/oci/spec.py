@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 
 from contextd.capabilities import CAPABILITIES
 
+_T = TypeVar("_T")
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -165,17 +167,25 @@ MOUNT_TYPES = ("proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "bind")
 
 def load(bundle: Path) -> Spec:
     """The bundle's config.json, checked (check); SpecError if unreadable or refused."""
-    path = bundle / "config.json"
+    spec = _decode(bundle / "config.json", Spec)
+    check(spec)
+    return spec
+
+
+def load_process(path: Path) -> Process:
+    """A process.json (what `exec --process` runs); SpecError if unreadable."""
+    return _decode(path, Process)
+
+
+def _decode(path: Path, kind: type[_T]) -> _T:
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise SpecError(f"{path}: {e.strerror}") from None
     try:
-        spec = msgspec.json.decode(raw, type=Spec)
+        return msgspec.json.decode(raw, type=kind)
     except (msgspec.ValidationError, msgspec.DecodeError) as e:
         raise SpecError(f"{path}: {e}") from None
-    check(spec)
-    return spec
 
 
 def check(spec: Spec) -> None:

@@ -12,8 +12,8 @@ its engine has not reaped yet has) or its pid is another process's.
 from __future__ import annotations
 
 import json
-import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,12 +57,7 @@ class ContainerState:
 
     def status(self, directory: Path) -> str:
         """created, running or stopped (see the module docstring)."""
-        alive = (
-            self.pid > 0
-            and procfs.start_time(self.pid) == self.pid_start
-            and procfs.is_alive(self.pid)
-        )
-        if not alive:
+        if not procfs.is_running(self.pid, self.pid_start):
             return "stopped"
         return "created" if (directory / "exec.fifo").exists() else "running"
 
@@ -116,7 +111,4 @@ class StateStore:
             raise ContainerError(f"container {container_id}: bad state file {path}: {e}") from None
 
     def remove(self, container_id: str) -> None:
-        directory = self.directory(container_id)
-        for name in ("exec.fifo", "state.json", "state.json.tmp"):
-            (directory / name).unlink(missing_ok=True)
-        os.rmdir(directory)
+        shutil.rmtree(self.directory(container_id))
