@@ -71,6 +71,10 @@ class GuestLedger:
         self._own_marked_written: set[tuple[int, int]] | None = None
         self.sync(final=False)
 
+    def close(self) -> None:
+        """Close the state database (the mount has ended)."""
+        self.db.close()
+
     def sync(self, final: bool) -> None:
         """Write usage, hits and grace clocks; reload limits and quotas."""
         self.apply(self.store(self.snapshot(final)))

@@ -28,6 +28,7 @@ class MountRecord:
     log: str
     xid: int | None = None
     session_fd: int = -1  # the server's /dev/fuse fd (a supervisor keeps a copy: resume.py)
+    shared: bool = False  # the server serves other mounts too (host.py): never kill it for one
 
 
 def mount_key(mountpoint: str) -> str:

@@ -144,6 +144,19 @@ class InodeTable:
     def __len__(self) -> int:
         return len(self.by_nodeid)
 
+    def close(self) -> None:
+        """Close every node's fd (the root's too): the mount has ended, its server goes on."""
+        for node in list(self.by_nodeid.values()):
+            fd, node._fd = node._fd, -1
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._open.clear()
+        self.by_nodeid.clear()
+        self.by_key.clear()
+        with contextlib.suppress(OSError):
+            os.close(self.mount_fd)
+
     # -- the fd cache ---------------------------------------------------
 
     def touch(self, node: Node) -> None:

@@ -16,7 +16,6 @@ import os
 import resource
 import select
 import signal
-import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from cowfs.host import registry
 from cowfs.host.barrier import refuse_reachable
 from cowfs.host.paths import log_dir, run_dir
 from cowfs.host.treelock import tree_lock
-from cowfs.serve import journal, recovery, resume, stats
+from cowfs.serve import resume, stats
 from cowfs.serve.idmap import SAME_IDS, IdMap
 from native import syscalls
 
@@ -100,7 +99,7 @@ def check_mount_args(
     return backing_real, mp_real
 
 
-def _node_fd_budget(requested: int | None) -> int:
+def node_fd_budget(requested: int | None) -> int:
     """Raise RLIMIT_NOFILE as far as allowed; how many node fds to keep open.
 
     An O_PATH fd per inode the kernel caches makes most requests one syscall;
@@ -120,7 +119,7 @@ def _node_fd_budget(requested: int | None) -> int:
     return min(budget, requested or DEFAULT_NODE_FDS)
 
 
-def _raise_read_ahead(mountpoint: str) -> None:
+def raise_read_ahead(mountpoint: str) -> None:
     # The FUSE connection's bdi defaults to 128 KiB; with 1 MiB a 512 MiB file whose
     # backing is in the page cache read through the mount in 0.13-0.14 s instead of 0.19 s.
     # Not os.stat(mountpoint): that would wait for this very process to answer.
@@ -145,115 +144,33 @@ def serve(
     resume_fd: the FUSE session of a server that died, to serve in its stead
     (resume.py); the mount is there already.
     """
-    import pyfuse3
     import trio
 
-    from cowfs.accounting.accountant import Accountant
-    from cowfs.accounting.ledger import GuestLedger
-    from cowfs.host.statedb import StateDB
-    from cowfs.serve import durability, unpatched
-    from cowfs.serve.cow import LinkBreaker
-    from cowfs.serve.inodes import InodeTable
-    from cowfs.serve.listings import Listings
-    from cowfs.serve.openfiles import OpenFiles
-    from cowfs.serve.operations import CowFS
-    from cowfs.serve.passthrough import Passthrough
+    from cowfs.serve.mounted import MountedTree, MountFailed
     from cowfs.serve.uring import Ring
     from cowfs.serve.workers import WorkerPool
 
-    try:
-        root_fd = os.open(backing, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        crashed = recovery.is_dirty(root_fd)
-        if crashed:
-            swept = recovery.sweep_leftovers(root_fd)
-            log.warning(
-                "last mount of %s did not end cleanly; removed %d leftovers", backing, swept
-            )
-        recovery.mark_dirty(root_fd)
-        ledger = GuestLedger(StateDB(), backing, crashed)
-    except OSError as e:
-        ready(f"backing tree {backing}: {e.strerror}")
-        return
-    except sqlite3.Error as e:
-        ready(f"state database: {e}")
-        return
     os.umask(0)  # the kernel applied the caller's umask already
-
-    def initialized() -> None:
-        # The kernel sets the connection's read-ahead from the INIT reply: raised
-        # after it, and only then is the mount ready for its users.
-        _raise_read_ahead(mountpoint)
-        if options.resumable and resume_fd is None:
-            resume.keep_init_request(mountpoint)
-        try:
-            ready(None)
-        except OSError as e:  # the mount command is gone: the mount serves all the same
-            log.warning("could not tell the mount command the mount is ready: %s", e)
-
-    table = InodeTable(root_fd, _node_fd_budget(options.max_node_fds))
-    acct = Accountant(ledger.policy)
-    passthrough = Passthrough(options.passthrough, root_fd)
-    open_files = OpenFiles(table, acct, passthrough)
-    if options.resumable:
-        journal_at = resume.journal_dir(mountpoint)
-        if resume_fd is not None:
-            lost_nodes = table.resume(journal.read_nodes(journal_at))
-            lost_files = open_files.resume(list(journal.read_files(journal_at)))
-            log.warning(
-                "resuming the session of a server that died: %d node ids and %d open files"
-                " could not be taken over",
-                lost_nodes,
-                lost_files,
-            )
-        table.journal = open_files.journal = journal.Journal(journal_at, fresh=resume_fd is None)
     workers = WorkerPool()
     # Disk reads, and writes that may wait, go to the kernel through io_uring
     # where it allows, else to the workers.
     ring = Ring.open() if options.io_uring else None
-    breaker = LinkBreaker(
-        table, workers, open_files, acct, durability.for_backing(root_fd, options.sync_breaks)
-    )
-    fs = CowFS(
-        table=table,
-        open_files=open_files,
-        passthrough=passthrough,
-        listings=Listings(table),
-        dir_handles=unpatched.DirHandles(),
-        breaker=breaker,
-        acct=acct,
-        workers=workers,
-        disk=ring or workers,
-        cache_timeout=options.cache_timeout,
-        after_init=initialized,
-        ids=options.id_map,
-    )
-
-    fuse_options = set(pyfuse3.default_options)
-    fuse_options |= {"allow_other", "suid", f"fsname={backing}", "subtype=cowfs"}
-    fuse_options.add("dev" if options.allow_devices else "nodev")
     try:
-        if resume_fd is None:
-            pyfuse3.init(fs, mountpoint, fuse_options)
-        else:
-            resume.init_session(fs, resume_fd, mountpoint, fuse_options)
-    except RuntimeError as e:
-        ready(f"mount of {mountpoint} failed: {e}")
-        if resume_fd is None:
-            recovery.mark_clean(root_fd)
-        return
-    try:
-        registry.write_record(
-            registry.MountRecord(
-                mountpoint, backing, os.getpid(), log_file, options.xid, resume.session_fd()
-            )
+        tree = MountedTree(
+            backing,
+            mountpoint,
+            options,
+            log_file,
+            workers=workers,
+            ring=ring,
+            node_fds=node_fd_budget(options.max_node_fds),
+            ready=ready,
+            resume_fd=resume_fd,
         )
-    except (OSError, CowfsError) as e:  # no mount without its record: nothing could stop it
-        ready(f"mount of {mountpoint} failed: its record: {e}")
-        with contextlib.suppress(Exception):
-            pyfuse3.close(unmount=resume_fd is None)
+        tree.open(os.getpid())
+    except MountFailed as e:
+        ready(str(e))
         return
-    if resume_fd is not None:
-        resume.resend_pending()
     log.info(
         "serving %s at %s (pid %d; disk reads by %s; private copies' data %s;"
         " passthrough of shared files %s)",
@@ -261,24 +178,9 @@ def serve(
         mountpoint,
         os.getpid(),
         "io_uring" if ring is not None else "worker threads",
-        breaker.durability.value,
-        "asked for" if passthrough.wanted else "off",
+        tree.breaker.durability.value,
+        "asked for" if tree.passthrough.wanted else "off",
     )
-
-    def publish_stats() -> None:
-        try:
-            stats.write(
-                mountpoint,
-                os.getpid(),
-                fs.counts,
-                link_breaks=breaker.breaks,
-                page_cache_reads=unpatched.direct_reads(),
-                handler_reads=fs.handler_reads,
-                passthrough_opens=passthrough.opens,
-                nodes=len(table),
-            )
-        except OSError as e:
-            log.warning("could not publish the mount's counts: %s", e)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -287,7 +189,7 @@ def serve(
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for signum in signals:
                         log.info("signal %d: unmounting", signum)
-                        pyfuse3.terminate()
+                        tree.terminate()
                         return
 
             async def keep_books() -> None:
@@ -296,26 +198,14 @@ def serve(
                     while True:
                         with trio.move_on_after(SYNC_INTERVAL):
                             await hangups.__anext__()
-                        publish_stats()
-                        # The database work in a thread: a database locked by
-                        # another process holds up the books, never the guest.
-                        snapshot = ledger.snapshot(final=False)
-                        try:
-                            stored = await trio.to_thread.run_sync(ledger.store, snapshot)
-                        except sqlite3.Error as e:
-                            log.error("state database: %s", e)
-                            ledger.policy.grace_changed |= snapshot.grace is not None
-                            continue
-                        ledger.apply(stored)
+                        await tree.keep_books()
 
             nursery.start_soon(stop_on_signal)
             nursery.start_soon(keep_books)
-            if resume_fd is not None:  # its INIT was replayed before the loop (resume.py)
-                trio.lowlevel.current_trio_token().run_sync_soon(initialized)
             nursery.start_soon(workers.serve)
             if ring is not None:
                 nursery.start_soon(ring.serve)
-            await pyfuse3.main(min_tasks=2, max_tasks=64)
+            await tree.serve()
             nursery.cancel_scope.cancel()
 
     clean = False
@@ -324,28 +214,7 @@ def serve(
         clean = True
     finally:
         # A server that failed leaves a resumable mount to its successor (resume.py).
-        with contextlib.suppress(Exception):
-            pyfuse3.close(unmount=clean or not options.resumable)
-        registry.remove_record(mountpoint)
-        if clean:
-            stats.forget(mountpoint)
-            if table.journal is not None:
-                table.journal.close()
-                resume.forget_journal(mountpoint)
-            try:
-                ledger.sync(final=True)
-            except sqlite3.Error as e:
-                log.error("state database: %s; usage will be recomputed", e)
-            recovery.mark_clean(root_fd)
-        log.info(
-            "stopped serving %s (%d link breaks, %d node reopens; reads: %d from the"
-            " page cache by pyfuse3, %d by cowfs)",
-            mountpoint,
-            breaker.breaks,
-            table.reopens,
-            unpatched.direct_reads(),
-            fs.handler_reads,
-        )
+        tree.close(clean)
 
 
 def _setup_logging(log_file: str | None, debug: bool) -> None:

@@ -150,6 +150,7 @@ class CowFS(pyfuse3.Operations):
         self.counts = RequestCounts()  # for monitoring (stats.py)
         self.after_init = after_init
         self.ids = ids
+        self.session: pyfuse3.Session | None = None  # its FUSE connection, once mounted
 
     def init(self) -> None:
         """Schedule after_init."""
@@ -307,7 +308,7 @@ class CowFS(pyfuse3.Operations):
                 node, self._uid(ctx), with_data=not truncating_to_zero
             )
         if kill:
-            kill_suidgid(node.fd, node.nodeid, ctx, self.ids)
+            kill_suidgid(node.fd, node.nodeid, ctx, self.ids, self.session)
         if fields.update_size:
             # Growing a file by truncate allocates nothing; its real change is charged.
             with self.acct.change(node):
@@ -473,7 +474,7 @@ class CowFS(pyfuse3.Operations):
                     node, self._uid(ctx), with_data=not flags & os.O_TRUNC
                 )
             if _kills_privileges(ctx):  # O_TRUNC
-                kill_suidgid(node.fd, node.nodeid, ctx, self.ids)
+                kill_suidgid(node.fd, node.nodeid, ctx, self.ids, self.session)
         else:
             if is_marked(node.fd):
                 backing_flags |= os.O_NOATIME  # reading must not touch the shared inode
@@ -578,7 +579,7 @@ class CowFS(pyfuse3.Operations):
         handle = self.open_files[fh]
         fd = handle.fd
         if ctx is not None and _kills_privileges(ctx):
-            kill_suidgid(fd, handle.node.nodeid, ctx, self.ids)
+            kill_suidgid(fd, handle.node.nodeid, ctx, self.ids, self.session)
         with self.acct.writing(handle, handle.uid, off, len(buf)):
             written = 0
             if self._nowait_writes:

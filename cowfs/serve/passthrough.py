@@ -43,6 +43,7 @@ says so once in its log.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -110,6 +111,7 @@ class Passthrough:
         # node may be stale, so its next served open must not keep it.
         self._written: set[Node] = set()
         self.opens = 0  # passthrough opens so far (stats.py)
+        self.session: pyfuse3.Session | None = None  # the mount's FUSE connection, once open
 
     @property
     def enabled(self) -> bool:
@@ -118,7 +120,8 @@ class Passthrough:
             if not self.wanted:
                 self._negotiated = False
             else:
-                self._negotiated = bool((pyfuse3.conn_info() or {}).get("passthrough"))
+                info = self.session.conn_info() if self.session is not None else None
+                self._negotiated = bool((info or {}).get("passthrough"))
                 if not self._negotiated:
                     log.warning(
                         "FUSE passthrough: the kernel did not offer it (Linux 6.9+ with"
@@ -149,7 +152,8 @@ class Passthrough:
         except OSError:  # no file handle reaches it: served as before
             return 0
         try:
-            backing_id = pyfuse3.passthrough_open(fd)  # the kernel keeps its own reference
+            assert self.session is not None  # enabled: the kernel answered its INIT
+            backing_id = self.session.passthrough_open(fd)  # the kernel keeps its own reference
         except OSError as e:
             if e.errno in _MOUNT_WIDE_ERRORS:
                 self._disable(f"the kernel refused a backing file: {e.strerror}")
@@ -204,9 +208,20 @@ class Passthrough:
         if entry.opens <= 0:
             del self._backing[node]
             try:
-                pyfuse3.passthrough_close(entry.backing_id)
+                if self.session is not None:
+                    self.session.passthrough_close(entry.backing_id)
             except OSError as e:  # the connection is ending: the kernel drops it anyway
                 log.debug("closing backing id %d: %s", entry.backing_id, e)
+
+    def close(self) -> None:
+        """Drop what the mount holds (its connection has ended; its server goes on)."""
+        self._backing.clear()
+        self._written.clear()
+        for fd in (self._tree, self._mount):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._tree = self._mount = -1
 
     def forsake(self, node: Node) -> None:
         """node got a backing id for an open that did not happen: drop the id unless used."""

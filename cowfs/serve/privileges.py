@@ -42,7 +42,13 @@ from cowfs.serve.idmap import IdMap
 from cowfs.tree.marks import fd_path
 
 
-def kill_suidgid(fd: int, nodeid: int, caller: pyfuse3.RequestContext, ids: IdMap) -> None:
+def kill_suidgid(
+    fd: int,
+    nodeid: int,
+    caller: pyfuse3.RequestContext,
+    ids: IdMap,
+    session: pyfuse3.Session | None,
+) -> None:
     """Clear the set-id bits of node nodeid's file (fd: any kind of fd on it), as the kernel
     does when caller, who lacks CAP_FSETID, writes it; ids map the caller's ids to the tree's."""
     st = os.fstat(fd)
@@ -54,7 +60,8 @@ def kill_suidgid(fd: int, nodeid: int, caller: pyfuse3.RequestContext, ids: IdMa
         os.chmod(fd_path(fd), stat.S_IMODE(mode) & ~kill)
         # The kernel runs a program set-id by the mode it has cached (for --cache-timeout
         # after a write): it must learn of the change now, before the request is answered.
-        pyfuse3.invalidate_inode(nodeid, attr_only=True)
+        if session is not None:
+            session.invalidate_inode(nodeid, attr_only=True)
 
 
 def _in_group(caller: pyfuse3.RequestContext, ids: IdMap, gid: int) -> bool:

@@ -31,60 +31,48 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cowfs.atomicfile import write_atomically
 from cowfs.host import registry
 from cowfs.host.paths import run_dir
 from cowfs.serve import journal
 
+if TYPE_CHECKING:
+    import pyfuse3
+
 log = logging.getLogger(__name__)
 
 
-def session_fd() -> int:
-    """This process's /dev/fuse fd (libfuse's session), or -1."""
-    for entry in os.scandir("/proc/self/fd"):
-        try:
-            if os.readlink(entry.path) == "/dev/fuse":
-                return int(entry.name)
-        except OSError:
-            continue
-    return -1
-
-
-def resend_pending() -> None:
+def resend_pending(session: pyfuse3.Session) -> None:
     """Ask the kernel to send again every request a dead server had read but not answered."""
-    import pyfuse3
-
     try:
-        pyfuse3.resend_requests()
+        session.resend_requests()
     except OSError as e:  # a kernel before 6.9: those requests stay unanswered
         log.warning("FUSE_NOTIFY_RESEND refused (%s): requests in flight stay unanswered", e)
 
 
-def keep_init_request(mountpoint: str) -> None:
+def keep_init_request(mountpoint: str, session: pyfuse3.Session) -> None:
     """Keep the FUSE_INIT request this server received, for a successor to replay."""
-    import pyfuse3
-
-    request = getattr(pyfuse3, "init_request", lambda: None)()
+    request = session.init_request()
     if request is not None:
         write_atomically(journal_dir(mountpoint) / "init", request)
 
 
-def init_session(operations: object, fd: int, mountpoint: str, fuse_options: set[str]) -> None:
-    """pyfuse3.init on a session the kernel has initialised already, replaying the
+def init_session(
+    operations: pyfuse3.Operations, fd: int, mountpoint: str, fuse_options: set[str]
+) -> pyfuse3.Session:
+    """A session on a connection the kernel has initialised already, replaying the
     FUSE_INIT the first server kept (see the module docstring); RuntimeError if it
     cannot."""
     import pyfuse3
 
-    resume_session = getattr(pyfuse3, "init_resumed", None)
-    if resume_session is None:
-        raise RuntimeError("this pyfuse3 cannot resume a FUSE session (needs cowfs's patch)")
     try:
         request = (journal_dir(mountpoint) / "init").read_bytes()
     except FileNotFoundError:
         raise RuntimeError("the first server kept no FUSE_INIT request to replay") from None
     try:
-        resume_session(operations, fd, request, fuse_options)
+        return pyfuse3.Session.resume(operations, fd, request, fuse_options)
     except ValueError as e:
         raise RuntimeError(str(e)) from None
 
