@@ -21,7 +21,10 @@ import statistics
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
+
+import tomli_w
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -76,9 +79,12 @@ def holding_open(path: Path) -> list[int]:
 
 
 class Contextd:
-    name = "contextd"
+    """A contextd daemon of the benchmark's; shared: guests' roots served by one cowfs
+    process (fuse_server = "shared") instead of one each."""
 
-    def __init__(self, work: Path, template: Path):
+    def __init__(self, work: Path, template: Path, shared: bool = False):
+        self.shared = shared
+        self.name = "contextd, shared server" if shared else "contextd"
         self.work = work
         self.template = template
         self.starting: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -107,6 +113,11 @@ class Contextd:
 
     def create(self, name: str) -> None:
         self.cmd("create", name, "--from", str(self.template), "--init", f'/bin/sh -c "{INIT}"')
+        if self.shared:
+            path = self.work / "etc" / f"{name}.toml"
+            config = tomllib.loads(path.read_text())
+            config["fuse_server"] = "shared"
+            path.write_text(tomli_w.dumps(config))
 
     def start(self, name: str) -> float:
         """Seconds from the start command to "ready" on the console (the command itself
@@ -143,16 +154,28 @@ class Contextd:
             .split()
         )
         mount_record = [json.loads(p.read_text()) for p in Path("/run/cowfs/mounts").glob("*.json")]
-        procs |= {r["pid"] for r in mount_record if r["mountpoint"].endswith(f"/roots/{name}")}
+        procs |= {
+            r["pid"]
+            for r in mount_record
+            if r["mountpoint"].endswith(f"/roots/{name}") and not r.get("shared")
+        }
         procs |= set(holding_open(self.work / "log" / f"{name}.console.log"))  # its supervisor
         return sorted(procs)
 
     def shared_pids(self) -> list[int]:
-        """Processes that serve every guest: the fork server (contextd.forkserver)."""
+        """Processes that serve every guest: the fork server (contextd.forkserver), and the
+        shared cowfs server (cowfs.serve.host) if guests share one."""
         # The FUSE servers it forked passed to the daemon too, with its command line.
-        records = Path("/run/cowfs/mounts").glob("*.json")
-        mounts = {json.loads(record.read_text())["pid"] for record in records}
-        return [
+        records = [
+            json.loads(record.read_text()) for record in Path("/run/cowfs/mounts").glob("*.json")
+        ]
+        mounts = {record["pid"] for record in records}
+        hosts = {
+            record["pid"]
+            for record in records
+            if record.get("shared") and record["mountpoint"].startswith(str(self.work))
+        }
+        return sorted(hosts) + [
             pid
             for pid in descendants(self.daemon.pid)
             if pid != self.daemon.pid
@@ -228,41 +251,43 @@ def main() -> None:
     subprocess.run([str(ROOT / "tools" / "mkguest-busybox.sh"), str(template)], check=True)
     rows: dict[str, dict[str, float]] = {}
 
-    contextd = Contextd(work / "contextd", template)
-    try:
-        contextd.create("one")
-        contextd.start("one")  # warm-up: caches and the first cowfs mount
-        contextd.stop("one")
-        starts, stops = [], []
-        for _ in range(args.repeat):
-            starts.append(contextd.start("one"))
-            stops.append(contextd.stop("one"))
-        rows["contextd"] = {"start": statistics.median(starts), "stop": statistics.median(stops)}
-        names = [f"g{i}" for i in range(args.guests)]
-        for name in names:
-            contextd.create(name)
-        began = time.perf_counter()
-        for name in names:
-            contextd.start(name)
-        all_started = time.perf_counter() - began
-        contextd.started()
-        time.sleep(1)
-        running = sum(
-            json.loads(contextd.cmd("status", n, "--json"))["state"] == "running" for n in names
-        )
-        memory = pss_kib([p for n in names for p in contextd.pids(n)] + contextd.shared_pids())
-        began = time.perf_counter()
-        for name in names:
-            contextd.stop(name)
-        all_stopped = time.perf_counter() - began
-        rows["contextd"].update(
-            memory=memory / args.guests,
-            all_start=all_started,
-            all_stop=all_stopped,
-            running=running,
-        )
-    finally:
-        contextd.close()
+    for shared in (False, True):
+        contextd = Contextd(work / ("contextd-shared" if shared else "contextd"), template, shared)
+        try:
+            contextd.create("one")
+            contextd.start("one")  # warm-up: caches and the first cowfs mount
+            contextd.stop("one")
+            starts, stops = [], []
+            for _ in range(args.repeat):
+                starts.append(contextd.start("one"))
+                stops.append(contextd.stop("one"))
+            row = {"start": statistics.median(starts), "stop": statistics.median(stops)}
+            names = [f"g{i}" for i in range(args.guests)]
+            for name in names:
+                contextd.create(name)
+            began = time.perf_counter()
+            for name in names:
+                contextd.start(name)
+            all_started = time.perf_counter() - began
+            contextd.started()
+            time.sleep(1)
+            running = sum(
+                json.loads(contextd.cmd("status", n, "--json"))["state"] == "running" for n in names
+            )
+            memory = pss_kib([p for n in names for p in contextd.pids(n)] + contextd.shared_pids())
+            began = time.perf_counter()
+            for name in names:
+                contextd.stop(name)
+            all_stopped = time.perf_counter() - began
+            row.update(
+                memory=memory / args.guests,
+                all_start=all_started,
+                all_stop=all_stopped,
+                running=running,
+            )
+            rows[contextd.name] = row
+        finally:
+            contextd.close()
 
     peers = [
         Plain(

@@ -21,6 +21,8 @@ goes on: the supervisor waits for "go"). Jobs:
 - ``mount``: mounts a cowfs root (cowfs.serve.mount.mount: it forks the FUSE
   server) and writes ``{"pid": N}`` or ``{"error": "..."}`` on its stdout.
   The job then ends, so the FUSE server passes to contextd, the subreaper.
+- ``host``: cowfs.serve.host: one FUSE server that guests' mounts are then asked of
+  (``fuse_server = "shared"``), until its last mount ends.
 - ``supervisor``: contextd.supervisor on its stdin and stdout (a socket), for
   the guest's life.
 
@@ -42,6 +44,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -86,6 +89,13 @@ def _mount_job(args: dict[str, Any]) -> int:
     return 0
 
 
+def _host_job(args: dict[str, Any]) -> int:
+    from cowfs.serve.host import serve_host
+
+    os.setsid()  # out of the daemon's session, as any mount's server
+    return serve_host(mount_options, args["log"], Path(args["socket"]))
+
+
 def _supervisor_job(args: dict[str, Any]) -> int:
     from contextd import supervisor
 
@@ -101,6 +111,7 @@ def _keeper_job(args: dict[str, Any]) -> int:
 
 JOBS: dict[str, Callable[[dict[str, Any]], int]] = {
     "mount": _mount_job,
+    "host": _host_job,  # one server for the mounts of every guest whose fuse_server is "shared"
     "supervisor": _supervisor_job,
     "keeper": _keeper_job,  # an OCI container's root (contextd.oci.keeper)
 }
@@ -115,7 +126,9 @@ def _preload() -> None:
     import contextd.supervisor  # noqa: F401
     import cowfs.accounting.ledger
     import cowfs.host.statedb
+    import cowfs.serve.host
     import cowfs.serve.mount
+    import cowfs.serve.mounted
     import cowfs.serve.operations  # noqa: F401
 
     gc.collect()

@@ -39,6 +39,7 @@ from cowfs.host import registry
 from cowfs.host.guests import Guest as CowfsGuest
 from cowfs.host.guests import set_disk_limits
 from cowfs.host.statedb import StateDB
+from cowfs.serve import host
 from cowfs.serve.mount import abort_connection, unmount
 from native.syscalls import open_in_root
 
@@ -196,7 +197,9 @@ class Runtime:
 
     def mount_root(self, config: GuestConfig, mountpoint: str) -> int:
         """Mount the guest's cowfs root at mountpoint: a FUSE server forked by the fork
-        server; its pid."""
+        server, or the shared one (config.fuse_server); its pid."""
+        if config.fuse_server == "shared":
+            return self._mount_shared(config, mountpoint)
         # Not forked from contextd itself: its threads must not be forked.
         answer_r, answer_w = os.pipe2(os.O_CLOEXEC)
         try:
@@ -219,6 +222,49 @@ class Runtime:
         if "error" in reply:
             raise GuestError(f"guest {config.name}: {reply['error']}")
         return int(reply["pid"])
+
+    def _mount_shared(self, config: GuestConfig, mountpoint: str) -> int:
+        """Mount the root through the shared FUSE server (cowfs.serve.host), started from
+        the fork server if none is listening; its pid."""
+        args = self.mount_args(config, mountpoint)
+        for _attempt in range(3):  # a host that was ending as it was asked: start another
+            answer = host.request_mount(self.host_socket(), args)
+            if answer is None:
+                self._start_host()
+                continue
+            if "error" in answer:
+                raise GuestError(f"guest {config.name}: {answer['error']}")
+            return int(answer["pid"])
+        raise GuestError(
+            f"guest {config.name}: root not mounted: the shared cowfs server did not answer"
+        )
+
+    @staticmethod
+    def host_socket() -> Path:
+        """Where this contextd's shared FUSE server listens."""
+        return run_dir() / "cowfs-host.sock"
+
+    def _start_host(self) -> None:
+        """Fork the shared FUSE server and wait until it listens."""
+        socket_path = self.host_socket()
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()  # a dead host's
+        with _devnull() as null:
+            try:
+                pid = self.helpers.run(
+                    "host",
+                    {"log": str(log_dir() / "cowfs-shared.log"), "socket": str(socket_path)},
+                    [null, null, null],
+                )
+            except ForkServerError as e:
+                raise GuestError(f"the shared cowfs server did not start: {e}") from None
+        deadline = time.monotonic() + 10
+        while not socket_path.exists():
+            if time.monotonic() > deadline or not procfs.is_alive(pid):
+                raise GuestError(
+                    f"the shared cowfs server did not start; see {log_dir() / 'cowfs-shared.log'}"
+                )
+            time.sleep(0.005)
 
     @staticmethod
     def mount_args(config: GuestConfig, mountpoint: str) -> dict[str, Any]:
@@ -293,7 +339,8 @@ class Runtime:
                 # work it makes it do. Moved right after init: in cgroup v1 the first
                 # move of a burst waits for an RCU grace period (~10 ms here), the
                 # ones right after it do not.
-                cgroup.add_fuse_server(fuse_server)
+                if config.fuse_server == "own":
+                    cgroup.add_fuse_server(fuse_server)
                 if config.net.mode == "isolated":
                     network.plug(config, pid)
             except BaseException:

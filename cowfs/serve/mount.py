@@ -344,6 +344,9 @@ def unmount(
         raise CowfsError(f"{mountpoint}: {e.strerror}") from None
     if record is None or record.pid <= 0:
         return
+    if record.shared:
+        _wait_withdrawn(record, timeout)
+        return
     deadline = time.monotonic() + timeout
     if not _wait_ended(record.pid, timeout, kill_late):
         raise CowfsError(f"{mountpoint}: unmounted, but pid {record.pid} still runs")
@@ -352,6 +355,34 @@ def unmount(
         registry.remove_record(point)
         resume.forget_journal(point)
         stats.forget(point)
+
+
+def _wait_withdrawn(record: registry.MountRecord, timeout: float) -> None:
+    """A mount of a server that serves others too (host.py) has ended when its record is
+    withdrawn; that server goes on and is never killed for one mount (CowfsError if it
+    has not let the mount go within timeout: a server that hung)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while registry.read_record(record.mountpoint) == record:
+        if not procfs_alive(record.pid):
+            registry.remove_record(record.mountpoint)
+            break
+        if time.monotonic() > deadline:
+            raise CowfsError(
+                f"{record.mountpoint}: unmounted, but its server (pid {record.pid}, shared)"
+                " has not let it go"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def procfs_alive(pid: int) -> bool:
+    """Whether process pid exists (a zombie counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 FUSECTL = Path("/sys/fs/fuse/connections")
