@@ -161,3 +161,20 @@ def _serve_successor(mount: dict[str, Any], session: int, answer: int) -> None:
         session,
         tell,
     )
+
+
+def successor_main(argv: list[str]) -> int:
+    """``python -m contextd.rootserver successor SESSION_FD ANSWER_FD MOUNT_JSON``: the
+    successor contextd-supervise (native/supervise.c) starts when the server dies."""
+    session, answer, mount = int(argv[0]), int(argv[1]), json.loads(argv[2])
+    cgroups.join([Path(d) for d in mount.get("cgroup_dirs", [])])
+    _serve_successor(mount, session, answer)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["successor"] or len(sys.argv) != 5:
+        sys.exit("usage: python -m contextd.rootserver successor SESSION_FD ANSWER_FD MOUNT_JSON")
+    sys.exit(successor_main(sys.argv[2:]))

@@ -20,7 +20,10 @@ host's:
    supervisor), leaves everything of the host behind (contextd.namespace) and
    execs init.
 
-Then the supervisor copies the console to the log file and waits for init.
+Then the supervisor execs contextd-supervise (native/supervise.c: the same
+process, still init's parent, ~0.2 MiB instead of a Python process's ~4 MiB
+of private memory; _supervise below is the same loop in Python, used where the
+program is missing), which copies the console to the log file and waits for init.
 When init ends, it writes what happened (exit status or signal, and what that
 means: halt, reboot, crash) to the guest's exit record, and ends; contextd,
 watching it through a pidfd, cleans up and restarts the guest if init asked
@@ -57,6 +60,8 @@ from cowfs.atomicfile import write_atomically
 from native import syscalls as sc
 
 TIOCGPTPEER = 0x5441
+# The supervisor once its guest runs (native/supervise.c, built by tools/install.sh).
+STEADY = Path(sc.__file__).with_name("contextd-supervise")
 MAX_LOG = 8 << 20  # the console log is kept under this size: its older half dropped
 TAIL_LINES = 20  # of the console, kept in the exit record
 
@@ -98,6 +103,8 @@ def main() -> None:
     tell({"ok": True})
     reader.close()
     control.close()
+    if STEADY.exists():
+        _become_steady(init, log, request["exit_record"], fuse_server)
     _supervise(init, log, request["exit_record"], fuse_server)
 
 
@@ -219,6 +226,43 @@ def _wait(pid: int) -> int:
             continue
         except ChildProcessError:
             return 0
+
+
+def _become_steady(init: Init, log: int, exit_record: str, fuse_server: RootServer | None) -> None:
+    """Exec contextd-supervise (native/supervise.c), which goes on as _supervise does: the
+    same process, still init's parent, without the private memory of a Python process.
+    Returns only if the exec failed (then _supervise goes on)."""
+    pidfd = os.pidfd_open(init.pid)
+    keep_open = fcntl.ioctl(init.console_master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+    passed = [pidfd, init.console_master, keep_open, log]
+    argv = [
+        str(STEADY),
+        f"init={init.pid},{pidfd}",
+        f"console={init.console_master}",
+        f"peer={keep_open}",
+        f"log={log}",
+        f"exit-record={exit_record}",
+    ]
+    if fuse_server is not None:
+        passed += [fuse_server.pidfd] + ([fuse_server.session] if fuse_server.session >= 0 else [])
+        argv += [
+            f"server={fuse_server.pid},{fuse_server.pidfd}",
+            f"session={fuse_server.session}",
+            f"python={sys.executable}",
+        ]
+        if fuse_server.mount is not None:
+            argv.append(f"mount={json.dumps(fuse_server.mount)}")
+        if fuse_server.record_path is not None:
+            argv.append(f"server-record={fuse_server.record_path}")
+    for fd in passed:
+        os.set_inheritable(fd, True)
+    try:
+        os.execv(STEADY, argv)
+    except OSError:
+        for fd in passed:
+            os.set_inheritable(fd, False)
+        os.close(pidfd)
+        os.close(keep_open)
 
 
 def _supervise(init: Init, log: int, exit_record: str, fuse_server: RootServer | None) -> None:

@@ -76,6 +76,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -
     fi
     [ -z "$libfuse" ] || echo "$want" > "$stamp"
 fi
+# A guest's supervisor once the guest runs (native/supervise.c): a small C program, so that
+# an idle guest does not keep a Python process of its own for it.
+if [ ! -x native/contextd-supervise ] || [ native/supervise.c -nt native/contextd-supervise ]; then
+    gcc -O2 -Wall -Wextra -Werror -o native/contextd-supervise.new native/supervise.c
+    mv native/contextd-supervise.new native/contextd-supervise
+fi
 # Bytecode for the project's own modules, written even where PYTHONDONTWRITEBYTECODE
 # is set: without it every cowfs and contextd command compiles its modules anew
 # (20-40 ms of each start here). Up-to-date files are skipped.
