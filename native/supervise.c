@@ -126,61 +126,82 @@ static void addf(struct text *t, const char *format, ...) {
         add(t, buf, (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1);
 }
 
-/* Length of the valid UTF-8 sequence at s (at most n bytes), or 0 if there is none. */
-static size_t utf8_length(const unsigned char *s, size_t n) {
-    size_t len;
-    unsigned int min;
-    if (s[0] < 0x80)
+/* The UTF-8 sequence at s (n bytes left): its length if valid, else 0 with *bad the
+ * length of its maximal invalid part, which Python's decoder replaces with one U+FFFD. */
+static size_t utf8_sequence(const unsigned char *s, size_t n, size_t *bad, unsigned int *cp) {
+    unsigned char c = s[0], lo = 0x80, hi = 0xBF;
+    size_t need;
+    *bad = 1;
+    if (c < 0x80) {
+        *cp = c;
         return 1;
-    if ((s[0] & 0xE0) == 0xC0)
-        len = 2, min = 0x80;
-    else if ((s[0] & 0xF0) == 0xE0)
-        len = 3, min = 0x800;
-    else if ((s[0] & 0xF8) == 0xF0)
-        len = 4, min = 0x10000;
+    }
+    if (c >= 0xC2 && c <= 0xDF)
+        need = 1;
+    else if (c >= 0xE0 && c <= 0xEF)
+        need = 2, lo = c == 0xE0 ? 0xA0 : 0x80, hi = c == 0xED ? 0x9F : 0xBF;
+    else if (c >= 0xF0 && c <= 0xF4)
+        need = 3, lo = c == 0xF0 ? 0x90 : 0x80, hi = c == 0xF4 ? 0x8F : 0xBF;
     else
         return 0;
-    if (len > n)
-        return 0;
-    unsigned int cp = s[0] & (0x7F >> len);
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xC0) != 0x80)
+    unsigned int value = c & (0x3F >> need);
+    for (size_t k = 1; k <= need; k++) {
+        unsigned char min = k == 1 ? lo : 0x80, max = k == 1 ? hi : 0xBF;
+        if (k >= n || s[k] < min || s[k] > max) {
+            *bad = k;
             return 0;
-        cp = (cp << 6) | (s[i] & 0x3F);
+        }
+        value = (value << 6) | (s[k] & 0x3F);
     }
-    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
-        return 0;
-    return len;
+    *cp = value;
+    return need + 1;
 }
 
-/* A JSON string of bytes, as Python's decode(errors="replace") then json.dumps would. */
+/* A JSON string of bytes, as Python's json.dumps(b.decode(errors="replace")) writes it. */
 static void add_json_string(struct text *t, const char *s, size_t n) {
     const unsigned char *u = (const unsigned char *)s;
     add(t, "\"", 1);
     for (size_t i = 0; i < n;) {
-        unsigned char c = u[i];
-        if (c == '"' || c == '\\') {
-            add(t, "\\", 1);
-            add(t, (const char *)&u[i], 1);
-            i++;
-        } else if (c < 0x20 || c == 0x7F) {
-            addf(t, "\\u%04x", c);
-            i++;
-        } else if (c < 0x80) {
-            add(t, (const char *)&u[i], 1);
-            i++;
+        size_t bad;
+        unsigned int cp;
+        size_t len = utf8_sequence(u + i, n - i, &bad, &cp);
+        if (len == 0) {
+            add(t, "\\ufffd", 6);
+            i += bad;
+            continue;
+        }
+        i += len;
+        if (cp == '"' || cp == '\\') {
+            char escaped[2] = {'\\', (char)cp};
+            add(t, escaped, 2);
+        } else if (cp >= 0x20 && cp < 0x7F) {
+            char plain = (char)cp;
+            add(t, &plain, 1);
+        } else if (cp < 0x10000) {
+            addf(t, "\\u%04x", cp);
         } else {
-            size_t len = utf8_length(u + i, n - i);
-            if (len == 0) {
-                add(t, "\\ufffd", 6);
-                i++;
-            } else {
-                add(t, (const char *)&u[i], len);
-                i += len;
-            }
+            cp -= 0x10000;
+            addf(t, "\\u%04x\\u%04x", 0xD800 + (cp >> 10), 0xDC00 + (cp & 0x3FF));
         }
     }
     add(t, "\"", 1);
+}
+
+/* The length of the line break at s (n bytes left), 0 if none: the breaks of Python's
+ * str.splitlines() (\r\n counts as one), as bytes of UTF-8. */
+static size_t line_break(const unsigned char *s, size_t n) {
+    switch (s[0]) {
+    case '\r':
+        return n > 1 && s[1] == '\n' ? 2 : 1;
+    case '\n': case 0x0B: case 0x0C: case 0x1C: case 0x1D: case 0x1E:
+        return 1;
+    case 0xC2:
+        return n > 1 && s[1] == 0x85 ? 2 : 0;
+    case 0xE2:
+        return n > 2 && s[1] == 0x80 && (s[2] == 0xA8 || s[2] == 0xA9) ? 3 : 0;
+    default:
+        return 0;
+    }
 }
 
 static void halve_log(void) {
@@ -315,6 +336,43 @@ static int server_ended(void) {
     return start_successor();
 }
 
+/* The console's last TAIL_LINES lines, a JSON list, as str.splitlines() makes them. */
+static void add_tail_lines(struct text *t) {
+    size_t starts[TAIL_LINES + 1], ends[TAIL_LINES + 1];
+    int lines = 0;
+    size_t begin = 0;
+    const unsigned char *u = (const unsigned char *)tail;
+    for (size_t i = 0; i <= tail_len;) {
+        size_t brk = i < tail_len ? line_break(u + i, tail_len - i) : 0;
+        if (i < tail_len && brk == 0) {
+            i++;
+            continue;
+        }
+        if (i == tail_len && begin == tail_len)
+            break;
+        if (lines == TAIL_LINES + 1) {
+            memmove(starts, starts + 1, TAIL_LINES * sizeof *starts);
+            memmove(ends, ends + 1, TAIL_LINES * sizeof *ends);
+            lines--;
+        }
+        starts[lines] = begin;
+        ends[lines] = i;
+        lines++;
+        if (i == tail_len)
+            break;
+        i += brk;
+        begin = i;
+    }
+    int first = lines > TAIL_LINES ? lines - TAIL_LINES : 0;
+    add(t, "[", 1);
+    for (int l = first; l < lines; l++) {
+        if (l > first)
+            add(t, ", ", 2);
+        add_json_string(t, tail + starts[l], ends[l] - starts[l]);
+    }
+    add(t, "]", 1);
+}
+
 static void write_exit_record(int status) {
     struct text t = {0};
     if (WIFSIGNALED(status)) {
@@ -330,36 +388,9 @@ static void write_exit_record(int status) {
         add(&t, ", \"failure\": ", 13);
         add_json_string(&t, failure, strlen(failure));
     }
-    addf(&t, ", \"ended\": %.6f, \"console_tail\": [", now_real());
-    /* The last TAIL_LINES lines (split at \n, \r\n or \r), as str.splitlines() would. */
-    size_t starts[TAIL_LINES + 1], ends[TAIL_LINES + 1];
-    int lines = 0;
-    size_t begin = 0;
-    for (size_t i = 0; i <= tail_len; i++) {
-        int at_end = i == tail_len;
-        if (!at_end && tail[i] != '\n' && tail[i] != '\r')
-            continue;
-        if (at_end && begin == tail_len)
-            break;
-        if (lines == TAIL_LINES + 1) {
-            memmove(starts, starts + 1, TAIL_LINES * sizeof *starts);
-            memmove(ends, ends + 1, TAIL_LINES * sizeof *ends);
-            lines--;
-        }
-        starts[lines] = begin;
-        ends[lines] = i;
-        lines++;
-        if (!at_end && tail[i] == '\r' && i + 1 < tail_len && tail[i + 1] == '\n')
-            i++;
-        begin = i + 1;
-    }
-    int first = lines > TAIL_LINES ? lines - TAIL_LINES : 0;
-    for (int l = first; l < lines; l++) {
-        if (l > first)
-            add(&t, ", ", 2);
-        add_json_string(&t, tail + starts[l], ends[l] - starts[l]);
-    }
-    add(&t, "]}", 2);
+    addf(&t, ", \"ended\": %.6f, \"console_tail\": ", now_real());
+    add_tail_lines(&t);
+    add(&t, "}", 1);
     if (t.data)
         write_atomically(exit_record, t.data, t.len);
     free(t.data);
@@ -369,7 +400,31 @@ static int parse_pair(const char *value, pid_t *pid, int *fd) {
     return sscanf(value, "%d,%d", pid, fd) == 2 ? 0 : -1;
 }
 
+/* The tail of stdin's bytes as the exit record's console_tail: for tests only. */
+static int print_tail(void) {
+    char buf[65536];
+    ssize_t n;
+    while ((n = read(0, buf, sizeof buf)) > 0) {
+        size_t take = (size_t)n > TAIL_KEEP ? TAIL_KEEP : (size_t)n;
+        if (tail_len + take > TAIL_KEEP) {
+            size_t drop = tail_len + take - TAIL_KEEP;
+            memmove(tail, tail + drop, tail_len - drop);
+            tail_len -= drop;
+        }
+        memcpy(tail + tail_len, buf + n - take, take);
+        tail_len += take;
+    }
+    struct text t = {0};
+    add_tail_lines(&t);
+    if (t.data)
+        write_all(1, t.data, t.len);
+    free(t.data);
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 2 && !strcmp(argv[1], "--console-tail"))
+        return print_tail();
     for (int i = 1; i < argc; i++) {
         const char *eq = strchr(argv[i], '=');
         if (!eq || eq - argv[i] >= 16)
