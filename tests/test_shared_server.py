@@ -8,6 +8,8 @@ import functools
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -123,3 +125,54 @@ def test_the_shared_servers_death_gives_each_guest_a_server_of_its_own(
     for name in ("left", "right"):
         ctx("stop", name)
         assert left_behind(name, ctx) == []
+
+
+def test_shared_guests_outlive_a_daemon_restart_and_take_limits_at_once(
+    ctx: Contextd, guest_tree: Path
+) -> None:
+    _start_shared(ctx, guest_tree, "kept")
+    server = _records(ctx)["kept"]["pid"]
+    ctx.kill()  # the daemon ends; its guests and their shared server run on
+    ctx.serve()
+    assert guest_status(ctx, "kept")["state"] == "running"
+    _start_shared(ctx, guest_tree, "joined")  # the new daemon finds the server listening
+    assert _records(ctx)["joined"]["pid"] == server
+    # `cowfs limit` tells the server at once (SIGHUP), whatever mount it is for.
+    root = ctx.base / "cowfs" / "guests" / "joined"
+    cowfs = str(Path(sys.executable).parent / "cowfs")
+    used = json.loads(
+        subprocess.run(
+            [cowfs, "du", "--json", str(root)], env=ctx.env, capture_output=True, check=True
+        ).stdout
+    )["guests"][0]["private_bytes"]
+    subprocess.run(
+        [cowfs, "limit", "set", str(root), "--space", str(used + 65536)],
+        env=ctx.env,
+        capture_output=True,
+        check=True,
+    )
+    wrote = ctx(
+        "exec",
+        "joined",
+        "--",
+        "/bin/dd",
+        "if=/dev/zero",
+        "of=/root/big",
+        "bs=1024",
+        "count=1024",
+        check=False,
+    )
+    assert wrote.returncode != 0 and "No space left on device" in wrote.stderr, wrote
+    # by the same server, told, not replaced
+    assert procfs_alive(server) and _records(ctx)["joined"]["pid"] == server
+    assert guest_status(ctx, "joined")["root_server_replacements"] == 0
+    assert (
+        ctx(
+            "exec", "kept", "--", "/bin/dd", "if=/dev/zero", "of=/root/big", "bs=1024", "count=1024"
+        ).returncode
+        == 0
+    )  # another guest's mount has no such limit
+    for name in ("kept", "joined"):
+        ctx("stop", name)
+        assert left_behind(name, ctx) == []
+    assert wait_for(lambda: not procfs_alive(server))
