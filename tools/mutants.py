@@ -46,6 +46,34 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "shared-server-dies-of-hangup",
+        "cowfs limit's SIGHUP reaches a shared server's mounts; the server lives on",
+        "cowfs/serve/host.py",
+        "signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:",
+        "signal.SIGTERM, signal.SIGINT) as signals:",
+        (
+            "tests/test_shared_server.py::test_shared_guests_outlive_a_daemon_restart_and_take_limits_at_once",
+        ),
+    ),
+    Mutant(
+        "shared-server-ends-all-with-one",
+        "a mount of the shared server ends alone (its guest's stop ends no other)",
+        "cowfs/serve/host.py",
+        "                    tree.close(clean)\n",
+        "                    tree.close(clean)\n"
+        "                    for other in list(self.trees.values()):\n"
+        "                        other.terminate()\n",
+        ("tests/test_shared_server.py::test_guests_sharing_a_server_stay_apart_and_end_alone",),
+    ),
+    Mutant(
+        "supervisor-stays-python",
+        "a running guest's supervisor is contextd-supervise, not a Python process",
+        "contextd/supervisor.py",
+        "    if STEADY.exists():\n",
+        "    if False:\n",
+        ("tests/test_supervise.py::test_a_running_guests_supervisor_is_the_small_program",),
+    ),
+    Mutant(
         "break-copies-no-owner",
         "a private copy keeps the shared file's owner",
         "cowfs/tree/metadata.py",
@@ -381,7 +409,7 @@ def scratch_checkout() -> Path:
         ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(SCRATCH), "HEAD"],
         check=True,
     )
-    for built in (ROOT / "native").glob("*.so"):
+    for built in [*(ROOT / "native").glob("*.so"), ROOT / "native" / "contextd-supervise"]:
         shutil.copy2(built, SCRATCH / "native" / built.name)
     return SCRATCH
 
