@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """contextd beside `unshare ... chroot` and systemd-nspawn on the same busybox guest, one run.
 
-For each: the time from the start command to the guest's init running (it
-prints "ready"), and from the stop command to nothing left; then memory per
-idle guest (proportional set size of every process a guest costs: for contextd
-the guest's processes, its cowfs FUSE process and its console logger, and the
-fork server they come from once for all guests) and 50
-guests at once. Run as root:  .venv/bin/python bench/contextd_bench.py [--markdown]
+contextd runs twice: each guest's root served by a cowfs process of its own, and
+all of them by one shared one (fuse_server = "shared"). For each: the time from
+the start command to the guest's init running (it prints "ready"), and from the
+stop command to nothing left; then memory per idle guest (proportional set size
+of every process a guest costs: for contextd the guest's processes, its cowfs
+FUSE server and its supervisor, and once for all guests the fork server and the
+shared cowfs server) and 50 guests at once. Run as root:  .venv/bin/python bench/contextd_bench.py [--markdown]
 """
 
 from __future__ import annotations

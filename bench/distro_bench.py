@@ -2,7 +2,9 @@
 """A Debian guest booting its own systemd: contextd beside systemd-nspawn -b, same tree, one run.
 
 The guest is tools/mkguest-debian.sh --init systemd --packages "openssh-server
-cron nginx-light" (bookworm). A third contender, nspawn booting a cowfs mount
+cron nginx-light" (bookworm). contextd runs twice: each guest's root served by a
+cowfs process of its own, and all of them by one shared one (fuse_server =
+"shared"). Another contender, nspawn booting a cowfs mount
 of the same tree (mounted afresh for each boot, as contextd's are), shows what
 the filesystem costs apart from the runtime. For each contender, alternating
 which goes first: the time from the start command to systemd's "Reached target
@@ -28,9 +30,11 @@ import signal
 import statistics
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 from typing import Protocol
 
+import tomli_w
 from contextd_bench import BIN, ROOT, Contextd, descendants, holding_open, pss_kib
 
 # systemd's console line once multi-user.target is reached (with its colours).
@@ -53,10 +57,13 @@ class Guests(Protocol):
 class ContextdGuests(Contextd):
     """contextd with a daemon of its own (contextd_bench's), guests created from the template."""
 
-    name = "contextd"
-
     def prepare(self, key: str) -> None:
         self.cmd("create", key, "--from", str(self.template))
+        if self.shared:
+            path = self.work / "etc" / f"{key}.toml"
+            config = tomllib.loads(path.read_text())
+            config["fuse_server"] = "shared"
+            path.write_text(tomli_w.dumps(config))
 
     def start(self, key: str) -> float:
         log = self.work / "log" / f"{key}.console.log"
@@ -86,19 +93,14 @@ class ContextdGuests(Contextd):
         procs = {int(p) for p in guest.read_text().split()}
         for record in Path("/run/cowfs/mounts").glob("*.json"):
             mount = json.loads(record.read_text())
-            if mount["mountpoint"].endswith(f"/roots/{key}"):
-                procs.add(mount["pid"])
+            if mount["mountpoint"].endswith(f"/roots/{key}") and not mount.get("shared"):
+                procs.add(mount["pid"])  # a shared server is counted once, in shared_pids
         procs |= set(holding_open(self.work / "log" / f"{key}.console.log"))  # its supervisor
         return sorted(procs)
 
     def shared_pids(self) -> list[int]:
-        return [
-            pid
-            for pid in descendants(self.daemon.pid)
-            if b"contextd.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
-            and int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
-            == self.daemon.pid
-        ][:1]
+        """The fork server, and the shared cowfs server if guests share one."""
+        return super().shared_pids()
 
     def close(self) -> None:
         self.daemon.send_signal(signal.SIGTERM)
@@ -227,10 +229,11 @@ def main() -> None:
          "openssh-server cron nginx-light", str(template)],
         check=True,
     )  # fmt: skip
-    for contender in ("contextd", "nspawn", "nspawn-cowfs"):
+    for contender in ("contextd", "contextd-shared", "nspawn", "nspawn-cowfs"):
         (work / contender).mkdir()
     contenders: list[Guests] = [
         ContextdGuests(work / "contextd", template),
+        ContextdGuests(work / "contextd-shared", template, shared=True),
         NspawnGuests(work / "nspawn", template),
         NspawnOnCowfsGuests(work / "nspawn-cowfs", template),
     ]
@@ -260,7 +263,7 @@ def main() -> None:
     finally:
         for c in contenders:
             c.close()
-    base = contenders[1].name
+    base = contenders[2].name
     rows = [
         ("boot to multi-user (median)", {n: statistics.median(v) for n, v in boots.items()}, "s"),
         ("stop, clean halt (median)", {n: statistics.median(v) for n, v in stops.items()}, "s"),
