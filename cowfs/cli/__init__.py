@@ -58,13 +58,20 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except CowfsError as e:
-            click.echo(f"cowfs: error: {e}", err=True)
+            # As a host user, a path cowfs cannot reach looks missing: say why.
+            click.echo(f"cowfs: error: {e}{_not_root_hint(str(e))}", err=True)
             sys.exit(1)
         except OSError as e:  # one line, never a traceback
             where = f"{e.filename}: " if e.filename else ""
-            hint = " (cowfs is root's: run it as root)" if os.geteuid() != 0 else ""
-            click.echo(f"cowfs: error: {where}{e.strerror or e}{hint}", err=True)
+            said = f"{where}{e.strerror or e}"
+            click.echo(f"cowfs: error: {said}{_not_root_hint(said)}", err=True)
             sys.exit(1)
+
+
+def _not_root_hint(said: str) -> str:
+    if os.geteuid() == 0 or "root" in said:
+        return ""
+    return " (cowfs is root's: run it as root)"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
