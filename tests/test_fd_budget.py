@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -45,3 +46,37 @@ def test_small_fd_budget_serves_large_tree(tmp_path: Path, mounts: Mounts) -> No
     assert "node reopens" in log.read_text()
     reopens = int(log.read_text().rsplit("link breaks, ", 1)[1].split()[0])
     assert reopens > 100, "the small budget never made nodes come back by handle"
+
+
+def test_a_table_given_a_smaller_share_closes_its_excess(tmp_path: Path) -> None:
+    # A server of several mounts (cowfs.serve.host) shares its fd limit out among them:
+    # a mount's table made smaller as others join keeps no more than its new share.
+    from cowfs.serve.inodes import InodeTable
+
+    for i in range(120):
+        (tmp_path / f"f{i:03d}").write_text("x")
+    root = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    table = InodeTable(root, 200)
+
+    def admit(name: str) -> None:
+        fd = os.open(name, os.O_PATH | os.O_CLOEXEC, dir_fd=root)
+        table.add(fd, os.fstat(fd), table.root, name.encode())
+
+    def node_fds() -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(FileNotFoundError):  # the listing's own fd, gone
+                count += os.readlink(f"/proc/self/fd/{fd}").startswith(str(tmp_path) + "/f")
+        return count
+
+    for i in range(100):
+        admit(f"f{i:03d}")
+    assert node_fds() == 100
+    table.resize(24)
+    for i in range(100, 120):
+        admit(f"f{i:03d}")
+    assert node_fds() <= 24
+    first = table.find(os.stat(tmp_path / "f000"))
+    assert first is not None and first.fd >= 0  # reopened from its handle at need
+    table.close()
+    assert node_fds() == 0

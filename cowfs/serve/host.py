@@ -41,8 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Node fds kept open per mount: the process's fd limit is shared by every mount
-# (beyond it a node costs one open_by_handle_at on its next use).
+# Node fds kept open per mount at most: the process's fd limit is shared out among
+# its mounts (beyond its share a node costs one open_by_handle_at on its next use).
 SHARED_NODE_FDS = 1024
 _MAX_REQUEST = 65536
 
@@ -84,6 +84,11 @@ class Host:
         self.workers = WorkerPool()
         self.ring = Ring.open()
         self.trees: dict[str, MountedTree] = {}
+        # Three quarters of the fd limit for node fds, shared out among the mounts; the
+        # rest for open files (node_fd_budget).
+        from cowfs.serve.mount import node_fd_budget
+
+        self.node_fds = node_fd_budget(None)
         self.pending = 0  # requests being answered: the host ends when none and no mounts
         self.ending = False
 
@@ -101,6 +106,15 @@ class Host:
             while not self.ending:
                 client, _ = await listener.accept()
                 nursery.start_soon(self._answer, client)
+
+    def _node_fd_share(self, mounts: int) -> int:
+        return max(64, min(SHARED_NODE_FDS, self.node_fds // max(1, mounts)))
+
+    def _share_node_fds(self) -> None:
+        """Each mount's share of the node fds, as mounts come and go."""
+        share = self._node_fd_share(len(self.trees))
+        for tree in self.trees.values():
+            tree.table.resize(share)
 
     def _end_if_idle(self) -> None:
         """No mounts and no requests: stop taking requests; the process ends."""
@@ -197,7 +211,7 @@ class Host:
                         log_file,
                         workers=self.workers,
                         ring=self.ring,
-                        node_fds=options.max_node_fds or SHARED_NODE_FDS,
+                        node_fds=self._node_fd_share(len(self.trees) + 1),
                         ready=ready,
                     )
                     tree.open(os.getpid(), shared=True)
@@ -205,6 +219,7 @@ class Host:
                     ready(str(e))
                     return
                 self.trees[mountpoint] = tree
+                self._share_node_fds()
                 log.info(
                     "serving %s at %s (pid %d, shared with %d other mounts; passthrough of"
                     " shared files %s)",
@@ -221,6 +236,7 @@ class Host:
                 finally:
                     del self.trees[mountpoint]
                     tree.close(clean)
+                    self._share_node_fds()
                     ready(f"mount of {mountpoint} ended before it was ready")
         finally:
             handler.close()
@@ -251,9 +267,6 @@ def serve_host(options_of: Callable[[dict[str, Any]], Any], log_file: str, path:
     root_logger.handlers[:] = [_MountLogs(_file_handler(log_file))]
     root_logger.setLevel(logging.INFO)
     os.umask(0)  # the kernel applied the caller's umask already
-    from cowfs.serve.mount import node_fd_budget
-
-    node_fd_budget(None)  # raises the fd limit as far as it goes
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()

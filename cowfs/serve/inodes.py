@@ -159,6 +159,15 @@ class InodeTable:
 
     # -- the fd cache ---------------------------------------------------
 
+    def resize(self, max_fds: int) -> None:
+        """Keep at most max_fds node fds from now on (a server of several mounts shares
+        its fd limit out among them): the least recently used beyond it are closed now
+        (pinned ones, in use by a request, are kept)."""
+        self.max_fds = max(16, max_fds)
+        self.evict_batch = max(1, self.max_fds // 8)
+        if len(self._open) > self.max_fds:
+            self.evict(len(self._open) - self.max_fds)
+
     def touch(self, node: Node) -> None:
         """Mark node's fd as just used."""
         if node in self._open:
