@@ -13,6 +13,12 @@
  * Arguments (fds are inherited): init=PID,PIDFD console=FD peer=FD log=FD
  * exit-record=PATH, and for the root's server: server=PID,PIDFD session=FD
  * mount=JSON server-record=PATH python=EXE.
+ *
+ * With keep=MOUNTPOINT instead of the console, log and exit record, it is an OCI
+ * container's root keeper (contextd/oci/keeper.py): init is the engine's child, not
+ * ours, and is only watched; the keeper replaces the root's server while init runs
+ * and the root is mounted, ends (0) once either is gone, and kills init (1) when the
+ * server cannot be replaced.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -44,7 +50,7 @@
 static pid_t init_pid = -1, server_pid = -1;
 static int init_pidfd = -1, console = -1, peer = -1, log_fd = -1;
 static int server_pidfd = -1, session = -1;
-static const char *exit_record, *mount_json, *server_record, *python;
+static const char *exit_record, *mount_json, *server_record, *python, *keep_mountpoint;
 static char tail[TAIL_KEEP];
 static size_t tail_len;
 static double deaths[MAX_DEATHS + 1];
@@ -396,6 +402,75 @@ static void write_exit_record(int status) {
     free(t.data);
 }
 
+/* Whether path (a real path) is a mount point in this mount namespace. */
+static int is_mounted(const char *path) {
+    FILE *f = fopen("/proc/self/mountinfo", "re");
+    if (!f)
+        return 1; /* cannot tell: keep the root served */
+    char *line = NULL;
+    size_t size = 0;
+    int found = 0;
+    while (!found && getline(&line, &size, f) > 0) {
+        char *field = line;
+        for (int i = 0; i < 4 && field; i++) { /* the fifth field: the mount point */
+            field = strchr(field, ' ');
+            if (field)
+                field++;
+        }
+        if (!field)
+            continue;
+        char point[4096];
+        size_t n = 0;
+        for (char *c = field; *c && *c != ' ' && n < sizeof point - 1; c++) {
+            if (c[0] == '\\' && c[1] >= '0' && c[1] <= '3' && c[2] && c[3]) {
+                point[n++] = (char)((c[1] - '0') * 64 + (c[2] - '0') * 8 + (c[3] - '0'));
+                c += 3;
+            } else {
+                point[n++] = *c;
+            }
+        }
+        point[n] = 0;
+        found = strcmp(point, path) == 0;
+    }
+    free(line);
+    fclose(f);
+    return found;
+}
+
+/* An OCI container's root keeper (keep=MOUNTPOINT): see the top of this file. */
+static int keep(void) {
+    for (;;) {
+        struct pollfd p[2];
+        int n = 0, init_at = -1;
+        p[n++] = (struct pollfd){.fd = server_pidfd, .events = POLLIN};
+        if (init_pidfd >= 0)
+            init_at = n, p[n++] = (struct pollfd){.fd = init_pidfd, .events = POLLIN};
+        if (poll(p, (nfds_t)n, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            return 1;
+        }
+        if (init_at >= 0 && p[init_at].revents) {
+            close(init_pidfd);
+            init_pidfd = -1;
+            continue;
+        }
+        if (!p[0].revents)
+            continue;
+        if (init_pidfd < 0 || !is_mounted(keep_mountpoint)) {
+            siginfo_t info;
+            waitid(P_PIDFD, (id_t)server_pidfd, &info, WEXITED); /* a successor of ours */
+            close_server();
+            return 0;
+        }
+        if (server_ended() != 0) {
+            close_server();
+            syscall(SYS_pidfd_send_signal, init_pidfd, SIGKILL, NULL, 0);
+            return 1;
+        }
+    }
+}
+
 static int parse_pair(const char *value, pid_t *pid, int *fd) {
     return sscanf(value, "%d,%d", pid, fd) == 2 ? 0 : -1;
 }
@@ -453,15 +528,24 @@ int main(int argc, char **argv) {
             server_record = value;
         else if (!strcmp(key, "python"))
             python = value;
+        else if (!strcmp(key, "keep"))
+            keep_mountpoint = value;
+    }
+    signal(SIGINT, SIG_IGN);
+    signal(SIGHUP, SIG_IGN);
+    signal(SIGPIPE, SIG_IGN);
+    if (keep_mountpoint) {
+        if (server_pidfd < 0 || !python) {
+            fprintf(stderr, "contextd-supervise: run by contextd's OCI keeper only\n");
+            return 2;
+        }
+        return keep();
     }
     if (init_pid <= 0 || init_pidfd < 0 || console < 0 || log_fd < 0 || !exit_record ||
         (server_pidfd >= 0 && !python)) {
         fprintf(stderr, "contextd-supervise: run by contextd's supervisor only\n");
         return 2;
     }
-    signal(SIGINT, SIG_IGN);
-    signal(SIGHUP, SIG_IGN);
-    signal(SIGPIPE, SIG_IGN);
     int console_open = 1;
     for (;;) {
         struct pollfd p[3];

@@ -194,6 +194,34 @@ def test_two_containers_share_files_but_not_writes(daemon: Contextd, podman: Pod
     assert leftovers(daemon, podman) == []
 
 
+def test_containers_on_the_shared_fuse_server(daemon: Contextd, podman: Podman) -> None:
+    shared = ("--annotation", "org.contextd.cowfs.fuse-server=shared")
+    for name in ("left", "right"):
+        podman.run_container("-d", *shared, "--name", name, IMAGE, "sleep", "1000")
+    try:
+        servers = {}
+        for record in Path("/run/cowfs/mounts").glob("*.json"):
+            mount = json.loads(record.read_text())
+            if str(daemon.base) in mount["mountpoint"] and "/roots/oci-" in mount["mountpoint"]:
+                servers[mount["mountpoint"]] = (mount["pid"], mount["shared"])
+        assert len(servers) == 2 and len(set(servers.values())) == 1, servers
+        server = next(iter(servers.values()))[0]
+        podman("exec", "left", "sh", "-c", "echo mine > /root/note")
+        assert podman("exec", "left", "cat", "/root/note").stdout == "mine\n"
+        assert podman("exec", "right", "ls", "/root").stdout == ""
+        podman("rm", "--force", "--time", "0", "left")
+        assert Path(f"/proc/{server}").exists()  # it serves right still
+        assert podman("exec", "right", "cat", "/etc/passwd").stdout.startswith("root:")
+    finally:
+        podman("rm", "--force", "--ignore", "--time", "0", "left", "right")
+    assert leftovers(daemon, podman) == []
+    bad = podman.run_container(
+        "--rm", "--annotation", "org.contextd.cowfs.fuse-server=many", IMAGE, "true", check=False
+    )
+    assert bad.returncode != 0 and "neither 'own' nor 'shared'" in bad.stderr, bad.stderr
+    assert leftovers(daemon, podman) == []
+
+
 def test_the_disk_limit_annotation_gives_enospc(daemon: Contextd, podman: Podman) -> None:
     result = podman.run_container(
         "--rm", "--annotation", "org.contextd.cowfs.disk-space=2M", IMAGE,

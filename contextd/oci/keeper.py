@@ -10,6 +10,10 @@ Watching the init through a pidfd (it is not ours to wait for): once it has
 ended, a dying server is not replaced. The keeper ends when the root is
 unmounted (contextd-oci delete), reaping the last server it started.
 
+Once set up, the keeper execs contextd-supervise (native/supervise.c, keep=), which
+does the same without a Python process's memory; the loop here is used where that
+program is missing.
+
 Protocol: the job's arguments are {"fuse_server": as for contextd.supervisor,
 "init_pid", "init_start"}; nothing is said back.
 """
@@ -17,14 +21,42 @@ Protocol: the job's arguments are {"fuse_server": as for contextd.supervisor,
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import signal
+import sys
 from typing import Any
 
 from contextd import procfs
 from contextd.rootserver import RootServer, RootServerError
+from contextd.supervisor import STEADY
 from cowfs.host import registry
+
+
+def _become_steady(server: RootServer, init: int, init_pid: int, mountpoint: str) -> None:
+    """Exec contextd-supervise as the keeper (native/supervise.c, keep=): the loop below,
+    without a Python process's memory. Returns only if the exec failed."""
+    passed = [fd for fd in (server.pidfd, server.session, init) if fd >= 0]
+    argv = [
+        str(STEADY),
+        f"keep={mountpoint}",
+        f"init={init_pid},{init}",
+        f"server={server.pid},{server.pidfd}",
+        f"session={server.session}",
+        f"python={sys.executable}",
+    ]
+    if server.mount is not None:
+        argv.append(f"mount={json.dumps(server.mount)}")
+    if server.record_path is not None:
+        argv.append(f"server-record={server.record_path}")
+    for fd in passed:
+        os.set_inheritable(fd, True)
+    try:
+        os.execv(STEADY, argv)
+    except OSError:
+        for fd in passed:
+            os.set_inheritable(fd, False)
 
 
 def keep(args: dict[str, Any]) -> int:
@@ -38,6 +70,8 @@ def keep(args: dict[str, Any]) -> int:
     mountpoint = os.path.realpath(args["fuse_server"]["mount"]["mountpoint"])
     init = procfs.pidfd_of(int(args["init_pid"]), int(args["init_start"]))
     init = -1 if init is None else init
+    if STEADY.exists():
+        _become_steady(server, init, int(args["init_pid"]), mountpoint)
     while True:
         watched = [server.pidfd] + ([init] if init >= 0 else [])
         try:

@@ -63,6 +63,9 @@ log = logging.getLogger(__name__)
 
 FIRST_XID = 60000  # OCI containers' xids: 60000-65535, apart from configured guests'
 DISK_LIMIT_ANNOTATION = "org.contextd.cowfs.disk-space"  # bytes, or with K/M/G/T
+# "own" (the default) or "shared": the root served by the shared cowfs process
+# (contextd's fuse_server; docs/contextd.md, FUSE SERVERS).
+FUSE_SERVER_ANNOTATION = "org.contextd.cowfs.fuse-server"
 
 
 @dataclass
@@ -80,6 +83,7 @@ class OciRecord:
     fuse_server_pid: int = 0  # the first; the daemon's child (its successors: the keeper's)
     fuse_server_start: int = 0
     keeper_pid: int = 0  # contextd.oci.keeper, a job of the fork server
+    fuse_server: str = "own"  # or "shared" (FUSE_SERVER_ANNOTATION)
     init_pid: int = 0
     init_start: int = 0
     created: float = 0.0
@@ -93,6 +97,7 @@ class OciRecord:
             path=_records() / f"{self.name}.json",
             hostname=self.id[:12],
             security=Security(userns=False),
+            fuse_server="shared" if self.fuse_server == "shared" else "own",
         )
 
     def is_running(self) -> bool:
@@ -249,6 +254,11 @@ def prepare(runtime: Runtime, request: dict[str, object]) -> OciRecord:
         raise GuestError(f"container {name} has a root already")
     annotations = dict(request.get("annotations") or {})  # type: ignore[call-overload]
     limits = limits_from(dict(request.get("resources") or {}), annotations)  # type: ignore[call-overload]
+    fuse_server = annotations.get(FUSE_SERVER_ANNOTATION, "own")
+    if fuse_server not in ("own", "shared"):
+        raise GuestError(
+            f"annotation {FUSE_SERVER_ANNOTATION}: {fuse_server!r} is neither 'own' nor 'shared'"
+        )
     layers = layers_of(str(request["root_path"]))
     template = image_template(layers)
     engine = annotations.get("io.container.manager") or (
@@ -264,6 +274,7 @@ def prepare(runtime: Runtime, request: dict[str, object]) -> OciRecord:
         mountpoint=str(root_only_dir(run_dir() / "roots") / name),
         template=template,
         created=time.time(),
+        fuse_server=fuse_server,
     )
     if os.path.lexists(record.root):
         raise GuestError(f"container {name}: {record.root} exists already")
@@ -278,7 +289,8 @@ def prepare(runtime: Runtime, request: dict[str, object]) -> OciRecord:
         os.makedirs(record.mountpoint, exist_ok=True)
         record.fuse_server_pid = runtime.mount_root(config, record.mountpoint)
         record.fuse_server_start = procfs.start_time(record.fuse_server_pid) or 0
-        cgroup.add_fuse_server(record.fuse_server_pid)
+        if fuse_server == "own":  # the shared one is no container's
+            cgroup.add_fuse_server(record.fuse_server_pid)
         save(record)
     except BaseException:
         release(record)
