@@ -7,7 +7,8 @@ the start command to the guest's init running (it prints "ready"), and from the
 stop command to nothing left; then memory per idle guest (proportional set size
 of every process a guest costs: for contextd the guest's processes, its cowfs
 FUSE server and its supervisor, and once for all guests the fork server and the
-shared cowfs server) and 50 guests at once. Run as root:  .venv/bin/python bench/contextd_bench.py [--markdown]
+shared cowfs server) and 50 guests at once. Run as root:
+    .venv/bin/python bench/contextd_bench.py [--markdown]
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@
 Rows: wall time of `podman run --rm IMAGE true` (create, start, the container's
 end and delete: four runtime calls), interleaved between the runtimes; memory
 per idle container (PSS of what each container costs: its conmon, its
-processes and, for contextd-oci, its cowfs FUSE server) with N detached
-`sleep` containers. Podman has storage of its own; contextd-oci talks to a
+processes and, for contextd-oci, its cowfs FUSE server and root keeper; with
+the shared FUSE server, that server once for all) with N detached `sleep`
+containers. Podman has storage of its own; contextd-oci talks to a
 contextd daemon of the bench's own. Run as root:
     .venv/bin/python bench/oci_bench.py [--rounds 10] [--containers 5]
 """
@@ -13,6 +14,7 @@ contextd daemon of the bench's own. Run as root:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import statistics
@@ -29,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 IMAGE = "localhost/bench-busybox:1"
 ULIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+SHARED = ("--annotation", "org.contextd.cowfs.fuse-server=shared")
 
 
 def main() -> None:
@@ -74,6 +77,9 @@ def main() -> None:
                     times[name].append(_run_once(podman, path))
             memory = {name: _idle_pss(podman, path, args.containers)
                       for name, path in runtimes.items()}  # fmt: skip
+            memory["contextd-oci, shared server"] = _idle_pss(
+                podman, str(wrapper), args.containers, SHARED
+            )
         finally:
             subprocess.run([*podman, "rm", "--all", "--force", "--time", "0"],
                            capture_output=True, check=False)  # fmt: skip
@@ -91,6 +97,8 @@ def main() -> None:
     for name, kib in memory.items():
         print(f"  {name:13} {kib / 1024:6.1f} MiB")
     print(f"  ratio contextd-oci/runc: {memory['contextd-oci'] / memory['runc']:.2f}x")
+    shared = memory["contextd-oci, shared server"] / memory["runc"]
+    print(f"  ratio contextd-oci with the shared server/runc: {shared:.2f}x")
 
 
 def _run_once(podman: list[str], runtime: str) -> float:
@@ -100,12 +108,13 @@ def _run_once(podman: list[str], runtime: str) -> float:
     return time.monotonic() - started
 
 
-def _idle_pss(podman: list[str], runtime: str, count: int) -> float:
-    """KiB of PSS per container: conmon, the container's processes, its FUSE server."""
+def _idle_pss(podman: list[str], runtime: str, count: int, extra: tuple[str, ...] = ()) -> float:
+    """KiB of PSS per container: conmon, the container's processes, its FUSE server and
+    root keeper (a shared FUSE server counted once for all)."""
     names = [f"idle{i}" for i in range(count)]
     for name in names:
         subprocess.run([*podman, "--runtime", runtime, "run", "-d", *ULIMITS, "--network", "none",
-                        "--name", name, IMAGE, "sleep", "100000"],
+                        *extra, "--name", name, IMAGE, "sleep", "100000"],
                        check=True, capture_output=True)  # fmt: skip
     time.sleep(2)
     pids: list[int] = []
@@ -116,10 +125,21 @@ def _idle_pss(podman: list[str], runtime: str, count: int) -> float:
         ).stdout.split()  # fmt: skip
         pids += [int(inspect[0]), int(inspect[1])]
         pids += _fuse_servers(inspect[2][:12])
+    pids += sorted(_shared_servers())
     kib = pss_kib(pids) / count
     subprocess.run([*podman, "rm", "--force", "--time", "0", *names], check=True,
                    capture_output=True)  # fmt: skip
     return kib
+
+
+def _shared_servers() -> set[int]:
+    """The shared cowfs server serving containers' roots, if any."""
+    found = set()
+    for record in Path("/run/cowfs/mounts").glob("*.json"):
+        mount = json.loads(record.read_text())
+        if mount.get("shared") and "/roots/oci-" in mount["mountpoint"]:
+            found.add(int(mount["pid"]))
+    return found
 
 
 def _fuse_servers(short_id: str) -> list[int]:
