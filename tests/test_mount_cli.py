@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,29 @@ def test_run_record_names_backing_and_pid(tmp_path: Path, backing: Path, mounts:
     mine = [r for r in records if r["mountpoint"] == str(mnt)]
     assert mine and mine[0]["backing"] == str(backing) and mine[0]["xid"] == 42
     assert os.path.exists(f"/proc/{mine[0]['pid']}")
+
+
+def test_umount_of_a_mount_whose_server_died(tmp_path: Path, backing: Path) -> None:
+    # Its mount point cannot be stat'ed any more (ENOTCONN): `cowfs umount` still knows
+    # it by its mount entry, detaches it and withdraws its record.
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    out = cowfs("mount", "--log", tmp_path / "log", backing, mnt).stdout
+    pid = int(out.rsplit("pid ", 1)[1].rstrip(")\n"))
+    try:
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(100):
+            try:
+                os.stat(mnt)
+            except OSError:
+                break
+            time.sleep(0.05)
+        with pytest.raises(OSError):
+            os.stat(mnt)  # what made `cowfs umount` say "no such directory"
+        result = cowfs("umount", mnt, check=False)
+        assert result.returncode == 0, result.stderr
+        assert not _mounted(mnt)
+        records = [json.loads(p.read_text()) for p in Path("/run/cowfs/mounts").glob("*.json")]
+        assert not [r for r in records if r["mountpoint"] == str(mnt)]
+    finally:
+        run("umount", "-l", mnt, check=False)

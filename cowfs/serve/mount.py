@@ -325,10 +325,11 @@ def unmount(
     """Detach the cowfs mount at mountpoint and wait until its process has finished;
     kill_late: kill it if it has not within timeout (a server that hung or was
     stopped never notices the unmount; a killed one loses nothing: journal.py)."""
-    if not os.path.lexists(mountpoint):
-        raise CowfsError(f"{mountpoint}: no such directory")
+    # A mount whose server died cannot be stat'ed (ENOTCONN): it is known by its entry.
     point = os.path.realpath(mountpoint)
     fstype = registry.mounted_points().get(point)
+    if fstype is None and not os.path.lexists(mountpoint):
+        raise CowfsError(f"{mountpoint}: no such directory")
     if fstype is None:
         raise CowfsError(f"{mountpoint}: not mounted")
     if fstype != registry.FSTYPE:
