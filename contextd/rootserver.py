@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import select
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ from contextd import cgroups, namespace, procfs
 from cowfs.atomicfile import write_atomically
 from cowfs.host import registry
 from native import syscalls as sc
+
+# A guest's supervisor and an OCI root's keeper, once set up (native/supervise.c,
+# built by tools/install.sh): they exec it and it goes on with their loop.
+STEADY = Path(sc.__file__).with_name("contextd-supervise")
 
 MAX_DEATHS = 5
 DEATH_WINDOW = 60.0
@@ -98,11 +103,37 @@ class RootServer:
                     ),
                 )
 
+    def steady_arguments(self) -> tuple[list[str], list[int]]:
+        """What contextd-supervise is told of this server: its arguments, and the fds
+        they name (to be passed on)."""
+        argv = [
+            f"server={self.pid},{self.pidfd}",
+            f"session={self.session}",
+            f"python={sys.executable}",
+        ]
+        if self.mount is not None:
+            argv.append(f"mount={json.dumps(self.mount)}")
+        if self.record_path is not None:
+            argv.append(f"server-record={self.record_path}")
+        return argv, [fd for fd in (self.pidfd, self.session) if fd >= 0]
+
     def close(self) -> None:
         for fd in (self.pidfd, self.session):
             if fd >= 0:
                 os.close(fd)
         self.pidfd = self.session = -1
+
+
+def exec_steady(argv: list[str], fds: list[int]) -> None:
+    """Exec contextd-supervise with argv, passing fds on; returns only if it failed (the
+    fds are then not inherited again)."""
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    try:
+        os.execv(STEADY, [str(STEADY), *argv])
+    except OSError:
+        for fd in fds:
+            os.set_inheritable(fd, False)
 
 
 def _start_successor(mount: dict[str, Any], session: int) -> tuple[int, str | None]:
@@ -173,8 +204,6 @@ def successor_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     if sys.argv[1:2] != ["successor"] or len(sys.argv) != 5:
         sys.exit("usage: python -m contextd.rootserver successor SESSION_FD ANSWER_FD MOUNT_JSON")
     sys.exit(successor_main(sys.argv[2:]))

@@ -54,14 +54,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from contextd import namespace, spawn
-from contextd.rootserver import RootServer, RootServerError
+from contextd.rootserver import STEADY, RootServer, RootServerError, exec_steady
 from contextd.seccomp import GuestFilter
 from cowfs.atomicfile import write_atomically
 from native import syscalls as sc
 
 TIOCGPTPEER = 0x5441
-# The supervisor once its guest runs (native/supervise.c, built by tools/install.sh).
-STEADY = Path(sc.__file__).with_name("contextd-supervise")
 MAX_LOG = 8 << 20  # the console log is kept under this size: its older half dropped
 TAIL_LINES = 20  # of the console, kept in the exit record
 
@@ -236,7 +234,6 @@ def _become_steady(init: Init, log: int, exit_record: str, fuse_server: RootServ
     keep_open = fcntl.ioctl(init.console_master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
     passed = [pidfd, init.console_master, keep_open, log]
     argv = [
-        str(STEADY),
         f"init={init.pid},{pidfd}",
         f"console={init.console_master}",
         f"peer={keep_open}",
@@ -244,25 +241,12 @@ def _become_steady(init: Init, log: int, exit_record: str, fuse_server: RootServ
         f"exit-record={exit_record}",
     ]
     if fuse_server is not None:
-        passed += [fuse_server.pidfd] + ([fuse_server.session] if fuse_server.session >= 0 else [])
-        argv += [
-            f"server={fuse_server.pid},{fuse_server.pidfd}",
-            f"session={fuse_server.session}",
-            f"python={sys.executable}",
-        ]
-        if fuse_server.mount is not None:
-            argv.append(f"mount={json.dumps(fuse_server.mount)}")
-        if fuse_server.record_path is not None:
-            argv.append(f"server-record={fuse_server.record_path}")
-    for fd in passed:
-        os.set_inheritable(fd, True)
-    try:
-        os.execv(STEADY, argv)
-    except OSError:
-        for fd in passed:
-            os.set_inheritable(fd, False)
-        os.close(pidfd)
-        os.close(keep_open)
+        server_argv, server_fds = fuse_server.steady_arguments()
+        argv += server_argv
+        passed += server_fds
+    exec_steady(argv, passed)
+    os.close(pidfd)
+    os.close(keep_open)
 
 
 def _supervise(init: Init, log: int, exit_record: str, fuse_server: RootServer | None) -> None:

@@ -224,6 +224,18 @@ static void halve_log(void) {
     free(buf);
 }
 
+/* Keep the last TAIL_KEEP bytes of the console (as the Python supervisor's tail). */
+static void keep_tail(const char *buf, size_t n) {
+    size_t take = n > TAIL_KEEP ? TAIL_KEEP : n;
+    if (tail_len + take > TAIL_KEEP) {
+        size_t drop = tail_len + take - TAIL_KEEP;
+        memmove(tail, tail + drop, tail_len - drop);
+        tail_len -= drop;
+    }
+    memcpy(tail + tail_len, buf + n - take, take);
+    tail_len += take;
+}
+
 /* Copy what the console has to the log; 0 once nothing of the guest holds it. */
 static int copy_console(void) {
     char buf[65536];
@@ -233,14 +245,7 @@ static int copy_console(void) {
     if (n <= 0) /* EAGAIN when drained, EIO when the last holder closed it, or the end */
         return 0;
     write_all(log_fd, buf, (size_t)n);
-    size_t take = (size_t)n > TAIL_KEEP ? TAIL_KEEP : (size_t)n;
-    if (tail_len + take > TAIL_KEEP) {
-        size_t drop = tail_len + take - TAIL_KEEP;
-        memmove(tail, tail + drop, tail_len - drop);
-        tail_len -= drop;
-    }
-    memcpy(tail + tail_len, buf + n - take, take);
-    tail_len += take;
+    keep_tail(buf, (size_t)n);
     halve_log();
     return 1;
 }
@@ -480,14 +485,7 @@ static int print_tail(void) {
     char buf[65536];
     ssize_t n;
     while ((n = read(0, buf, sizeof buf)) > 0) {
-        size_t take = (size_t)n > TAIL_KEEP ? TAIL_KEEP : (size_t)n;
-        if (tail_len + take > TAIL_KEEP) {
-            size_t drop = tail_len + take - TAIL_KEEP;
-            memmove(tail, tail + drop, tail_len - drop);
-            tail_len -= drop;
-        }
-        memcpy(tail + tail_len, buf + n - take, take);
-        tail_len += take;
+        keep_tail(buf, (size_t)n);
     }
     struct text t = {0};
     add_tail_lines(&t);

@@ -21,42 +21,24 @@ Protocol: the job's arguments are {"fuse_server": as for contextd.supervisor,
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import select
 import signal
-import sys
 from typing import Any
 
 from contextd import procfs
-from contextd.rootserver import RootServer, RootServerError
-from contextd.supervisor import STEADY
+from contextd.rootserver import STEADY, RootServer, RootServerError, exec_steady
 from cowfs.host import registry
 
 
 def _become_steady(server: RootServer, init: int, init_pid: int, mountpoint: str) -> None:
     """Exec contextd-supervise as the keeper (native/supervise.c, keep=): the loop below,
     without a Python process's memory. Returns only if the exec failed."""
-    passed = [fd for fd in (server.pidfd, server.session, init) if fd >= 0]
-    argv = [
-        str(STEADY),
-        f"keep={mountpoint}",
-        f"init={init_pid},{init}",
-        f"server={server.pid},{server.pidfd}",
-        f"session={server.session}",
-        f"python={sys.executable}",
-    ]
-    if server.mount is not None:
-        argv.append(f"mount={json.dumps(server.mount)}")
-    if server.record_path is not None:
-        argv.append(f"server-record={server.record_path}")
-    for fd in passed:
-        os.set_inheritable(fd, True)
-    try:
-        os.execv(STEADY, argv)
-    except OSError:
-        for fd in passed:
-            os.set_inheritable(fd, False)
+    argv, passed = server.steady_arguments()
+    exec_steady(
+        [f"keep={mountpoint}", f"init={init_pid},{init}", *argv],
+        passed + ([init] if init >= 0 else []),
+    )
 
 
 def keep(args: dict[str, Any]) -> int:
