@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import run
 
+from cowfs.host import registry
+from cowfs.serve import stats
 from native import syscalls
 
 
@@ -156,6 +159,42 @@ def test_lchown_and_symlink_times(mnt: Path, backing: Path) -> None:
     st = (backing / "l").lstat()
     assert (st.st_uid, st.st_gid, st.st_mtime_ns) == (42, 43, 6_000_000_000)
     assert os.readlink(mnt / "l") == "target"
+
+
+def requests_served(mountpoint: Path) -> dict[str, int]:
+    """The mount server's request counts by kind, published afresh (cowfs/serve/stats.py)."""
+    where = os.path.realpath(mountpoint)
+    before = stats.read(where).get("written")
+    record = registry.read_record(where)
+    assert record is not None
+    os.kill(record.pid, signal.SIGHUP)  # publish now
+    deadline = time.monotonic() + 10
+    while (published := stats.read(where)).get("written") == before:
+        assert time.monotonic() < deadline, "the server published no counts"
+        time.sleep(0.01)
+    counts = published["requests"]
+    assert isinstance(counts, dict)
+    return counts
+
+
+def test_a_symlink_is_read_once_and_a_replaced_one_seen_at_once(mnt: Path) -> None:
+    # A booting distribution resolves the same links thousands of times: the kernel
+    # keeps a link's target after its first READLINK (FUSE_CAP_CACHE_SYMLINKS).
+    os.symlink("first", mnt / "link")
+    assert os.readlink(mnt / "link") == "first"
+    served = requests_served(mnt).get("readlink", 0)
+    assert served >= 1
+    for _ in range(20):
+        assert os.readlink(mnt / "link") == "first"
+    assert requests_served(mnt).get("readlink", 0) == served
+    # A link's target never changes in place: a new target is a new inode, seen at once.
+    os.symlink("second", mnt / "link.new")
+    os.rename(mnt / "link.new", mnt / "link")
+    assert os.readlink(mnt / "link") == "second"
+    os.unlink(mnt / "link")
+    os.symlink("third", mnt / "link")
+    assert os.readlink(mnt / "link") == "third"
+    assert (mnt / "link").lstat().st_size == len("third")
 
 
 def test_truncate(mnt: Path) -> None:

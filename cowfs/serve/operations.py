@@ -109,6 +109,10 @@ class CowFS(pyfuse3.Operations):
     # The kernel then asks for no security.capability before each write: it flags
     # the writes, truncates and opens whose privilege kill is ours (privileges.py).
     handle_killpriv_v2 = True
+    # A symlink never changes in place here (a new target is a new inode), so the
+    # kernel may keep each one's target after the first READLINK: a booting
+    # distribution resolves the same /etc/systemd and /lib links thousands of times.
+    cache_symlinks = True
 
     def __init__(
         self,
