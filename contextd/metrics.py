@@ -16,7 +16,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from contextd import config as configs
@@ -102,6 +107,11 @@ class _Families:
             c + "requests", "Requests its root's FUSE server answered", ["kind"]
         )
         self.errors = counter(c + "request_errors", "Requests answered with an error", ["kind"])
+        self.request_seconds = HistogramMetricFamily(
+            c + "request_seconds",
+            "Time from a request's handler starting to its answer, by kind",
+            labels=[*GUEST, "kind"],
+        )
         self.breaks = counter(c + "link_breaks", "Shared files the guest made private copies of")
         self.cached_reads = counter(
             c + "page_cache_reads", "Reads answered from the page cache without Python"
@@ -151,6 +161,10 @@ class _Families:
             self.requests.add_metric([*guest, kind], count)
         for kind, count in (counts.get("errors") or {}).items():
             self.errors.add_metric([*guest, kind], count)
+        for kind, histogram in (counts.get("durations") or {}).items():
+            self.request_seconds.add_metric(
+                [*guest, kind], _cumulative(histogram["buckets"]), histogram["sum"]
+            )
         _maybe(self.breaks, guest, counts.get("link_breaks"))
         _maybe(self.cached_reads, guest, counts.get("page_cache_reads"))
         _maybe(self.passthrough_opens, guest, counts.get("passthrough_opens"))
@@ -158,6 +172,13 @@ class _Families:
 
     def all(self) -> Iterator[Metric]:
         yield from (v for v in vars(self).values() if isinstance(v, Metric))
+
+
+def _cumulative(counts: list[int]) -> list[tuple[str, float]]:
+    """A server's per-bucket counts (stats.DURATION_BOUNDS, then +Inf) as Prometheus's
+    cumulative buckets."""
+    bounds = [*(str(bound) for bound in stats.DURATION_BOUNDS), "+Inf"]
+    return [(bound, float(sum(counts[: i + 1]))) for i, bound in enumerate(bounds)]
 
 
 def _maybe(family: GaugeMetricFamily | CounterMetricFamily, labels: list[str], value: Any) -> None:

@@ -105,6 +105,17 @@ def test_a_scrape_shows_every_guest_and_its_values_move(
     assert (_value(after, "contextd_guest_memory_bytes", **busy) or 0) > 0
     assert (_value(after, "contextd_guest_uptime_seconds", **busy) or 0) > 0
     assert _value(after, "contextd_cowfs_requests_total", **idle, kind="write") is None
+    # How long its 64 writes took: a histogram whose buckets only grow, all of them in +Inf.
+    hist = "contextd_cowfs_request_seconds"
+    buckets = [
+        _value(after, hist + "_bucket", **busy, kind="write", le=le)
+        for le in ("0.0001", "0.001", "0.01", "0.1", "1.0", "+Inf")
+    ]
+    assert all(b is not None for b in buckets), buckets
+    assert buckets == sorted(buckets)
+    count = _value(after, hist + "_count", **busy, kind="write")
+    assert count is not None and count >= 64 and buckets[-1] == count
+    assert 0 < (_value(after, hist + "_sum", **busy, kind="write") or 0) < 64
     # The guest ran its shared busybox: an open the kernel served from the shared inode.
     assert (_value(after, "contextd_cowfs_passthrough_opens_total", **busy) or 0) >= 1
     # A FUSE server replaced: counted.

@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
 
@@ -65,6 +66,7 @@ def _errors_to_errno(handler: F) -> F:
     async def wrapper(*args: Any) -> Any:
         counts: RequestCounts = args[0].counts
         counts.requests[kind] += 1
+        began = time.perf_counter()
         try:
             return await handler(*args)
         except FUSEError:
@@ -77,6 +79,8 @@ def _errors_to_errno(handler: F) -> F:
             counts.errors[kind] += 1
             log.exception("%s%r failed", kind, args[1:])
             raise FUSEError(errno.EIO) from None
+        finally:
+            counts.took(kind, time.perf_counter() - began)
 
     return cast(F, wrapper)
 
