@@ -80,3 +80,36 @@ def test_a_table_given_a_smaller_share_closes_its_excess(tmp_path: Path) -> None
     assert first is not None and first.fd >= 0  # reopened from its handle at need
     table.close()
     assert node_fds() == 0
+
+
+def test_a_file_whose_link_broke_comes_back_as_its_private_copy(
+    tmp_path: Path, mounts: Mounts
+) -> None:
+    # An evicted node comes back by the file handle it kept; after a link break that
+    # handle must be its private copy's, or the guest would read, and copy again over
+    # its own change, the shared file it left.
+    template = tmp_path / "tpl"
+    (template / "many").mkdir(parents=True)
+    for f in range(200):
+        (template / "many" / f"f{f:03d}").write_text(str(f))
+    (template / "file").write_text("shared")
+    guest = tmp_path / "guest"
+    cowfs("clone", template, guest)
+    mnt = mounts.mount(guest, tmp_path / "m", "--max-node-fds", "16", "--cache-timeout", "0")
+
+    def churn() -> None:  # every node but the root's evicted (and given a handle) at least once
+        for f in range(200):
+            assert (mnt / "many" / f"f{f:03d}").read_text() == str(f)
+
+    assert (mnt / "file").read_text() == "shared"
+    churn()
+    with open(mnt / "file", "a") as out:
+        out.write(" changed")  # the break: the node now stands for a private copy
+    churn()
+    assert (mnt / "file").read_text() == "shared changed"
+    with open(mnt / "file", "a") as out:
+        out.write(" again")
+    churn()
+    assert (mnt / "file").read_text() == "shared changed again"
+    assert (guest / "file").read_text() == "shared changed again"
+    assert (template / "file").read_text() == "shared"

@@ -150,6 +150,14 @@ MUTANTS = (
         ("tests/test_cow.py", "-k", "hard_link"),
     ),
     Mutant(
+        "handle-kept-after-break",
+        "a node whose link broke, evicted, comes back as its private copy",
+        "cowfs/serve/inodes.py",
+        "        node._fd = fd\n        node.handle = None\n",
+        "        node._fd = fd\n",
+        ("tests/test_fd_budget.py", "-k", "private_copy"),
+    ),
+    Mutant(
         "mark-visible",
         "the COW mark is invisible and cannot be forged",
         "cowfs/tree/marks.py",

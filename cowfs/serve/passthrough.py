@@ -146,9 +146,9 @@ class Passthrough:
         if not self.enabled or other_opens or breaking or node.is_dir:
             return 0
         try:
-            fd = syscalls.open_by_handle(
-                self._tree, syscalls.name_to_handle(node.fd), os.O_RDONLY | os.O_CLOEXEC
-            )
+            # node.handle, where known, is its current inode's (InodeTable.repoint clears it).
+            handle = node.handle if node.handle is not None else syscalls.name_to_handle(node.fd)
+            fd = syscalls.open_by_handle(self._tree, handle, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:  # no file handle reaches it: served as before
             return 0
         try:
