@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -177,14 +178,26 @@ class Native(Contender):
 class PassthroughHp(Contender):
     """libfuse's example server passing every request through to the tree."""
 
-    def __init__(self, binary: Path, tree: Path, mountpoint: Path, single: bool, uring: bool):
+    def __init__(
+        self,
+        binary: Path,
+        tree: Path,
+        mountpoint: Path,
+        single: bool,
+        uring: bool,
+        splice: bool = True,
+    ):
         super().__init__(mountpoint)
-        self.name = f"hp {'1 thread' if single else 'mt'}{' uring' if uring else ''}"
+        self.name = (
+            f"hp {'1 thread' if single else 'mt'}{' uring' if uring else ''}"
+            f"{'' if splice else ' nosplice'}"
+        )
         self.uring = uring
         self.command = [
             str(binary),
             "--foreground",
             *(["--single"] if single else []),
+            *([] if splice else ["--nosplice"]),
             *(["-o", "io_uring"] if uring else []),
             str(tree),
             str(mountpoint),
@@ -465,7 +478,9 @@ def report(
     return "\n".join(out)
 
 
-CONTENDERS = ("hp-1", "hp-1-uring", "hp-mt", "hp-mt-uring", "cowfs")
+# hp: passthrough_hp; 1: --single, mt: its thread pool; nosplice: requests read(2) into
+# memory as cowfs reads them, not spliced through a pipe (passthrough_hp's default).
+CONTENDERS = ("hp-1", "hp-1-nosplice", "hp-1-uring", "hp-mt", "hp-mt-uring", "cowfs")
 
 
 def make_contender(key: str, binary: Path, work: Path) -> Contender:
@@ -477,7 +492,8 @@ def make_contender(key: str, binary: Path, work: Path) -> Contender:
         c = Cowfs(work / "guest", mountpoint)
     else:
         single, uring = base.startswith("hp-1"), base.endswith("-uring")
-        c = PassthroughHp(binary, work / "tree", mountpoint, single, uring)
+        splice = not base.endswith("-nosplice")
+        c = PassthroughHp(binary, work / "tree", mountpoint, single, uring, splice)
     if cpu:
         c.server_cpu = int(cpu)
         c.name += f" @cpu{cpu}"
@@ -490,7 +506,7 @@ def main() -> None:
         epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--files", type=int, default=50000, help="tree size (default 50000)")
+    parser.add_argument("--files", type=int, default=8000, help="tree size (default 8000)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of every contender")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/uring-bench"))
     add_scratch_option(parser)
@@ -499,7 +515,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="*",
-        default=list(CONTENDERS),
+        default=[c for c in CONTENDERS if c != "hp-1-nosplice"],
         help="contenders to run (native always runs): "
         + ", ".join(CONTENDERS)
         + "; KEY@CPU pins every thread of its server to CPU once it serves",
@@ -517,6 +533,11 @@ def main() -> None:
         base, _, cpu = key.partition("@")
         if base not in CONTENDERS or (cpu and (not cpu.isdigit() or int(cpu) not in cpus)):
             sys.exit(f"uring_bench.py: unknown contender {key!r} (see --help)")
+    # passthrough_hp keeps an fd for every inode the kernel knows (the tree and the
+    # 10,000 files created), up to the hard limit (it raises its soft limit to it).
+    fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if args.files * 102 // 100 + 10000 + 1000 > fd_limit:
+        sys.exit(f"uring_bench.py: --files {args.files} needs more fds than the limit {fd_limit}")
     if args.app_cpu is not None and args.app_cpu not in cpus:
         sys.exit(f"uring_bench.py: no CPU {args.app_cpu} here")
     binary = args.cache / "build/example/passthrough_hp"
