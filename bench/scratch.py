@@ -34,8 +34,9 @@ def _run(*args: str) -> None:
 @contextlib.contextmanager
 def scratch_fs(mountpoint: Path, size_gib: int, image: Path = IMAGE) -> Iterator[Path]:
     """A fresh ext4 of at least size_gib mounted at mountpoint (made if missing) meanwhile."""
-    # One size for every benchmark, so that none has to replace (and so delete) another's.
-    size_gib = max(size_gib, DEFAULT_GIB)
+    if image == IMAGE:
+        # One size for every benchmark, so that none has to replace (and so delete) another's.
+        size_gib = max(size_gib, DEFAULT_GIB)
     if not image.exists() or image.stat().st_size < size_gib << 30:
         print(f"writing the scratch image {image} ({size_gib} GiB, once)", file=sys.stderr)
         image.unlink(missing_ok=True)
@@ -60,13 +61,18 @@ def add_scratch_option(parser: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def work_directory(path: Path, size_gib: int, scratch: bool = True) -> Iterator[Path]:
-    """path, empty: a fresh scratch ext4 mounted there, or a plain directory; gone afterwards."""
+def work_directory(
+    path: Path, size_gib: int, scratch: bool = True, image: Path = IMAGE
+) -> Iterator[Path]:
+    """path, empty: a fresh scratch ext4 mounted there, or a plain directory; gone afterwards.
+
+    A benchmark that may run beside another one gives its own image, of its own size.
+    """
     if path.is_mount():  # left by a killed run
         subprocess.run(["umount", "-l", str(path)], check=False)
     shutil.rmtree(path, ignore_errors=True)
     if scratch:
-        with scratch_fs(path, size_gib):
+        with scratch_fs(path, size_gib, image):
             path.chmod(0o700)  # root-only: cowfs refuses trees and mountpoints host users can reach
             yield path
         path.rmdir()
