@@ -297,14 +297,16 @@ class Daemon:
         name = request["name"]
         template = request["template"]
         existing = configs.load_all(self.config_dir)
-        if name in existing:
-            raise runtime.GuestError(f"guest {name!r} exists already ({existing[name].path})")
+        path = self.config_dir / f"{name}.toml"
+        # The file too: one whose guest calls itself otherwise would be written over.
+        if name in existing or os.path.lexists(path):
+            where = existing[name].path if name in existing else path
+            raise runtime.GuestError(f"guest {name!r} exists already ({where})")
         xid = request.get("xid") or max([c.xid for c in existing.values()] + [100]) + 1
         if any(c.xid == xid for c in existing.values()):
             owner = next(c.name for c in existing.values() if c.xid == xid)
             raise runtime.GuestError(f"xid {xid} is used by guest {owner}")
         root = request.get("root") or str(state_root() / "guests" / name)
-        path = self.config_dir / f"{name}.toml"
         config = configs.GuestConfig(
             name=name,
             xid=int(xid),

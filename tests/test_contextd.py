@@ -577,3 +577,60 @@ def test_a_root_given_as_a_symlink_is_refused_and_nothing_is_made_through_it(
         assert f"{link}: already exists" in result.stderr
         assert not (ctx.base / "etc" / "linked.toml").exists()
         assert sorted(os.listdir(elsewhere)) == []
+
+
+def test_create_refuses_an_existing_name_and_changes_nothing(
+    ctx: Contextd, guest_tree: Path, tmp_path: Path
+) -> None:
+    # The guest's root is elsewhere: a second create of its name would clone a tree of its
+    # own at the default place, and write its file over the first guest's.
+    ctx("create", "gapdup", "--from", str(guest_tree), "--root", str(tmp_path / "gapdup-root"),
+        "--init", SLEEPER)  # fmt: skip
+    config = ctx.base / "etc" / "gapdup.toml"
+    written = config.read_text()
+    guests = Path(ctx.env["COWFS_ROOT"]) / "guests"
+    for options in ([], ["--xid", "900"], ["--root", str(tmp_path / "other-root")]):
+        result = ctx("create", "gapdup", "--from", str(guest_tree), *options, check=False)
+        assert (result.returncode, result.stderr) == (
+            1,
+            f"contextd: error: guest 'gapdup' exists already ({config})\n",
+        ), options
+        assert config.read_text() == written
+        assert not (guests / "gapdup").exists() and not (tmp_path / "other-root").exists()
+    # A file of that name whose guest calls itself otherwise is that name's file all the same.
+    other = ctx.base / "etc" / "gapfile.toml"
+    other.write_text(f'name = "gaprenamed"\nxid = 901\nroot = "{tmp_path / "gapfile-root"}"\n')
+    written = other.read_text()
+    result = ctx("create", "gapfile", "--from", str(guest_tree), check=False)
+    assert (result.returncode, result.stderr) == (
+        1,
+        f"contextd: error: guest 'gapfile' exists already ({other})\n",
+    )
+    assert other.read_text() == written and not (guests / "gapfile").exists()
+    # and the refused creates left the first guest whole: it starts on its own root
+    other.unlink()
+    ctx("start", "gapdup")
+    assert guest_status(ctx, "gapdup")["state"] == "running"
+    ctx("stop", "gapdup")
+    assert left_behind("gapdup", ctx) == []
+
+
+def test_a_file_that_is_not_toml_is_named_in_one_line_and_changes_nothing(
+    ctx: Contextd, guest_tree: Path
+) -> None:
+    ctx("create", "gapsyn", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("start", "gapsyn")
+    bad = ctx.base / "etc" / "gapbroken.toml"
+    bad.write_text('xid = \nroot = "/x"\n')
+    said = f"contextd: error: {bad}: not valid TOML: "
+    for verb in (["status"], ["start", "gapbroken"],
+                 ["create", "gapnew", "--from", str(guest_tree)]):  # fmt: skip
+        result = ctx(*verb, check=False)
+        assert result.returncode == 1, verb
+        assert result.stderr.startswith(said) and result.stderr.count("\n") == 1, result.stderr
+    assert not (ctx.base / "etc" / "gapnew.toml").exists()
+    assert not (Path(ctx.env["COWFS_ROOT"]) / "guests" / "gapnew").exists()
+    # Another guest's broken file keeps this one from neither its report nor its stop.
+    assert guest_status(ctx, "gapsyn")["state"] == "running"
+    ctx("stop", "gapsyn")
+    assert left_behind("gapsyn", ctx) == []
