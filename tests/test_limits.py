@@ -739,3 +739,40 @@ def test_du_recalc_stores_the_scanned_usage(guest: Path) -> None:
     cowfs("du", "--recalc", guest)
     shown = json.loads(cowfs("limit", "show", guest, "--json").stdout)[0]
     assert (shown["used_bytes"], shown["used_inodes"]) == (fresh.bytes, fresh.inodes)
+
+
+def test_a_guest_named_through_a_symlink_is_the_guest_itself(
+    guest: Path, tmp_path: Path, mounts: Mounts
+) -> None:
+    """Limits and quotas set through an alias reach the guest's running mount at once, the
+    alias shows the guest's own books, and it cannot be mounted beside the guest."""
+    alias = tmp_path / "alias"
+    alias.symlink_to(guest)
+    mnt = mounts.mount(guest, tmp_path / "m")
+    limit = used_bytes(guest) + 256 * 1024
+    cowfs("limit", "set", alias, "--space", str(limit))
+    with pytest.raises(OSError) as err:
+        write_bytes(mnt / "srv" / "root-big", 2**20)
+    assert err.value.errno == errno.ENOSPC
+    os.unlink(mnt / "srv" / "root-big")
+    cowfs("quota", "set", alias, "--user", "alice", "--space-hard", "64K")
+    result = as_user(1000, "dd if=/dev/zero of=a bs=64k count=2 2>&1", mnt / "srv")
+    assert result.returncode != 0 and "Disk quota exceeded" in result.stdout
+    shown = [
+        g
+        for g in json.loads(cowfs("limit", "show", "--json").stdout)
+        if g["path"] in (str(guest), str(alias))
+    ]
+    assert [(g["path"], g["space"]) for g in shown] == [(str(guest), limit)]
+    other = tmp_path / "m2"
+    other.mkdir()
+    refused = cowfs("mount", alias, other, check=False)
+    assert (refused.returncode, refused.stderr) == (
+        1,
+        f"cowfs: error: backing tree {alias}: already served by another cowfs mount\n",
+    )
+    mounts.umount(mnt)
+    by_alias = json.loads(cowfs("du", "--json", alias).stdout)["guests"][0]
+    assert (by_alias["path"], by_alias["space_limit"]) == (str(guest), limit)
+    report = json.loads(cowfs("quota", "report", alias, "--json").stdout)
+    assert next(r for r in report if r["name"] == "alice")["space_hard"] == 64 * 1024
