@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from contextd_harness import SLEEPER, Contextd, guest_status
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -36,7 +37,11 @@ def _closed_ancestor(path: Path) -> tuple[Path, str] | None:
     return None
 
 
-def _as_host_user(*argv: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
+def _as_host_user(
+    *argv: str | os.PathLike[str], cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run argv as the host user, in cwd (entered as root, so that the user needs no way
+    to it) with env (the test's environment by default)."""
     needed = [Path(os.path.realpath(sys.base_prefix)), ROOT, Path(os.path.realpath(BIN))]
     keep = Path(os.environ["COWFS_ROOT"]).parent / f"host-user-{os.getpid()}"
     script = ["set -e"]
@@ -52,6 +57,8 @@ def _as_host_user(*argv: str | os.PathLike[str]) -> subprocess.CompletedProcess[
         for child in sorted(children):
             script.append(f"mkdir -p {directory / child}")
             script.append(f"mount --bind {saved / child} {directory / child}")
+    if cwd is not None:
+        script.append(f"cd {shlex.quote(str(cwd))}")
     script.append(
         f"exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --inh-caps=-all"
         f" --bounding-set=-all -- {shlex.join(str(a) for a in argv)}"
@@ -64,6 +71,7 @@ def _as_host_user(*argv: str | os.PathLike[str]) -> subprocess.CompletedProcess[
             timeout=60,
             check=False,
             cwd="/",
+            env=env,
         )
     finally:
         subprocess.run(["rm", "-rf", str(keep)], check=False)
@@ -86,13 +94,21 @@ def test_a_host_user_can_run_the_commands_at_all() -> None:
     "argv",
     [
         ("du",),
+        ("du", "--recalc", "web1"),
         ("hashify", "--dry-run", "web1"),
+        ("hashify", "web1"),
         ("limit", "show"),
+        ("limit", "set", "web1", "--space", "1G"),
+        ("limit", "clear", "web1"),
         ("quota", "report", "web1"),
+        ("quota", "set", "web1", "--user", "alice", "--space-hard", "1M"),
+        ("quota", "clear", "web1", "--user", "alice"),
         ("store", "gc"),
+        ("store", "verify"),
         ("clone", "/var/lib/cowfs/guests/a", "/var/lib/cowfs/guests/b"),
+        ("umount", "/var/lib/cowfs/guests/a"),
     ],
-    ids=lambda argv: argv[0],
+    ids=lambda argv: "-".join(a for a in argv[:2] if not a.startswith("/")),
 )
 def test_cowfs_refuses_a_host_user_in_one_line(argv: tuple[str, ...]) -> None:
     before = sorted(os.listdir(os.environ["COWFS_ROOT"]))
@@ -114,3 +130,45 @@ def test_contextd_refuses_a_host_user_in_one_line(tmp_path: Path) -> None:
     _one_line_refusal(_as_host_user(BIN / "contextd", "serve"), "must run as root")
     result = _as_host_user(BIN / "contextd", "list")
     _one_line_refusal(result, "contextd: error: ")
+
+
+def test_every_contextd_verb_of_a_host_user_is_refused_by_the_daemon(
+    ctx: Contextd, guest_tree: Path
+) -> None:
+    """Even with the socket's modes opened, the daemon's own check of its peer refuses each
+    verb, in one line, and the guest and the configurations stay as they were."""
+    ctx("create", "gapnobody", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("start", "gapnobody")
+    init = guest_status(ctx, "gapnobody")["init_pid"]
+    configs = {p.name: p.read_text() for p in (ctx.base / "etc").iterdir()}
+    sock = ctx.base / "run" / "contextd.sock"
+    os.chmod(sock, 0o666)
+    os.chmod(sock.parent, 0o711)
+    env = {**ctx.env, "CONTEXTD_SOCKET": sock.name}  # reached from its directory
+    try:
+        for verb in (
+            ["list"],
+            ["status", "gapnobody"],
+            ["logs", "gapnobody"],
+            ["exec", "gapnobody", "--", "/bin/touch", "/gapmade"],
+            ["enter", "gapnobody"],
+            ["stop", "gapnobody"],
+            ["restart", "gapnobody"],
+            ["start", "gapnobody"],
+            ["delete", "gapnobody"],
+            ["create", "gapother", "--from", str(guest_tree)],
+        ):
+            result = _as_host_user(BIN / "contextd", *verb, cwd=sock.parent, env=env)
+            assert (result.returncode, result.stderr) == (
+                1,
+                "contextd: error: contextd serves root only\n",
+            ), verb
+    finally:
+        os.chmod(sock, 0o600)
+        os.chmod(sock.parent, 0o700)
+    status = guest_status(ctx, "gapnobody")
+    assert (status["state"], status["init_pid"]) == ("running", init)
+    assert {p.name: p.read_text() for p in (ctx.base / "etc").iterdir()} == configs
+    made = ctx("exec", "gapnobody", "--", "/bin/sh", "-c", "test -e /gapmade", check=False)
+    assert made.returncode == 1
+    ctx("stop", "gapnobody")
