@@ -724,8 +724,14 @@ def test_an_inode_soft_limit_has_a_grace_period_that_ends_and_starts_again(
     assert not (srv / "t5").exists()
 
 
-def test_du_recalc_stores_the_scanned_usage(guest: Path) -> None:
-    cowfs("limit", "set", guest, "--space", "1G")  # the guest has a row of its own
+def test_du_recalc_stores_the_scanned_usage(
+    guest: Path, guest_tree: Path, tmp_path: Path, mounts: Mounts
+) -> None:
+    cowfs("limit", "set", guest, "--space", "1G")  # listed by limit show
+    mnt = mounts.mount(guest, tmp_path / "m")  # which stores the guest's usage
+    (mnt / "srv" / "data").write_bytes(os.urandom(300_000))
+    (mnt / "etc" / "hostname").write_text("private now\n")
+    mounts.umount(mnt)
     db = Path(os.environ["COWFS_ROOT"]) / "state.db"
     conn = sqlite3.connect(db)
     try:
@@ -733,12 +739,25 @@ def test_du_recalc_stores_the_scanned_usage(guest: Path) -> None:
             conn.execute("UPDATE usage SET bytes = 1, inodes = 1")  # wrong counters
     finally:
         conn.close()
-    fresh = scan(str(guest))
     shown = json.loads(cowfs("limit", "show", guest, "--json").stdout)[0]
-    assert (shown["used_bytes"], shown["used_inodes"]) != (fresh.bytes, fresh.inodes)
+    assert (shown["used_bytes"], shown["used_inodes"]) == (1, 1)
     cowfs("du", "--recalc", guest)
     shown = json.loads(cowfs("limit", "show", guest, "--json").stdout)[0]
-    assert (shown["used_bytes"], shown["used_inodes"]) == (fresh.bytes, fresh.inodes)
+    # found without cowfs: what du counts, less the template's inodes; each inode once
+    template = {(st.st_dev, st.st_ino) for st in _every_inode(guest_tree)}
+    own = {(st.st_dev, st.st_ino) for st in _every_inode(guest)} - template
+    assert (shown["used_bytes"], shown["used_inodes"]) == (
+        private_bytes_by_du(guest, guest_tree),
+        len(own),
+    )
+
+
+def _every_inode(tree: Path) -> list[os.stat_result]:
+    """lstat of tree and of every name below it."""
+    found = [os.lstat(tree)]
+    for directory, dirs, files in os.walk(tree):
+        found += [os.lstat(os.path.join(directory, name)) for name in dirs + files]
+    return found
 
 
 def test_a_guest_named_through_a_symlink_is_the_guest_itself(
