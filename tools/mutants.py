@@ -405,6 +405,33 @@ MUTANTS = (
         "    pass\n",
         ("tests/test_oci.py", "-k", "capabilities"),
     ),
+    Mutant(
+        "create-writes-over-a-guest",
+        "a create of a name in use is refused and changes nothing",
+        "contextd/server.py",
+        "        if name in existing or os.path.lexists(path):\n",
+        "        if False:\n",
+        ("tests/test_contextd.py::test_create_refuses_an_existing_name_and_changes_nothing",),
+    ),
+    Mutant(
+        "alias-is-another-guest",
+        "a limit set through a symlink to a guest is the guest's own, at once",
+        "cowfs/host/guests.py",
+        "        path = os.path.realpath(spec)\n        return Guest(Path(path).name, path)\n",
+        "        path = os.path.abspath(spec)\n        return Guest(Path(path).name, path)\n",
+        ("tests/test_limits.py::test_a_guest_named_through_a_symlink_is_the_guest_itself",),
+    ),
+    Mutant(
+        "contextd-serves-anyone",
+        "contextd serves root only: no verb of a host user does anything",
+        "contextd/server.py",
+        "        if _peer_uid(stream.socket) != 0:  # type: ignore[arg-type]\n",
+        "        if False:\n",
+        (
+            "tests/test_host_user.py::"
+            "test_every_contextd_verb_of_a_host_user_is_refused_by_the_daemon",
+        ),
+    ),
 )
 
 
