@@ -70,6 +70,9 @@ class Daemon:
         self.locks: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
         self.pending_restarts: dict[str, trio.CancelScope] = {}
         self.image_lock = trio.Lock()
+        # Creates one at a time: each picks the next free xid (and id range, addresses)
+        # from the files written so far, and writes its own only after its clone.
+        self.create_lock = trio.Lock()
 
     def watch(self, state: runstate.RunState) -> None:
         """Notice at once when the guest's init ends (its supervisor does then)."""
@@ -294,6 +297,10 @@ class Daemon:
         return {"init_pid": new.init_pid}
 
     async def do_create(self, request: dict[str, Any]) -> dict[str, Any]:
+        async with self.create_lock:
+            return await self._create(request)
+
+    async def _create(self, request: dict[str, Any]) -> dict[str, Any]:
         name = request["name"]
         template = request["template"]
         existing = configs.load_all(self.config_dir)

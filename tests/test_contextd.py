@@ -8,13 +8,15 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import cowfs, run
-from contextd_harness import SLEEPER, Contextd, guest_status, left_behind, wait_for
+from contextd_harness import CONTEXTD, SLEEPER, Contextd, guest_status, left_behind, wait_for
 
 
 def test_boot_exec_service_stop_leaves_nothing(ctx: Contextd, guest_tree: Path) -> None:
@@ -613,6 +615,33 @@ def test_create_refuses_an_existing_name_and_changes_nothing(
     assert guest_status(ctx, "gapdup")["state"] == "running"
     ctx("stop", "gapdup")
     assert left_behind("gapdup", ctx) == []
+
+
+def test_guests_created_at_once_get_xids_and_id_ranges_of_their_own(
+    ctx: Contextd, guest_tree: Path
+) -> None:
+    # Each create picks the next free xid from the files written so far, and writes its
+    # own after its clone: creates running side by side must not pick the same one (two
+    # guests with one id range; and every guest refused until one file goes).
+    names = [f"gapsame{i}" for i in range(4)]
+    creates = [
+        subprocess.Popen(
+            [CONTEXTD, "create", name, "--from", str(guest_tree), "--init", SLEEPER],
+            env=ctx.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in names
+    ]
+    for create in creates:
+        assert create.wait(timeout=120) == 0, create.stderr.read() if create.stderr else ""
+    configs = [tomllib.loads((ctx.base / "etc" / f"{name}.toml").read_text()) for name in names]
+    xids = [c["xid"] for c in configs]
+    assert len(set(xids)) == len(names), xids
+    bases = [c["security"]["id_base"] for c in configs]
+    assert len(set(bases)) == len(names), bases
+    assert ctx("status").returncode == 0
 
 
 def test_a_file_that_is_not_toml_is_named_in_one_line_and_changes_nothing(
