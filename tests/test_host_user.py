@@ -172,3 +172,31 @@ def test_every_contextd_verb_of_a_host_user_is_refused_by_the_daemon(
     made = ctx("exec", "gapnobody", "--", "/bin/sh", "-c", "test -e /gapmade", check=False)
     assert made.returncode == 1
     ctx("stop", "gapnobody")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("state", "box"),
+        ("start", "box"),
+        ("kill", "box", "KILL"),
+        ("delete", "box"),
+        ("ps", "box"),
+        ("create", "--bundle", "/nonexistent", "box"),
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_contextd_oci_refuses_a_host_user_in_one_line(argv: tuple[str, ...]) -> None:
+    # Not "container box does not exist": the user may not look.
+    result = _as_host_user(BIN / "contextd-oci", *argv)
+    _one_line_refusal(result, "contextd-oci: contextd-oci runs containers as root only")
+
+
+def test_contextd_oci_prints_its_features_and_a_spec_for_a_host_user(tmp_path: Path) -> None:
+    assert _as_host_user(BIN / "contextd-oci", "features").returncode == 0
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    bundle.chmod(0o777)
+    done = _as_host_user(BIN / "contextd-oci", "spec", cwd=bundle)  # the bundle: "."
+    assert done.returncode == 0, done.stderr
+    assert (bundle / "config.json").exists()

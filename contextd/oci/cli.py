@@ -8,6 +8,7 @@ The contextd daemon must be running (create and delete ask it for the root).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,10 @@ def main(
     namespaces under contextd's seccomp filter and the spec's capabilities.
     """
     ctx.obj = {"root": root, "log": log, "log_format": log_format}
+    # A host user would otherwise hear of a container they may not see that it does
+    # not exist; `features` and `spec` only print.
+    if os.geteuid() != 0 and ctx.invoked_subcommand not in ("features", "spec"):
+        raise ContainerError("contextd-oci runs containers as root only: run it as root")
     if systemd_cgroup:
         raise ContainerError("--systemd-cgroup is not supported: use the cgroupfs manager")
 
