@@ -8,6 +8,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pytest
 from conftest import Mounts, cowfs, run
 
 from cowfs.accounting.usage import scan
+from cowfs.host import registry
+from cowfs.serve import stats
 from native import syscalls
 
 
@@ -683,6 +686,46 @@ def test_quota_set_and_cleared_reach_a_running_mount(
         for r in json.loads(cowfs("quota", "report", guest, "--json").stdout)
     }
     assert report[("user", "alice")].get("space_hard") is None  # no quota left
+
+
+def test_a_guest_that_never_pauses_does_not_keep_its_server_from_its_books(
+    guest: Path, tmp_path: Path, mounts: Mounts
+) -> None:
+    # A server of one mount waits for the guest's next request outside its event loop
+    # (REQUEST_LINGER_NS in serve/mount.py), LINGER_BURST requests at most in a row.
+    # Processes asking back to back (an fstat after each read: GETATTRs, answered
+    # without waiting) must still not keep it from the rest of its work: here the books
+    # and counts it keeps at once on SIGHUP (`cowfs limit` and `quota` send it).
+    mnt = mounts.mount(guest, tmp_path / "m")
+    (mnt / "srv" / "hot").write_bytes(b"x")
+    hammer = (
+        "import os, sys\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+        "while True:\n"
+        "    os.pread(fd, 1, 0)\n"
+        "    os.fstat(fd)\n"
+    )
+    where = os.path.realpath(mnt)
+    record = registry.read_record(where)
+    assert record is not None
+    busy = [
+        subprocess.Popen([sys.executable, "-c", hammer, str(mnt / "srv" / "hot")]) for _ in range(6)
+    ]
+    try:
+        time.sleep(0.5)
+        assert all(p.poll() is None for p in busy)
+        for _ in range(3):
+            before = stats.read(where).get("written")
+            os.kill(record.pid, signal.SIGHUP)
+            deadline = time.monotonic() + 3
+            while stats.read(where).get("written") == before:
+                assert time.monotonic() < deadline, "the server kept no books while busy"
+                time.sleep(0.01)
+        assert all(p.poll() is None for p in busy)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
 
 
 def test_an_extending_truncate_past_the_limit_allocates_nothing(

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 venv=${1:-.venv}
 libfuse=${2:-}
 version=3.5.0
-local_version=$version+cowfs12
+local_version=$version+cowfs13
 # Built against the private libfuse, it says so: a build against the system's is redone.
 [ -z "$libfuse" ] || local_version=$local_version.libfuse317
 if "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('pyfuse3') != '$local_version')" 2>/dev/null; then

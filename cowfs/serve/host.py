@@ -231,7 +231,7 @@ class Host:
                 )
                 clean = False
                 try:
-                    await tree.serve()
+                    await tree.serve()  # no linger: the other mounts' requests would wait
                     clean = True
                 finally:
                     del self.trees[mountpoint]

@@ -192,14 +192,18 @@ class MountedTree:
         if self.resume_fd is not None:
             resume.resend_pending(self.session)
 
-    async def serve(self) -> None:
-        """Answer the mount's requests until it is unmounted or terminate() is called."""
+    async def serve(self, linger_ns: int = 0) -> None:
+        """Answer the mount's requests until it is unmounted or terminate() is called.
+
+        linger_ns: wait that long for the guest's next request outside the event loop
+        (pyfuse3's Session.serve); only for a process serving this mount alone.
+        """
         import trio
 
         assert self.session is not None
         if self.resume_fd is not None:  # its INIT was replayed before the loop (resume.py)
             trio.lowlevel.current_trio_token().run_sync_soon(self._initialized)
-        await self.session.serve(min_tasks=2, max_tasks=64)
+        await self.session.serve(min_tasks=2, max_tasks=64, linger_ns=linger_ns)
 
     def terminate(self) -> None:
         """Have serve() return (the mount stays until close)."""
