@@ -146,9 +146,11 @@ class Passthrough:
         if not self.enabled or other_opens or breaking or node.is_dir:
             return 0
         try:
-            # node.handle, where known, is its current inode's (InodeTable.repoint clears it).
-            handle = node.handle if node.handle is not None else syscalls.name_to_handle(node.fd)
-            fd = syscalls.open_by_handle(self._tree, handle, os.O_RDONLY | os.O_CLOEXEC)
+            # Kept for the node's next opens: it is its current inode's until a link
+            # break, where InodeTable.repoint clears it.
+            if node.handle is None:
+                node.handle = syscalls.name_to_handle(node.fd)
+            fd = syscalls.open_by_handle(self._tree, node.handle, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:  # no file handle reaches it: served as before
             return 0
         try:
