@@ -18,17 +18,18 @@
 #         run and shell when needed.
 # test    boots the VM (a throwaway overlay on the root image: every run starts from
 #         the same system), checks that /sys/fs/cgroup is cgroup2 with the cpu, memory,
-#         pids and io controllers and that no v1 hierarchy is mounted, copies a clean
+#         pids and io controllers and that no v1 hierarchy is mounted, gives it a clean
 #         checkout of REV (default HEAD; --worktree: HEAD plus the uncommitted changes
-#         of tracked files) to /root/cowfs, runs tools/install.sh, then
+#         of tracked files) at /root/cowfs, runs tools/install.sh (first in a chroot of
+#         the VM's root on the host, at the host's speed: in the VM it finds it done), then
 #         `.venv/bin/pytest PYTEST ARGS` (default: the contextd tests), prints the
 #         output as it comes and exits with pytest's status (125: the VM failed).
 # run     the same with COMMAND (run by bash -c in /root/cowfs) instead of pytest.
 # shell   boots the VM with a root shell on its serial console (on this terminal;
-#         Ctrl-A X ends qemu); `bash /mnt/host/prepare.sh` there copies HEAD to
-#         /root/cowfs and installs it.
+#         Ctrl-A X ends qemu), HEAD installed in /root/cowfs.
 #
-# The VM: -enable-kvm -cpu host -smp 2 -m 8G, kernel command line
+# The VM: -enable-kvm -cpu host where the host has hardware virtualization (kvm_intel or
+# kvm_amd), else qemu's emulation, TCG (VM_ACCEL=auto|kvm|tcg); -smp 2 -m 8G; kernel command line
 # systemd.unified_cgroup_hierarchy=1 cgroup_no_v1=all, user-mode networking (apt and
 # PyPI as on the host, whose local CA certificates and /etc/pip.conf it gets), the
 # serial console in RUN/console.log, a 9p share (RUN/share, /mnt/host inside) that
@@ -41,12 +42,14 @@ cache=${VM_CACHE:-/var/cache/cowfs-vm}
 memory=${VM_MEMORY:-8G}
 cpus=${VM_CPUS:-2}
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+accel=${VM_ACCEL:-auto}
 cmdline="root=/dev/vda rw console=ttyS0 systemd.unified_cgroup_hierarchy=1 cgroup_no_v1=all"
 minimum_kernel=6.9
 root_size=40G
 data_size=24G
+checkout_size=16G
 # Bump when the root image's recipe changes: an image built by another recipe is rebuilt.
-recipe=1
+recipe=2
 
 usage() {
     sed -n '2,/^set -euo/p' "$0" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//'
@@ -71,6 +74,15 @@ need_packages() {
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+# mkfs.ext4 -d: an ext4 image of a directory (it says "Creating regular file" even with -q).
+make_ext4() {
+    local label=$1 directory=$2 image=$3 size=$4 output
+    if ! output=$(mkfs.ext4 -q -L "$label" -d "$directory" "$image" "$size" 2>&1); then
+        echo "$output" >&2
+        die "mkfs.ext4 of $directory failed"
     fi
 }
 
@@ -150,9 +162,11 @@ configure_root() {
 /dev/vdb /var/cache/vm ext4 rw,nofail 0 2
 /var/cache/vm/cowfs /var/cache/cowfs none bind,nofail,x-systemd.requires-mounts-for=/var/cache/vm 0 0
 /var/cache/vm/root-cache /root/.cache none bind,nofail,x-systemd.requires-mounts-for=/var/cache/vm 0 0
+/dev/vdc /root/cowfs ext4 rw,nofail 0 2
 host /mnt/host 9p trans=virtio,version=9p2000.L,msize=1048576,nofail 0 0
 EOF
-    mkdir -p "$root/var/cache/vm" "$root/var/cache/cowfs" "$root/root/.cache" "$root/mnt/host"
+    mkdir -p "$root/var/cache/vm" "$root/var/cache/cowfs" "$root/root/.cache" "$root/mnt/host" \
+        "$root/root/cowfs"
     printf '9p\n9pnet_virtio\n' >"$root/etc/modules-load.d/vm-share.conf"
     cat >"$root/etc/apt/sources.list" <<EOF
 deb $mirror bookworm main
@@ -264,9 +278,8 @@ build_root_image() {
     cp "$tree/boot/vmlinuz-$version" "$cache/vmlinuz"
     cp "$tree/boot/initrd.img-$version" "$cache/initrd.img"
     log "making $image from $tree"
-    mkfs.ext4 -q -L cowfs-vm -d "$tree" "$image.new" "$root_size"
+    make_ext4 cowfs-vm "$tree" "$image.new" "$root_size"
     mv "$image.new" "$image"
-    rm -rf "$tree"
     echo "$recipe" >"$cache/root.recipe"
 }
 
@@ -275,14 +288,13 @@ build_data_image() {
     local tree
     tree=$(mktemp -d)
     mkdir -p "$tree/cowfs" "$tree/root-cache"
-    mkfs.ext4 -q -L cowfs-vm-data -d "$tree" "$cache/data.img.new" "$data_size"
+    make_ext4 cowfs-vm-data "$tree" "$cache/data.img.new" "$data_size"
     rm -rf "$tree"
     mv "$cache/data.img.new" "$cache/data.img"
 }
 
 build() {
     [ "$(id -u)" = 0 ] || die "must run as root"
-    [ -w /dev/kvm ] || die "/dev/kvm is missing or not writable: no KVM here"
     mkdir -p "$cache"
     need_packages qemu-system-x86 qemu-utils
     fetch_kernel
@@ -295,19 +307,41 @@ build() {
 qemu_pid=
 run_dir=
 
+# How the VM's CPU runs: KVM where the host has hardware virtualization (kvm_intel,
+# kvm_amd); else qemu's emulation (TCG): KVM without them (kvm_pvm, a hypervisor that
+# runs only kernels built to be its guests) cannot boot Debian's kernel.
+choose_accel() {
+    if [ "$accel" = auto ]; then
+        if [ -w /dev/kvm ] && { [ -d /sys/module/kvm_intel ] || [ -d /sys/module/kvm_amd ]; }; then
+            accel=kvm
+        else
+            accel=tcg
+        fi
+    fi
+    case $accel in
+        kvm) accel_args=(-enable-kvm -cpu host) ;;
+        tcg) accel_args=(-accel "tcg,thread=multi" -cpu max) ;;
+        *) die "VM_ACCEL must be auto, kvm or tcg, not $accel" ;;
+    esac
+    log "CPU: $accel"
+}
+
 # Boot the VM on a fresh overlay of the root image, the share $run_dir/share at
 # /mnt/host; serial console to $1 (a file, or "stdio").
 boot() {
     local console=$1
+    local accel_args
+    choose_accel
     qemu-img create -q -f qcow2 -b "$cache/root.img" -F raw "$run_dir/root.qcow2"
     local serial
     if [ "$console" = stdio ]; then serial=mon:stdio; else serial=file:$console; fi
     local args=(
         -name cowfs-vm -nodefaults -display none -no-user-config
-        -machine q35 -enable-kvm -cpu host -smp "$cpus" -m "$memory"
+        -machine q35 "${accel_args[@]}" -smp "$cpus" -m "$memory"
         -kernel "$cache/vmlinuz" -initrd "$cache/initrd.img" -append "$cmdline"
         -drive "file=$run_dir/root.qcow2,if=virtio,format=qcow2,cache=unsafe"
         -drive "file=$cache/data.img,if=virtio,format=raw"
+        -drive "file=$run_dir/checkout.img,if=virtio,format=raw"
         -netdev "user,id=net0" -device "virtio-net-pci,netdev=net0,romfile="
         -virtfs "local,path=$run_dir/share,mount_tag=host,security_model=none,id=host"
         -device virtio-rng-pci
@@ -326,6 +360,7 @@ cleanup() {
         kill "$qemu_pid" 2>/dev/null || true
         wait "$qemu_pid" 2>/dev/null || true
     fi
+    [ ${#staging_mounts[@]} -eq 0 ] || unmount_staging
     [ -z "$run_dir" ] || rm -rf "$run_dir"
 }
 
@@ -339,14 +374,60 @@ lock_cache() {
     fi
 }
 
-# A clean checkout of $1 (a commit) as $run_dir/share/src.tar.
-export_checkout() {
-    git -C "$repo" archive --format=tar -o "$run_dir/share/src.tar" "$1"
+# A clean checkout of $1 (a commit), installed by its tools/install.sh in a chroot of
+# the VM's own root tree (an overlay on it, thrown away) on the host: at the host's
+# speed, where the VM's CPU may be emulated. It becomes the VM's /root/cowfs, a disk
+# of its own ($run_dir/checkout.img); tools/install.sh in the VM then finds it done.
+stage_checkout() {
+    local commit=$1 merged=$run_dir/chroot
+    mkdir -p "$run_dir/upper" "$run_dir/work" "$merged"
+    mount -t overlay overlay \
+        -o "lowerdir=$cache/root.tree,upperdir=$run_dir/upper,workdir=$run_dir/work" "$merged"
+    staging_mounts+=("$merged")
+    mount -t proc proc "$merged/proc"
+    staging_mounts+=("$merged/proc")
+    mount -t sysfs sysfs "$merged/sys"
+    staging_mounts+=("$merged/sys")
+    mount --bind /dev "$merged/dev"
+    staging_mounts+=("$merged/dev")
+    cp -L /etc/resolv.conf "$merged/etc/resolv.conf"  # the host's network, not the VM's
+    git -C "$repo" archive --format=tar "$commit" | tar -x -C "$merged/root/cowfs"
+    log "tools/install.sh in the VM's root, on the host (log: $run_dir/install.log)"
+    local started
+    started=$(date +%s)
+    if ! chroot "$merged" /bin/bash -c 'cd /root/cowfs && bash tools/install.sh' \
+            >"$run_dir/install.log" 2>&1; then
+        tail -30 "$run_dir/install.log" >&2
+        die "tools/install.sh failed in the VM's root"
+    fi
+    log "installed in $(($(date +%s) - started)) s"
+    unmount_staging "$merged/proc" "$merged/sys" "$merged/dev"
+    make_ext4 cowfs-checkout "$merged/root/cowfs" "$run_dir/checkout.img" "$checkout_size"
+    unmount_staging "$merged"
+}
+
+staging_mounts=()
+
+# Unmount these staging mounts (all of them, innermost first, when none is given).
+unmount_staging() {
+    local targets=("$@") target kept=() i
+    if [ $# -eq 0 ]; then
+        for ((i = ${#staging_mounts[@]} - 1; i >= 0; i--)); do
+            targets+=("${staging_mounts[i]}")
+        done
+    fi
+    for target in "${targets[@]}"; do
+        umount "$target" 2>/dev/null || umount -l "$target" 2>/dev/null || true
+    done
+    for target in "${staging_mounts[@]}"; do
+        [[ " ${targets[*]} " == *" $target "* ]] || kept+=("$target")
+    done
+    staging_mounts=("${kept[@]}")
 }
 
 write_prepare() {
     cat >"$run_dir/share/prepare.sh" <<'EOF'
-# Made by tools/vm.sh: check the cgroup layout, copy the checkout, install it.
+# Made by tools/vm.sh: check the cgroup layout and the checkout, install it.
 set -eu
 if [ "$(stat -f -c %T /sys/fs/cgroup)" != cgroup2fs ]; then
     echo "vm: /sys/fs/cgroup is not cgroup2" >&2
@@ -364,9 +445,10 @@ if awk '$3 == "cgroup" { found = 1 } END { exit !found }' /proc/self/mounts; the
     exit 125
 fi
 echo "vm: kernel $(uname -r); cgroup2 only, controllers: $(cat /sys/fs/cgroup/cgroup.controllers)"
-rm -rf /root/cowfs
-mkdir /root/cowfs
-tar -xf /mnt/host/src.tar -C /root/cowfs
+if ! mountpoint -q /root/cowfs; then
+    echo "vm: the checkout's disk is not mounted at /root/cowfs" >&2
+    exit 125
+fi
 cd /root/cowfs
 echo "vm: tools/install.sh"
 start=$(date +%s)
@@ -384,7 +466,7 @@ run_job() {
     trap cleanup EXIT
     trap 'exit 130' INT TERM
     mkdir "$run_dir/share"
-    export_checkout "$commit"
+    stage_checkout "$commit"
     write_prepare
     {
         printf 'set -- '
@@ -440,9 +522,9 @@ shell() {
     run_dir=$(mktemp -d "$cache/run.XXXXXX")
     trap cleanup EXIT
     mkdir "$run_dir/share"
-    export_checkout HEAD
+    stage_checkout HEAD
     write_prepare
-    log "Ctrl-A X ends the VM; bash /mnt/host/prepare.sh installs HEAD in /root/cowfs"
+    log "Ctrl-A X ends the VM; HEAD is installed in /root/cowfs (bash /mnt/host/prepare.sh checks)"
     boot stdio
 }
 
