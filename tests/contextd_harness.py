@@ -182,6 +182,8 @@ def left_behind(name: str, ctx: Contextd) -> list[str]:
     for controller in ("memory", "cpu", "cpuacct", "pids", "freezer"):
         if Path(f"/sys/fs/cgroup/{controller}/contextd/{name}").exists():
             found.append(f"cgroup {controller}")
+    if Path(f"/sys/fs/cgroup/contextd/{name}").is_dir():  # cgroup v2
+        found.append("cgroup")
     mounts = Path("/proc/self/mountinfo").read_text()
     if f"/roots/{name} " in mounts:
         found.append("mount")
