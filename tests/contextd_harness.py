@@ -201,6 +201,16 @@ def left_behind(name: str, ctx: Contextd) -> list[str]:
     return found
 
 
+def cgroup_v2() -> bool:
+    """True on a host whose memory, cpu and pids controllers are on the unified hierarchy
+    (contextd then uses cgroup v2)."""
+    try:
+        controllers = Path("/sys/fs/cgroup/cgroup.controllers").read_text().split()
+    except OSError:
+        return False
+    return {"memory", "cpu", "pids"} <= set(controllers)
+
+
 def wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
