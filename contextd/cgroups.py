@@ -134,7 +134,7 @@ class Cgroup:
         process: cgroup v2's no-internal-process rule)."""
         if not self.unified:
             return self.guest_dirs
-        delegated = self.dirs["unified"] / GUEST / DELEGATED
+        (delegated,) = self.guest_dirs
         path = _unified_cgroup_of(init_pid)
         if path is not None:
             directory = CGROUP_ROOT / path.lstrip("/")
