@@ -48,6 +48,7 @@ JOINED = (
     | syscalls.CLONE_NEWIPC
     | syscalls.CLONE_NEWNET
     | syscalls.CLONE_NEWPID
+    | syscalls.CLONE_NEWCGROUP
 )
 # Signals to the admin's command that go on to the guest's command (pipes only:
 # on a pty, ^C is a byte for the guest's terminal).

@@ -11,8 +11,18 @@ v2 (one unified hierarchy) where its controllers are enabled. Each guest gets
 so that what a guest makes its FUSE server do (memory for its directories,
 CPU for its requests) is charged to the guest and bounded by its limits, while
 the guest's pids limit, device list and freezer never touch the server that
-answers for its root. The guest's processes are the union of
+answers for its root. On v1 the guest's processes are the union of
 ``guest/cgroup.procs`` there, which fork cannot escape.
+
+On v2 the guest's processes are in one more level,
+
+    contextd/NAME/guest/delegated    the root of the guest's cgroup namespace
+
+the subtree the guest's own init manages (a distribution's systemd makes its
+units' cgroups there, with the memory, cpu and pids controllers): every limit
+is above it, out of its sight and reach, whatever the guest writes in its own
+tree and whether or not the hierarchy is mounted with nsdelegate. The guest's
+processes are those of ``guest`` and every cgroup below it.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ from contextd.config import Limits
 CGROUP_ROOT = Path(os.environ.get("CONTEXTD_CGROUP_ROOT", "/sys/fs/cgroup"))
 PARENT = "contextd"
 GUEST = "guest"
+DELEGATED = "delegated"
+V2_CONTROLLERS = "+memory +cpu +pids"
 FUSE_SERVER = "cowfs"
 # "systemd" is the named hierarchy (name=systemd) a distribution's systemd keeps
 # its units in: the guest's init gets its own part of it (see mount_for_guest).
@@ -107,8 +119,28 @@ class Cgroup:
 
     @property
     def guest_dirs(self) -> list[Path]:
-        """Where the guest's processes go (one directory per hierarchy)."""
+        """Where the guest's processes go (one directory per hierarchy; on v2 the root of
+        its cgroup namespace, below its limits)."""
+        if self.unified:
+            return [self.dirs["unified"] / GUEST / DELEGATED]
         return list(self._children(GUEST).values())
+
+    def join_dirs(self, init_pid: int) -> list[Path]:
+        """Where a process that joins the running guest (contextd exec, enter) goes.
+
+        Cgroup v1: the guest's directories. Cgroup v2: the cgroup its init is in,
+        within the guest's subtree (a guest's systemd moves itself to init.scope and
+        enables controllers for the subtree, after which the subtree's root may hold no
+        process: cgroup v2's no-internal-process rule)."""
+        if not self.unified:
+            return self.guest_dirs
+        (delegated,) = self.guest_dirs
+        path = _unified_cgroup_of(init_pid)
+        if path is not None:
+            directory = CGROUP_ROOT / path.lstrip("/")
+            if directory == delegated or delegated in directory.parents:
+                return [directory]
+        return [delegated]
 
     @property
     def fuse_server_dirs(self) -> list[Path]:
@@ -125,12 +157,15 @@ class Cgroup:
             parent = CGROUP_ROOT / PARENT
             parent.mkdir(exist_ok=True)
             with contextlib.suppress(OSError):
-                _write(parent / "cgroup.subtree_control", "+memory +cpu +pids")
+                _write(parent / "cgroup.subtree_control", V2_CONTROLLERS)
         for directory in self.dirs.values():
             directory.mkdir(parents=True, exist_ok=True)
         try:
             if self.unified:
-                _write(self.dirs["unified"] / "cgroup.subtree_control", "+memory +cpu +pids")
+                guest = self.dirs["unified"] / GUEST
+                _write(self.dirs["unified"] / "cgroup.subtree_control", V2_CONTROLLERS)
+                guest.mkdir(exist_ok=True)
+                _write(guest / "cgroup.subtree_control", V2_CONTROLLERS)
             for directory in self.guest_dirs + self.fuse_server_dirs:
                 directory.mkdir(exist_ok=True)
             self._restrict_devices()
@@ -199,7 +234,10 @@ class Cgroup:
             _write(directory / "cgroup.procs", str(pid))
 
     def pids(self) -> set[int]:
-        """Every live process of the guest (zombies waiting to be reaped are dead)."""
+        """Every live process of the guest (zombies waiting to be reaped are dead): on
+        cgroup v2 those of the cgroups the guest made below its own too."""
+        if self.unified:
+            return _live_pids(_subtree(self.dirs["unified"] / GUEST))
         return _live_pids(self.guest_dirs)
 
     def fuse_server_pids(self) -> set[int]:
@@ -218,12 +256,22 @@ class Cgroup:
                 )
 
     def kill_all(self, timeout: float = 10.0) -> None:
-        """SIGKILL every process of the guest, frozen first so that none forks away."""
+        """SIGKILL every process of the guest, frozen first so that none forks away (cgroup
+        v2: cgroup.kill, which kills the whole subtree at once, forks included)."""
         deadline = time.monotonic() + timeout
+        kill_file = self.dirs["unified"] / GUEST / "cgroup.kill" if self.unified else None
         while True:
             pids = self.pids()
             if not pids:
                 return
+            if kill_file is not None and kill_file.exists():
+                _write(kill_file, "1")
+                time.sleep(0.02)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"processes of {self.name} survive cgroup.kill: {sorted(self.pids())}"
+                    )
+                continue
             self._freeze(True)
             for pid in self.pids():
                 with contextlib.suppress(ProcessLookupError):
@@ -237,17 +285,21 @@ class Cgroup:
 
     def delegate(self, uid: int, gid: int) -> None:
         """Give the guest's part of the systemd hierarchy (cgroup v1) or of the unified
-        one (v2: the files the kernel lists in /sys/kernel/cgroup/delegate) to the
-        guest's root (a user namespace's), so that its init can make and fill cgroups
-        of its own there."""
-        for kind, files in (
-            ("systemd", ("cgroup.procs", "tasks", "cgroup.clone_children", "notify_on_release")),
-            ("unified", _v2_delegated_files()),
+        one (v2: contextd/NAME/guest/delegated, its directory and the files the kernel
+        lists in /sys/kernel/cgroup/delegate) to the guest's root (a user namespace's),
+        so that its init can make and fill cgroups of its own there."""
+        for kind, files, below in (
+            (
+                "systemd",
+                ("cgroup.procs", "tasks", "cgroup.clone_children", "notify_on_release"),
+                Path(GUEST),
+            ),
+            ("unified", _v2_delegated_files(), Path(GUEST, DELEGATED)),
         ):
             directory = self.dirs.get(kind)
             if directory is None:
                 continue
-            guest = directory / GUEST
+            guest = directory / below
             for path in [guest, *(guest / f for f in files)]:
                 with contextlib.suppress(FileNotFoundError):
                     os.chown(path, uid, gid)
@@ -316,6 +368,20 @@ class Cgroup:
             if "pids" in self.dirs:
                 pids_hits = _event(self.dirs["pids"] / GUEST / "pids.events", "max")
         return Stats(len(self.pids()), memory, cpu_user, cpu_sys, pids_hits, mem_hits)
+
+
+def _subtree(directory: Path) -> list[Path]:
+    """A cgroup directory and every cgroup below it."""
+    return [Path(d) for d, _subdirs, _files in os.walk(directory)]
+
+
+def _unified_cgroup_of(pid: int) -> str | None:
+    """The cgroup v2 path of a process ("/contextd/NAME/guest/..."), None if it is gone."""
+    text = _read(Path(f"/proc/{pid}/cgroup"))
+    for line in (text or "").splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
 
 
 def _live_pids(directories: list[Path]) -> set[int]:

@@ -8,6 +8,7 @@ or in a process joining a running guest (contextd.attach). They use only system 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import signal
@@ -150,7 +151,17 @@ def mount_cgroup(target: str) -> None:
         hierarchies = [line.split(":")[1] for line in f if line.count(":") >= 2]
     flags = sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
     if hierarchies == [""]:  # the unified hierarchy alone
-        _mount("cgroup2", target, "cgroup2", flags)
+        try:
+            _mount("cgroup2", target, "cgroup2", flags)
+        except OSError as e:
+            if e.errno != errno.EBUSY:
+                raise
+            # /sys bound from the host's (a user namespace's guest): the host's cgroup2
+            # mount, its whole tree, came along. It cannot be unmounted there (locked
+            # to /sys), nor have the same filesystem mounted on it (EBUSY): covered by
+            # an empty read-only tmpfs, which the guest's cgroup2 then covers.
+            _mount("tmpfs", target, "tmpfs", flags | sc.MS_RDONLY, "size=0,mode=755")
+            _mount("cgroup2", target, "cgroup2", flags)
         return
     if "name=systemd" not in hierarchies:
         return

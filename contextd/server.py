@@ -261,7 +261,7 @@ class Daemon:
             "init_start": state.init_start,
             "capabilities": config.capabilities,
             "environment": config.environment,
-            "cgroup_dirs": [str(d) for d in Cgroup(config.name).guest_dirs],
+            "cgroup_dirs": [str(d) for d in Cgroup(config.name).join_dirs(state.init_pid)],
             "userns": config.security.userns,
         }
 

@@ -182,6 +182,8 @@ def left_behind(name: str, ctx: Contextd) -> list[str]:
     for controller in ("memory", "cpu", "cpuacct", "pids", "freezer"):
         if Path(f"/sys/fs/cgroup/{controller}/contextd/{name}").exists():
             found.append(f"cgroup {controller}")
+    if Path(f"/sys/fs/cgroup/contextd/{name}").is_dir():  # cgroup v2
+        found.append("cgroup")
     mounts = Path("/proc/self/mountinfo").read_text()
     if f"/roots/{name} " in mounts:
         found.append("mount")
@@ -197,6 +199,16 @@ def left_behind(name: str, ctx: Contextd) -> list[str]:
                 found.append(f"mount record {record.name}")
     found += [f"zombie {pid}" for pid in ctx.zombie_children()]
     return found
+
+
+def cgroup_v2() -> bool:
+    """True on a host whose memory, cpu and pids controllers are on the unified hierarchy
+    (contextd then uses cgroup v2)."""
+    try:
+        controllers = Path("/sys/fs/cgroup/cgroup.controllers").read_text().split()
+    except OSError:
+        return False
+    return {"memory", "cpu", "pids"} <= set(controllers)
 
 
 def wait_for(predicate: Callable[[], bool], seconds: float = 10.0) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, have, run
-from contextd_harness import Contextd
+from contextd_harness import Contextd, cgroup_v2
 
 pytestmark = pytest.mark.slow
 
@@ -100,6 +100,9 @@ def test_a_debian_guest_boots_serves_and_stops_with_its_own_init(
             journal = ctx("exec", "deb", "--", "journalctl", "-b", "-p", "warning", check=False)
             pytest.fail(f"{came_up}:\n{failed.stdout}\n{journal.stdout[-3000:]}")
         assert came_up == expected, ctx("logs", "deb").stdout[-3000:]
+        if init == "systemd" and cgroup_v2():  # its units' cgroups, in its own subtree
+            own = Path("/sys/fs/cgroup/contextd/deb/guest/delegated")
+            assert (own / "init.scope").is_dir() and (own / "system.slice").is_dir()
         assert _until(lambda: _http(ctx) == "200", 10)
         log = ctx("logs", "deb").stdout
         booted = (

@@ -24,6 +24,14 @@ rm -f "$work/pyfuse3-$version/src/pyfuse3/__init__.c"  # generated from the patc
 if [ -n "$libfuse" ]; then
     libfuse=$(realpath "$libfuse")
     export PKG_CONFIG_PATH="$libfuse/lib/pkgconfig"
-    export LDFLAGS="${LDFLAGS:-} -Wl,-rpath,$libfuse/lib"
+    # -L here too: setuptools puts the Python's own library directory (Debian's python3:
+    # /usr/lib/x86_64-linux-gnu, where the system's libfuse3.so is) before pkg-config's
+    # -L, and pyfuse3 would link to libfuse 3.14 while compiled against 3.17's headers.
+    export LDFLAGS="-L$libfuse/lib -Wl,-rpath,$libfuse/lib ${LDFLAGS:-}"
 fi
 SETUPTOOLS_SCM_PRETEND_VERSION=$local_version "$venv/bin/pip" install --quiet --no-cache-dir "$work/pyfuse3-$version"
+if ! "$venv/bin/python" -c "import pyfuse3" 2>"$work/import.err"; then
+    cat "$work/import.err" >&2
+    echo "tools/build-pyfuse3.sh: the pyfuse3 just built does not load" >&2
+    exit 1
+fi

@@ -328,7 +328,7 @@ def _join(
         os.setsid()
         sc.prctl(sc.PR_SET_DUMPABLE, 0)
         sc.join_new_session_keyring()
-        join(Cgroup(state.name).guest_dirs)
+        join(Cgroup(state.name).join_dirs(state.pid))
         sc.setns(pidfd, JOINED)
         os.chdir("/")
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
