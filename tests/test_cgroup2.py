@@ -110,15 +110,15 @@ def test_limits_are_set_above_the_subtree_the_guest_manages(
 
 def test_the_guest_cannot_raise_its_limits(ctx: Contextd, guest_tree: Path) -> None:
     """Root in the guest writes "max" to every limit it can see, then forks past its
-    pids limit: the limit holds. Control: its writes do reach the kernel (a cgroup of
-    its own takes them)."""
+    pids limit: the limit holds. Control: its writes do reach the kernel (a cgroup it
+    made takes them)."""
     start_guest(ctx, guest_tree, "raise")
     guest = CGROUP / "contextd" / "raise" / "guest"
     attack = (
         "for f in $(find /sys/fs/cgroup -name pids.max -o -name memory.max -o -name cpu.max"
         " -o -name cgroup.max.descendants); do echo max > $f 2>/dev/null && echo wrote $f; done;"
-        " mkdir /sys/fs/cgroup/own && echo 5 > /sys/fs/cgroup/own/pids.max"
-        " && echo own $(cat /sys/fs/cgroup/own/pids.max)"
+        " mkdir /sys/fs/cgroup/own && echo 5 > /sys/fs/cgroup/own/cgroup.max.descendants"
+        " && echo own $(cat /sys/fs/cgroup/own/cgroup.max.descendants)"
     )
     result = in_guest(ctx, "raise", attack)
     assert "own 5" in result.stdout, result.stdout + result.stderr  # the control
