@@ -109,33 +109,23 @@ def test_limits_are_set_above_the_subtree_the_guest_manages(
 
 
 def test_the_guest_cannot_raise_its_limits(ctx: Contextd, guest_tree: Path) -> None:
-    """Root in the guest writes "max" to every limit it can see, then forks past its
-    pids limit: the limit holds. Control: its writes do reach the kernel (a cgroup of
-    its own takes them)."""
+    """Root in the guest writes "max" to every limit it can see: its limits stay.
+    Control: its writes do reach the kernel (a cgroup it made takes them)."""
     start_guest(ctx, guest_tree, "raise")
     guest = CGROUP / "contextd" / "raise" / "guest"
     attack = (
         "for f in $(find /sys/fs/cgroup -name pids.max -o -name memory.max -o -name cpu.max"
         " -o -name cgroup.max.descendants); do echo max > $f 2>/dev/null && echo wrote $f; done;"
-        " mkdir /sys/fs/cgroup/own && echo 5 > /sys/fs/cgroup/own/pids.max"
-        " && echo own $(cat /sys/fs/cgroup/own/pids.max)"
+        " mkdir /sys/fs/cgroup/own && echo 5 > /sys/fs/cgroup/own/cgroup.max.descendants"
+        " && echo own $(cat /sys/fs/cgroup/own/cgroup.max.descendants)"
     )
     result = in_guest(ctx, "raise", attack)
     assert "own 5" in result.stdout, result.stdout + result.stderr  # the control
     assert (guest / "pids.max").read_text() == f"{PIDS_LIMIT}\n"
     assert (guest.parent / "memory.max").read_text() == f"{256 << 20}\n"
     assert (guest.parent / "cpu.max").read_text() == "50000 100000\n"
-    # And it holds: twice the limit of sleepers cannot all start (the shell then
-    # becomes a sleeper of another name, without forking, while they are counted).
-    script = f"i=0; while [ $i -lt {2 * PIDS_LIMIT} ]; do sleep 1000 & i=$((i+1)); done"
-    command = [CONTEXTD, "exec", "raise", "--", "/bin/sh", "-c", f"{script}; exec sleep 4321"]
-    process = subprocess.Popen(command, env=ctx.env, stdin=subprocess.DEVNULL)
-    try:
-        assert wait_for(lambda: len(host_pids_of(b"sleep\x004321\x00")) == 1, 60)
-        assert 0 < len(host_pids_of(b"sleep\x001000\x00")) < PIDS_LIMIT
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+    # That the pids limit holds when forked past: test_contextd's fork bomb (busybox's
+    # sh exits when a fork fails, so it cannot go on to be counted here).
     assert int((guest / "pids.current").read_text()) <= PIDS_LIMIT
     events = dict(line.split() for line in (guest / "pids.events").read_text().splitlines())
     assert int(events["max"]) > 0
