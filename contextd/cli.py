@@ -355,7 +355,12 @@ def logs(name: str, lines: int, raw: bool) -> None:
 
 @main.command()
 @click.argument("name", shell_complete=_guest_names)
-@click.option("--remove-root", is_flag=True, help="Also delete the guest's backing tree.")
+@click.option(
+    "--remove-root",
+    is_flag=True,
+    help="Also delete the guest's backing tree (refused while the tree is in use, and when"
+    " the configured root is itself a symlink: it may name a template or another guest).",
+)
 def delete(name: str, remove_root: bool) -> None:
     """Delete stopped guest NAME's configuration (and with --remove-root its tree)."""
     request("delete", name=name, remove_root=remove_root)

@@ -33,16 +33,9 @@ packages=(
     podman runc containerd                     # engines that drive contextd-oci (tests/test_oci.py); runc a bench peer
     python3-venv
 )
-missing=()
-for pkg in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    echo "installing: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck source=tools/packages.sh
+. tools/packages.sh
+install_missing_packages "${packages[@]}"
 
 [ -e /dev/fuse ] || modprobe fuse
 
