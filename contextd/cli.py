@@ -142,7 +142,8 @@ def serve(config_dir: Path | None, log_file: Path | None, metrics: str | None) -
     default=True,
     show_default=True,
     help="A user namespace of its own, whose root is an unprivileged host id (its 65536"
-    " ids are host ids (xid+16)*65536..), or Linux-VServer's way: guest root is host root"
+    " ids are host ids (xid+16)*65536.., or the next range no host user holds), or"
+    " Linux-VServer's way: guest root is host root"
     " with fewer capabilities (less isolated: see docs/contextd.md, SECURITY MODEL).",
 )
 def create(

@@ -28,6 +28,7 @@ packages=(
     systemd-container                          # systemd-nspawn, a peer in bench/contextd_bench.py
     iproute2                                   # guest networking (veth, bridges)
     libseccomp2 keyutils                       # guests' seccomp filter; keyctl for its tests
+    uidmap                                     # newuidmap: tests/test_host_ids.py, a host user taking subordinate ids
     shellcheck strace                          # tools/test.sh checks the shell scripts; test_faults holds a server with strace
     xfsprogs btrfs-progs e2fsprogs             # loop filesystems for reflink tests and benches
     podman runc containerd                     # engines that drive contextd-oci (tests/test_oci.py); runc a bench peer
