@@ -24,11 +24,13 @@ import struct
 import subprocess
 import termios
 import time
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tomli_w
 from conftest import build_busybox_guest
 from contextd_harness import SLEEPER, cgroup_v2, procfs_alive, wait_for
 from prometheus_client.parser import text_string_to_metric_families
@@ -119,6 +121,10 @@ def cgroup_of(pid: int) -> str:
         if line.startswith("0::"):
             return line[3:]
     raise AssertionError(f"process {pid} has no cgroup v2 path")
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
 
 
 def unit_cgroup_pids() -> set[int]:
@@ -243,7 +249,8 @@ def cgroups_of_guests() -> dict[str, str]:
     for name in GUESTS:
         pid = init_pid(name)
         seen[f"{name} init"] = f"{pid} {cgroup_of(pid)}"
-        seen[f"{name} memory.max"] = (CGROUP / "contextd" / name / "memory.max").read_text()
+        for limit in ("memory.max", "cpu.max", "guest/pids.max"):
+            seen[f"{name} {limit}"] = (CGROUP / "contextd" / name / limit).read_text().strip()
         servers = (CGROUP / "contextd" / name / "cowfs" / "cgroup.procs").read_text().split()
         seen[f"{name} cowfs servers"] = " ".join(sorted(servers))
     return seen
@@ -289,7 +296,9 @@ def test_the_system_install_under_systemd(installed: int, tmp_path: Path) -> Non
     assert argv[-3:] == [b"--metrics", f"127.0.0.1:{port}".encode(), b""], argv
 
     # man contextd: the page installed in /usr/local, found by man-db's own search path.
-    assert sh("man", "-w", "contextd").strip() == "/usr/local/share/man/man8/contextd.8"
+    # (/usr/local/man is Debian's link to /usr/local/share/man)
+    found = sh("man", "-w", "contextd").strip()
+    assert os.path.realpath(found) == "/usr/local/share/man/man8/contextd.8", found
     page = subprocess.run(
         ["man", "8", "contextd"],
         env={**ADMIN_ENV, "MANPAGER": "cat", "MANWIDTH": "120"},
@@ -304,6 +313,11 @@ def test_the_system_install_under_systemd(installed: int, tmp_path: Path) -> Non
     tree = build_busybox_guest(tmp_path / "template")
     for name in GUESTS:
         contextd("create", name, "--from", str(tree), "--init", SLEEPER)
+        # Limits in each of the controllers it uses, as an administrator sets them.
+        config = CONFIG_DIR / f"{name}.toml"
+        settings = tomllib.loads(config.read_text())
+        settings["limits"] = {"memory": "256M", "pids": 64, "cpu_quota": 0.5}
+        config.write_text(tomli_w.dumps(settings))
         contextd("start", name)
         assert status(name)["state"] == "running"
 
@@ -318,6 +332,10 @@ def test_the_system_install_under_systemd(installed: int, tmp_path: Path) -> Non
 
     # The guests' processes are in contextd's own part of the tree, not the unit's.
     before = cgroups_of_guests()
+    for name in GUESTS:
+        assert before[f"{name} memory.max"] == str(256 << 20), before
+        assert before[f"{name} cpu.max"] == "50000 100000", before
+        assert before[f"{name} guest/pids.max"] == "64", before
     inits = {name: init_pid(name) for name in GUESTS}
     for name, pid in inits.items():
         assert cgroup_of(pid) == f"/contextd/{name}/guest/delegated", before
@@ -326,9 +344,15 @@ def test_the_system_install_under_systemd(installed: int, tmp_path: Path) -> Non
     print("\nthe unit's cgroup:", sorted(unit_cgroup_pids()), "daemon", daemon)
     print("cgroups:", json.dumps(before, indent=1))
 
-    # daemon-reload: systemd leaves them alone.
+    # daemon-reload, and daemon-reexec (what an upgrade of systemd does): systemd reads
+    # its units and the tree anew, and leaves the guests' cgroups, controllers and
+    # limits alone.
     sh("systemctl", "daemon-reload")
     assert cgroups_of_guests() == before
+    sh("systemctl", "daemon-reexec")
+    assert wait_for(daemon_ready, 120)
+    assert cgroups_of_guests() == before
+    assert int(unit_property("MainPID")) == daemon
 
     # restart: a new daemon, the guests still running, adopted, scraped again.
     sh("systemctl", "restart", "contextd")
@@ -343,13 +367,17 @@ def test_the_system_install_under_systemd(installed: int, tmp_path: Path) -> Non
     assert all(metrics.get((name, "up")) == 1 for name in GUESTS), metrics
     assert cgroups_of_guests() == before
 
-    # stop: systemd ends the daemon only; the guests keep running where they were.
+    # stop: systemd ends the daemon only (KillMode=process); the guests and their
+    # supervisors (init's parents, in the unit's cgroup) keep running where they were.
     in_unit = unit_cgroup_pids()
+    supervisors = {name: parent_of(pid) for name, pid in inits.items()}
+    assert set(supervisors.values()) <= in_unit, (supervisors, in_unit)
     sh("systemctl", "stop", "contextd")
     assert sh("systemctl", "is-active", "contextd", check=False).strip() == "inactive"
     time.sleep(5)  # time for anything systemd would do after the stop
     for name, pid in inits.items():
         assert procfs_alive(pid), name
+        assert procfs_alive(supervisors[name]) and parent_of(pid) == supervisors[name], name
     left = unit_cgroup_pids()
     print("in the unit's cgroup before the stop:", sorted(in_unit), "after:", sorted(left))
     assert cgroups_of_guests_without_daemon(inits) == {
