@@ -2,8 +2,8 @@
 tools/system.sh install; metrics turned on in /etc/default/contextd; the daemon run by its
 unit; `man contextd`; Tab completing `contextd start ` with the guests' names in root's
 login shell; two guests made and started with the `contextd` on PATH and seen in a
-Prometheus scrape; the unit reloaded, restarted and stopped while they run (they keep
-running, in their own cgroups, and are adopted); then everything taken back.
+Prometheus scrape; the unit reloaded, restarted, killed and stopped while they run
+(they keep running, in their own cgroups, and are adopted); then everything taken back.
 
 It changes the machine (/usr/local, /etc/systemd/system, /etc/default/contextd,
 /etc/contextd, /var/lib/cowfs): it runs only where systemd is PID 1 and nothing of a
@@ -368,10 +368,28 @@ def test_the_system_install_under_systemd(installed: int, tmp_path: Path) -> Non
     assert all(metrics.get((name, "up")) == 1 for name in GUESTS), metrics
     assert cgroups_of_guests() == before
 
-    # stop: systemd ends the daemon only (KillMode=process); the guests and their
-    # supervisors (init's parents, in the unit's cgroup) keep running where they were.
-    in_unit = unit_cgroup_pids()
+    # systemctl kill: SIGTERM to every process of the unit, the guests' supervisors
+    # (init's parents, in the unit's cgroup) too. The daemon ends; the guests run on, and
+    # the next daemon finds them running, not ended with a dead supervisor.
     supervisors = {name: parent_of(pid) for name, pid in inits.items()}
+    assert set(supervisors.values()) <= unit_cgroup_pids(), supervisors
+    sh("systemctl", "kill", "contextd")
+    assert wait_for(lambda: unit_property("ActiveState") == "inactive", 60)
+    time.sleep(2)
+    for name, pid in inits.items():
+        assert procfs_alive(pid) and procfs_alive(supervisors[name]), name
+    sh("systemctl", "start", "contextd")
+    assert daemon_ready()
+    assert {name: init_pid(name) for name in GUESTS} == inits
+    assert wait_for(lambda: len(daemon_events("adopted")) == len(GUESTS), 30)
+    time.sleep(3)  # a guest found with its supervisor dead is ended at once
+    assert not daemon_events("guest ended")
+    assert all(status(name)["state"] == "running" for name in GUESTS)
+    assert cgroups_of_guests() == before
+
+    # stop: systemd ends the daemon only (KillMode=process); the guests and their
+    # supervisors keep running where they were.
+    in_unit = unit_cgroup_pids()
     assert set(supervisors.values()) <= in_unit, (supervisors, in_unit)
     sh("systemctl", "stop", "contextd")
     assert sh("systemctl", "is-active", "contextd", check=False).strip() == "inactive"
