@@ -83,7 +83,7 @@ def serve(config_dir: Path | None, log_file: Path | None, metrics: str | None) -
     import trio
 
     from contextd.config import config_dir as default_config_dir
-    from contextd.server import JsonFormatter
+    from contextd.server import JsonFormatter, notify_systemd
     from contextd.server import serve as run_server
 
     handler: logging.Handler = (
@@ -104,6 +104,7 @@ def serve(config_dir: Path | None, log_file: Path | None, metrics: str | None) -
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
                     logging.getLogger("contextd").info("stopping (guests keep running)")
+                    notify_systemd("STOPPING=1")
                     nursery.cancel_scope.cancel()
                     return
 

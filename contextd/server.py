@@ -471,6 +471,26 @@ def adopt_or_clean(
 
 PR_SET_CHILD_SUBREAPER = 36
 
+# systemd's notification socket (a unit of Type=notify), taken out of the environment at
+# the start so that no helper or guest inherits it (sd_notify(3)'s unset_environment).
+_notify_socket: str | None = None
+
+
+def notify_systemd(message: str) -> None:
+    """Tell the service manager our state (READY=1, STOPPING=1), if one asked
+    (NOTIFY_SOCKET); nothing otherwise."""
+    address = _notify_socket
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        except OSError as e:
+            log.warning("cannot notify the service manager at %s: %s", _notify_socket, e)
+
 
 async def _reap_children() -> None:
     """Reap guests' inits and first FUSE servers that ended: the daemon is their
@@ -512,6 +532,8 @@ def _reaped(pidfd: int) -> bool:
 
 async def serve(config_dir: Path, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Run the daemon until cancelled."""
+    global _notify_socket
+    _notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
     # Orphaned guest inits become our children (reaped at once) rather than the
     # host init's; if we die, they pass on to it and keep running.
     from native import syscalls
@@ -548,6 +570,8 @@ async def serve(config_dir: Path, task_status: Any = trio.TASK_STATUS_IGNORED) -
         os.chmod(path, 0o600)
         listener.listen(64)
         _event("listening", socket=str(path), pid=os.getpid(), started=time.time())
+        # Ready: guests adopted, autostarted, the socket taken (systemctl start returns).
+        notify_systemd(f"READY=1\nMAINPID={os.getpid()}")
         task_status.started()
         listeners = [trio.SocketListener(listener)]
         nursery.start_soon(_reap_children)

@@ -279,6 +279,7 @@ static int start_successor(void) {
     pid_t pid = fork();
     if (pid == 0) {
         char session_arg[16], answer_arg[16];
+        signal(SIGTERM, SIG_DFL);
         setsid();
         int w = fcntl(answer[1], F_DUPFD, 3); /* without O_CLOEXEC: the successor's */
         int s = fcntl(session, F_DUPFD, 3);
@@ -539,6 +540,11 @@ int main(int argc, char **argv) {
         }
         return keep();
     }
+    /* The guest's init's parent ends only when init has: not at a SIGTERM meant for the
+     * daemon, such as `systemctl kill contextd` sends to every process of its unit (this
+     * one is there), after which contextd found the guest's supervisor dead and ended
+     * the guest. (Its successors get the default back.) */
+    signal(SIGTERM, SIG_IGN);
     if (init_pid <= 0 || init_pidfd < 0 || console < 0 || log_fd < 0 || !exit_record ||
         (server_pidfd >= 0 && !python)) {
         fprintf(stderr, "contextd-supervise: run by contextd's supervisor only\n");

@@ -6,10 +6,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
-from contextd_harness import SLEEPER, Contextd, guest_status, left_behind, wait_for
+from contextd_harness import (
+    SLEEPER,
+    Contextd,
+    guest_status,
+    left_behind,
+    procfs_alive,
+    wait_for,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -90,6 +99,29 @@ def test_a_running_guests_supervisor_is_the_small_program(ctx: Contextd, guest_t
     assert private < 1024, rollup  # KiB: a Python supervisor kept ~4 MiB
     ctx("stop", "small")
     assert left_behind("small", ctx) == []
+
+
+def test_a_sigterm_for_the_daemon_leaves_the_guests_supervisor(
+    ctx: Contextd, guest_tree: Path
+) -> None:
+    """`systemctl kill contextd` sends SIGTERM to every process of the daemon's unit, the
+    guests' supervisors among them: the guest runs on, and the daemon still sees it
+    running (tests/test_system_unit.py does it under systemd)."""
+    ctx("create", "termed", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("start", "termed")
+    init = guest_status(ctx, "termed")["init_pid"]
+    supervisor = int(Path(f"/proc/{init}/stat").read_text().rpartition(")")[2].split()[1])
+    assert os.readlink(f"/proc/{supervisor}/exe") == str(STEADY)
+    os.kill(supervisor, signal.SIGTERM)
+    ctx.kill()  # and the daemon, as systemctl kill does
+    time.sleep(1)
+    assert procfs_alive(supervisor) and procfs_alive(init)
+    ctx.serve()
+    status = guest_status(ctx, "termed")
+    assert status["state"] == "running" and status["init_pid"] == init, status
+    ctx("stop", "termed")
+    assert not procfs_alive(supervisor)
+    assert left_behind("termed", ctx) == []
 
 
 def test_an_ended_guests_console_lines_survive_any_bytes(ctx: Contextd, guest_tree: Path) -> None:

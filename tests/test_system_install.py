@@ -68,7 +68,8 @@ def test_system_install_then_uninstall(tmp_path: Path) -> None:
     assert (prefix / "share" / "zsh" / "site-functions" / "_contextd").exists()
     # the unit runs this checkout's daemon, with the fd limit its FUSE servers need
     unit = (units / "contextd.service").read_text()
-    assert f"ExecStart={ROOT}/.venv/bin/contextd serve\n" in unit
+    assert f"ExecStart={ROOT}/.venv/bin/contextd serve $CONTEXTD_OPTS\n" in unit
+    assert "EnvironmentFile=-/etc/default/contextd\n" in unit  # options, as Debian's
     assert "LimitNOFILE=1048576" in unit and "KillMode=process" in unit
     # the host layout and the configuration directory: root's alone
     for made in (tmp_path / "layout", tmp_path / "etc"):

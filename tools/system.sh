@@ -74,8 +74,8 @@ done
 .venv/bin/python tools/man.py "$man_dir"  # from the commands' own help (click-man)
 install -m 0644 docs/cowfs.md docs/contextd.md docs/contextd-oci.md docs/design.md "$doc_dir/"
 
-# The unit, pointing at this checkout.
-sed -e "s|^ExecStart=.*|ExecStart=$repo/.venv/bin/contextd serve|" \
+# The unit, pointing at this checkout (its options: /etc/default/contextd, CONTEXTD_OPTS).
+sed -e "s|^ExecStart=[^ ]*|ExecStart=$repo/.venv/bin/contextd|" \
     -e "s|^Documentation=.*|Documentation=man:contextd(8) file://$doc_dir/contextd.md|" \
     dist/contextd.service > "$unit"
 
