@@ -110,14 +110,16 @@ def test_limits_are_set_above_the_subtree_the_guest_manages(
 
 def test_the_guest_cannot_raise_its_limits(ctx: Contextd, guest_tree: Path) -> None:
     """Root in the guest writes "max" to every limit it can see: its limits stay.
-    Control: its writes do reach the kernel (a cgroup it made takes them)."""
+    Control: its writes do reach the kernel (a cgroup it made takes them, in the first
+    cgroup it sees, top first, that lets it make one: its tree's root while that is its
+    own subtree)."""
     start_guest(ctx, guest_tree, "raise")
     guest = CGROUP / "contextd" / "raise" / "guest"
     attack = (
         "for f in $(find /sys/fs/cgroup -name pids.max -o -name memory.max -o -name cpu.max"
         " -o -name cgroup.max.descendants); do echo max > $f 2>/dev/null && echo wrote $f; done;"
-        " mkdir /sys/fs/cgroup/own && echo 5 > /sys/fs/cgroup/own/cgroup.max.descendants"
-        " && echo own $(cat /sys/fs/cgroup/own/cgroup.max.descendants)"
+        " for d in $(find /sys/fs/cgroup -type d); do mkdir $d/own 2>/dev/null && break; done;"
+        " echo 5 > $d/own/cgroup.max.descendants && echo own $(cat $d/own/cgroup.max.descendants)"
     )
     result = in_guest(ctx, "raise", attack)
     assert "own 5" in result.stdout, result.stdout + result.stderr  # the control
@@ -132,13 +134,15 @@ def test_the_guest_cannot_raise_its_limits(ctx: Contextd, guest_tree: Path) -> N
 
 
 def test_the_guest_cannot_leave_its_subtree(ctx: Contextd, guest_tree: Path) -> None:
-    """Root in the guest moves a process to the top of every cgroup tree it can reach
-    and to one it makes: the host sees it in the guest's subtree, at the place the
-    guest chose there (the control: the moves did happen)."""
+    """Root in the guest moves a process to the top of every cgroup tree it can reach,
+    then into one it makes in the first cgroup it sees, top first, that lets it (and
+    takes it): the host sees it in the guest's subtree, at the place the guest chose
+    there (the control: the moves did happen)."""
     start_guest(ctx, guest_tree, "leave")
     script = (
         "echo $$ > /sys/fs/cgroup/cgroup.procs; echo $$ > /sys/fs/cgroup/../cgroup.procs;"
-        " mkdir /sys/fs/cgroup/out; echo $$ > /sys/fs/cgroup/out/cgroup.procs; exec sleep 4321"
+        " for d in $(find /sys/fs/cgroup -type d); do mkdir $d/out 2>/dev/null"
+        " && echo $$ > $d/out/cgroup.procs && break; done; exec sleep 4321"
     )
     command = [CONTEXTD, "exec", "leave", "--", "/bin/sh", "-c", script]
     process = subprocess.Popen(command, env=ctx.env, stdin=subprocess.DEVNULL)
