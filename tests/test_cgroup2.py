@@ -109,10 +109,10 @@ def test_limits_are_set_above_the_subtree_the_guest_manages(
 
 
 def test_the_guest_cannot_raise_its_limits(ctx: Contextd, guest_tree: Path) -> None:
-    """Root in the guest writes "max" to every limit it can see: its limits stay.
-    Control: its writes do reach the kernel (a cgroup it made takes them, in the first
-    cgroup it sees, top first, that lets it make one: its tree's root while that is its
-    own subtree)."""
+    """Root in the guest writes "max" to every limit it can see: its limits stay, and
+    the pids limit holds when it forks past it. Control: its writes do reach the kernel
+    (a cgroup it made takes them, in the first cgroup it sees, top first, that lets it
+    make one: its tree's root while that is its own subtree)."""
     start_guest(ctx, guest_tree, "raise")
     guest = CGROUP / "contextd" / "raise" / "guest"
     attack = (
@@ -126,9 +126,18 @@ def test_the_guest_cannot_raise_its_limits(ctx: Contextd, guest_tree: Path) -> N
     assert (guest / "pids.max").read_text() == f"{PIDS_LIMIT}\n"
     assert (guest.parent / "memory.max").read_text() == f"{256 << 20}\n"
     assert (guest.parent / "cpu.max").read_text() == "50000 100000\n"
-    # That the pids limit holds when forked past: test_contextd's fork bomb (busybox's
-    # sh exits when a fork fails, so it cannot go on to be counted here).
-    assert int((guest / "pids.current").read_text()) <= PIDS_LIMIT
+    # And the pids limit holds: twice the limit of sleepers cannot all start. A subshell
+    # forks them (busybox's sh ends at a fork refused); the shell then becomes a sleeper
+    # of another name, without forking, while they are counted.
+    forks = f"i=0; while [ $i -lt {2 * PIDS_LIMIT} ]; do sleep 1000 & i=$((i+1)); done"
+    command = [CONTEXTD, "exec", "raise", "--", "/bin/sh", "-c", f"({forks}); exec sleep 4321"]
+    process = subprocess.Popen(command, env=ctx.env, stdin=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: len(host_pids_of(b"sleep\x004321\x00")) == 1, 60)
+        assert 0 < len(host_pids_of(b"sleep\x001000\x00")) < PIDS_LIMIT
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
     events = dict(line.split() for line in (guest / "pids.events").read_text().splitlines())
     assert int(events["max"]) > 0
 
