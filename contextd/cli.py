@@ -142,7 +142,8 @@ def serve(config_dir: Path | None, log_file: Path | None, metrics: str | None) -
     default=True,
     show_default=True,
     help="A user namespace of its own, whose root is an unprivileged host id (its 65536"
-    " ids are host ids (xid+16)*65536..), or Linux-VServer's way: guest root is host root"
+    " ids are host ids (xid+16)*65536.., or the next range no host user holds), or"
+    " Linux-VServer's way: guest root is host root"
     " with fewer capabilities (less isolated: see docs/contextd.md, SECURITY MODEL).",
 )
 def create(
@@ -355,7 +356,12 @@ def logs(name: str, lines: int, raw: bool) -> None:
 
 @main.command()
 @click.argument("name", shell_complete=_guest_names)
-@click.option("--remove-root", is_flag=True, help="Also delete the guest's backing tree.")
+@click.option(
+    "--remove-root",
+    is_flag=True,
+    help="Also delete the guest's backing tree (refused while the tree is in use, and when"
+    " the configured root is itself a symlink: it may name a template or another guest).",
+)
 def delete(name: str, remove_root: bool) -> None:
     """Delete stopped guest NAME's configuration (and with --remove-root its tree)."""
     request("delete", name=name, remove_root=remove_root)

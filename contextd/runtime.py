@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from contextd import network, procfs, restarts, runstate
+from contextd import hostids, network, procfs, restarts, runstate
 from contextd.cgroups import Cgroup
-from contextd.config import AUTO_SIGNAL, GuestConfig
+from contextd.config import AUTO_SIGNAL, ID_RANGE, GuestConfig
 from contextd.forkserver import ForkServer, ForkServerError
 from contextd.paths import log_dir, run_dir
 from cowfs.errors import CowfsError
@@ -140,6 +140,7 @@ class Runtime:
             )
         if not os.path.isdir(config.root):
             raise GuestError(f"guest {config.name}: root {config.root} does not exist")
+        _refuse_owned_ids(config)
         if registry.mounts_serving(config.root):
             raise GuestError(f"guest {config.name}: its root {config.root} is mounted already")
         undo = _Undo()
@@ -447,6 +448,22 @@ def _wait_pidfd(process: _Process, timeout: float) -> bool:
         with contextlib.suppress(ChildProcessError):
             os.waitid(os.P_PIDFD, process.fd, os.WEXITED | os.WNOHANG)
     return ended
+
+
+def _refuse_owned_ids(config: GuestConfig) -> None:
+    """A GuestError if a user-namespaced guest's host ids are also a host user's or
+    group's (hostids: that user could act as the guest's users)."""
+    if not config.security.userns:
+        return
+    base = config.id_base()
+    owners = hostids.conflicts(base, ID_RANGE)
+    if owners:
+        more = f" (and {len(owners) - 1} more)" if len(owners) > 1 else ""
+        raise GuestError(
+            f"guest {config.name}: its host ids {base}..{base + ID_RANGE - 1} are not its"
+            f" own: {owners[0].describe()}{more}, whose processes could act as the guest's"
+            " users; give the guest a free security.id_base or take those ids back"
+        )
 
 
 def _end_started(supervisor: _Process, cgroup: Cgroup) -> None:

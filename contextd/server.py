@@ -29,7 +29,7 @@ import msgspec
 import trio
 
 from contextd import config as configs
-from contextd import procfs, restarts, runstate, runtime
+from contextd import hostids, procfs, restarts, runstate, runtime
 from contextd.cgroups import Cgroup
 from contextd.oci import roots as oci_roots
 from contextd.paths import run_dir, socket_path
@@ -323,7 +323,12 @@ class Daemon:
             security=configs.Security(userns=bool(request.get("userns", True))),
         )
         if config.security.userns:  # recorded: its files' owners on the host stay put
-            config.security.id_base = config.id_base()
+            size = configs.ID_RANGE
+            taken = [(c.id_base(), size) for c in existing.values() if c.security.userns]
+            base = hostids.free_base(config.id_base(), size, taken)
+            if base is None:
+                raise runtime.GuestError(f"no free range of {size} host ids is left")
+            config.security.id_base = base
         if request.get("init"):
             config.init = configs.Command(request["init"])
         config.net = configs.NetConfig()

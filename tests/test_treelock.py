@@ -238,6 +238,26 @@ def test_delete_refuses_a_mounted_tree(
     assert not guest_tree.exists()
 
 
+def test_delete_refuses_a_root_that_is_a_symlink(tmp_path: Path, guest_tree: Path) -> None:
+    """A guest file whose root names a symlink (to a template, another guest's
+    tree): --remove-root removes neither the tree it names nor the link."""
+    link = tmp_path / "guest-root"
+    link.symlink_to(guest_tree)
+    with pytest.raises(CowfsError) as refused:
+        remove_tree(str(link))
+    assert str(refused.value) == (
+        f"guest tree {link}: a symlink (to {guest_tree}); not removed:"
+        " remove the tree it names yourself if that is meant"
+    )
+    assert (guest_tree / "bin" / "busybox").exists()
+    assert link.is_symlink()
+    # Control: through a symlinked parent directory the tree is removed.
+    parent_link = tmp_path / "trees"
+    parent_link.symlink_to(guest_tree.parent)
+    remove_tree(str(parent_link / guest_tree.name))
+    assert not guest_tree.exists()
+
+
 def test_a_lazily_detached_mount_in_use_keeps_its_tree(
     tmp_path: Path, guest_tree: Path, mounts: Mounts, writer_cleanup: list[Writer]
 ) -> None:

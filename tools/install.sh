@@ -28,21 +28,15 @@ packages=(
     systemd-container                          # systemd-nspawn, a peer in bench/contextd_bench.py
     iproute2                                   # guest networking (veth, bridges)
     libseccomp2 keyutils                       # guests' seccomp filter; keyctl for its tests
+    uidmap                                     # newuidmap: tests/test_host_ids.py, a host user taking subordinate ids
     shellcheck strace                          # tools/test.sh checks the shell scripts; test_faults holds a server with strace
     xfsprogs btrfs-progs e2fsprogs             # loop filesystems for reflink tests and benches
     podman runc containerd                     # engines that drive contextd-oci (tests/test_oci.py); runc a bench peer
     python3-venv
 )
-missing=()
-for pkg in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    echo "installing: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# shellcheck source=tools/packages.sh
+. tools/packages.sh
+install_missing_packages "${packages[@]}"
 
 [ -e /dev/fuse ] || modprobe fuse
 

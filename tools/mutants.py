@@ -83,6 +83,22 @@ _NO_DELEGATED_LEVEL = (
 
 MUTANTS = (
     Mutant(
+        "guest-on-a-host-users-ids",
+        "start refuses a user-namespaced guest whose host ids a host user holds",
+        "contextd/runtime.py",
+        "        _refuse_owned_ids(config)\n        if registry",
+        "        if registry",
+        ("tests/test_host_ids.py",),
+    ),
+    Mutant(
+        "create-takes-a-host-users-ids",
+        "create gives a guest a range of host ids no host user holds",
+        "contextd/server.py",
+        "base = hostids.free_base(config.id_base(), size, taken)",
+        "base = config.id_base()",
+        ("tests/test_host_ids.py::test_create_gives_a_guest_ids_no_host_user_has",),
+    ),
+    Mutant(
         "shared-server-dies-of-hangup",
         "cowfs limit's SIGHUP reaches a shared server's mounts; the server lives on",
         "cowfs/serve/host.py",

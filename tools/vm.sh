@@ -67,18 +67,8 @@ log() {
     echo "vm: $*" >&2
 }
 
-need_packages() {
-    local missing=() pkg
-    for pkg in "$@"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-    done
-    if [ "${#missing[@]}" -gt 0 ]; then
-        log "installing ${missing[*]}"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get update -qq
-        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    fi
-}
+# shellcheck source=tools/packages.sh
+. "$repo/tools/packages.sh"
 
 # mkfs.ext4 -d: an ext4 image of a directory (it says "Creating regular file" even with -q).
 make_ext4() {
@@ -110,7 +100,7 @@ fetch_kernel() {
     if compgen -G "$dir/linux-image-*.deb" >/dev/null; then
         return
     fi
-    need_packages curl xz-utils gpgv debian-archive-keyring
+    install_missing_packages curl xz-utils gpgv debian-archive-keyring
     local work=$dir.partial
     rm -rf "$work"
     mkdir -p "$work"
@@ -234,7 +224,7 @@ build_root_image() {
     if [ -f "$image" ] && [ "$(cat "$cache/root.recipe" 2>/dev/null)" = "$recipe" ]; then
         return
     fi
-    need_packages debootstrap e2fsprogs
+    install_missing_packages debootstrap e2fsprogs
     local deb
     deb=$(compgen -G "$cache/kernel/linux-image-*.deb" | head -1)
     local tree=$cache/root.tree
@@ -299,7 +289,7 @@ build_data_image() {
 build() {
     [ "$(id -u)" = 0 ] || die "must run as root"
     mkdir -p "$cache"
-    need_packages qemu-system-x86 qemu-utils
+    install_missing_packages qemu-system-x86 qemu-utils
     fetch_kernel
     build_root_image
     build_data_image

@@ -158,7 +158,14 @@ def remove_tree(path: str) -> None:
 
     For ``contextd delete --remove-root``: a tree that is mounted, cloned or
     hashified is not removed from under it. A CowfsError says why it was not.
+    A path that is itself a symlink is refused: the tree it names may be a
+    template or another guest's (a symlinked parent directory is followed).
     """
+    if os.path.islink(path):
+        raise CowfsError(
+            f"guest tree {path}: a symlink (to {os.readlink(path)}); not removed:"
+            " remove the tree it names yourself if that is meant"
+        )
     with tree_lock(path, exclusive=True) as lock:
         st, now = os.fstat(lock.fd), os.stat(lock.path, follow_symlinks=False)
         if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
