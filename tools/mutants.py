@@ -229,8 +229,8 @@ MUTANTS = (
     Mutant(
         "no-crash-sweep",
         "a mount after a crash sweeps the leftovers of link breaks",
-        "cowfs/serve/mount.py",
-        "swept = recovery.sweep_leftovers(root_fd)",
+        "cowfs/serve/mounted.py",
+        "swept = recovery.sweep_leftovers(self.root_fd)",
         "swept = 0",
         ("tests/test_crash.py",),
     ),
@@ -347,7 +347,7 @@ MUTANTS = (
     Mutant(
         "userns-root-is-host-root",
         "a user-namespaced guest's root is an unprivileged host id",
-        "contextd/supervisor.py",
+        "contextd/spawn.py",
         "    line = f\"0 {idmap['base']} {idmap['count']}\\n\"",
         "    line = f\"0 0 {idmap['count']}\\n\"",
         ("tests/test_guest_attacks.py", "-k", "leaked and userns"),
