@@ -109,36 +109,49 @@ def test_limits_are_set_above_the_subtree_the_guest_manages(
 
 
 def test_the_guest_cannot_raise_its_limits(ctx: Contextd, guest_tree: Path) -> None:
-    """Root in the guest writes "max" to every limit it can see: its limits stay.
-    Control: its writes do reach the kernel (a cgroup it made takes them)."""
+    """Root in the guest writes "max" to every limit it can see: its limits stay, and
+    the pids limit holds when it forks past it. Control: its writes do reach the kernel
+    (a cgroup it made takes them, in the first cgroup it sees, top first, that lets it
+    make one: its tree's root while that is its own subtree)."""
     start_guest(ctx, guest_tree, "raise")
     guest = CGROUP / "contextd" / "raise" / "guest"
     attack = (
         "for f in $(find /sys/fs/cgroup -name pids.max -o -name memory.max -o -name cpu.max"
         " -o -name cgroup.max.descendants); do echo max > $f 2>/dev/null && echo wrote $f; done;"
-        " mkdir /sys/fs/cgroup/own && echo 5 > /sys/fs/cgroup/own/cgroup.max.descendants"
-        " && echo own $(cat /sys/fs/cgroup/own/cgroup.max.descendants)"
+        " for d in $(find /sys/fs/cgroup -type d); do mkdir $d/own 2>/dev/null && break; done;"
+        " echo 5 > $d/own/cgroup.max.descendants && echo own $(cat $d/own/cgroup.max.descendants)"
     )
     result = in_guest(ctx, "raise", attack)
     assert "own 5" in result.stdout, result.stdout + result.stderr  # the control
     assert (guest / "pids.max").read_text() == f"{PIDS_LIMIT}\n"
     assert (guest.parent / "memory.max").read_text() == f"{256 << 20}\n"
     assert (guest.parent / "cpu.max").read_text() == "50000 100000\n"
-    # That the pids limit holds when forked past: test_contextd's fork bomb (busybox's
-    # sh exits when a fork fails, so it cannot go on to be counted here).
-    assert int((guest / "pids.current").read_text()) <= PIDS_LIMIT
+    # And the pids limit holds: twice the limit of sleepers cannot all start. A subshell
+    # forks them (busybox's sh ends at a fork refused); the shell then becomes a sleeper
+    # of another name, without forking, while they are counted.
+    forks = f"i=0; while [ $i -lt {2 * PIDS_LIMIT} ]; do sleep 1000 & i=$((i+1)); done"
+    command = [CONTEXTD, "exec", "raise", "--", "/bin/sh", "-c", f"({forks}); exec sleep 4321"]
+    process = subprocess.Popen(command, env=ctx.env, stdin=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: len(host_pids_of(b"sleep\x004321\x00")) == 1, 60)
+        assert 0 < len(host_pids_of(b"sleep\x001000\x00")) < PIDS_LIMIT
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
     events = dict(line.split() for line in (guest / "pids.events").read_text().splitlines())
     assert int(events["max"]) > 0
 
 
 def test_the_guest_cannot_leave_its_subtree(ctx: Contextd, guest_tree: Path) -> None:
-    """Root in the guest moves a process to the top of every cgroup tree it can reach
-    and to one it makes: the host sees it in the guest's subtree, at the place the
-    guest chose there (the control: the moves did happen)."""
+    """Root in the guest moves a process to the top of every cgroup tree it can reach,
+    then into one it makes in the first cgroup it sees, top first, that lets it (and
+    takes it): the host sees it in the guest's subtree, at the place the guest chose
+    there (the control: the moves did happen)."""
     start_guest(ctx, guest_tree, "leave")
     script = (
         "echo $$ > /sys/fs/cgroup/cgroup.procs; echo $$ > /sys/fs/cgroup/../cgroup.procs;"
-        " mkdir /sys/fs/cgroup/out; echo $$ > /sys/fs/cgroup/out/cgroup.procs; exec sleep 4321"
+        " for d in $(find /sys/fs/cgroup -type d); do mkdir $d/out 2>/dev/null"
+        " && echo $$ > $d/out/cgroup.procs && break; done; exec sleep 4321"
     )
     command = [CONTEXTD, "exec", "leave", "--", "/bin/sh", "-c", script]
     process = subprocess.Popen(command, env=ctx.env, stdin=subprocess.DEVNULL)

@@ -39,10 +39,47 @@ class Mutant:
     tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
     # More changes of the same bug elsewhere (path, old, new): a defence made twice.
     more: tuple[tuple[str, str, str], ...] = ()
+    # Its tests need the unified cgroup hierarchy (cgroup v2) and skip elsewhere: left
+    # out on a cgroup v1 host; tools/vm.sh runs them in its VM (tests/MUTANTS.md).
+    cgroup2: bool = False
 
     def edits(self) -> list[tuple[str, str, str]]:
         return [(self.path, self.old, self.new), *self.more]
 
+
+# Cgroup v2 mutants' texts: the guest's cgroup namespace, as made (contextd/supervisor.py),
+# and made at the host's root cgroup (init there for the unshare, then back); the
+# delegated level dropped (contextd/cgroups.py: the namespace's root is then
+# contextd/NAME/guest, where the pids limit is).
+_CGROUPNS_MADE = (
+    "        sc.unshare(sc.CLONE_NEWCGROUP)  # rooted at the guest's cgroup, where we are now\n"
+)
+_CGROUPNS_MADE_AT_HOST_ROOT = (
+    '        own = Path("/proc/self/cgroup").read_text().split("::")[1].strip()\n'
+    '        Path("/sys/fs/cgroup/cgroup.procs").write_text("0")\n'
+    "        sc.unshare(sc.CLONE_NEWCGROUP)\n"
+    '        Path(f"/sys/fs/cgroup{own}/cgroup.procs").write_text("0")\n'
+)
+_BEFORE_GO = (
+    '        if os.read(go_r, 16) != b"go":  # contextd moves us into the cgroup meanwhile\n'
+)
+_NO_DELEGATED_LEVEL = (
+    (
+        "contextd/cgroups.py",
+        '            return [self.dirs["unified"] / GUEST / DELEGATED]\n',
+        '            return [self.dirs["unified"] / GUEST]\n',
+    ),
+    (
+        "contextd/cgroups.py",
+        '                _write(guest / "cgroup.subtree_control", V2_CONTROLLERS)\n',
+        "",
+    ),
+    (
+        "contextd/cgroups.py",
+        '            ("unified", _v2_delegated_files(), Path(GUEST, DELEGATED)),\n',
+        '            ("unified", _v2_delegated_files(), Path(GUEST)),\n',
+    ),
+)
 
 MUTANTS = (
     Mutant(
@@ -192,8 +229,8 @@ MUTANTS = (
     Mutant(
         "no-crash-sweep",
         "a mount after a crash sweeps the leftovers of link breaks",
-        "cowfs/serve/mount.py",
-        "swept = recovery.sweep_leftovers(root_fd)",
+        "cowfs/serve/mounted.py",
+        "swept = recovery.sweep_leftovers(self.root_fd)",
         "swept = 0",
         ("tests/test_crash.py",),
     ),
@@ -310,7 +347,7 @@ MUTANTS = (
     Mutant(
         "userns-root-is-host-root",
         "a user-namespaced guest's root is an unprivileged host id",
-        "contextd/supervisor.py",
+        "contextd/spawn.py",
         "    line = f\"0 {idmap['base']} {idmap['count']}\\n\"",
         "    line = f\"0 0 {idmap['count']}\\n\"",
         ("tests/test_guest_attacks.py", "-k", "leaked and userns"),
@@ -448,14 +485,91 @@ MUTANTS = (
             "test_every_contextd_verb_of_a_host_user_is_refused_by_the_daemon",
         ),
     ),
+    # Cgroup v2 (tools/vm.sh run -- .venv/bin/python tools/mutants.py --only ...).
+    Mutant(
+        "exec-outside-cgroupns",
+        "a command entering a guest is in the guest's cgroup namespace",
+        "contextd/attach.py",
+        "    | syscalls.CLONE_NEWCGROUP\n",
+        "",
+        ("tests/test_cgroup2.py", "-k", "limits_are_set_above and privileged"),
+        cgroup2=True,
+    ),
+    Mutant(
+        "cgroupns-at-host-root",
+        "a guest's cgroup tree is its own subtree, below its limits",
+        "contextd/supervisor.py",
+        _CGROUPNS_MADE,
+        _CGROUPNS_MADE_AT_HOST_ROOT,
+        ("tests/test_cgroup2.py", "-k", "privileged and (raise or leave)"),
+        cgroup2=True,
+    ),
+    Mutant(
+        "cgroupns-before-the-move",
+        "a guest's cgroup tree is its own subtree, not the cgroup contextd started it in",
+        "contextd/supervisor.py",
+        "        os.close(go_r)\n" + _CGROUPNS_MADE,
+        "        os.close(go_r)\n",
+        ("tests/test_cgroup2.py", "-k", "leave and privileged"),
+        more=(("contextd/supervisor.py", _BEFORE_GO, _CGROUPNS_MADE + _BEFORE_GO),),
+        cgroup2=True,
+    ),
+    Mutant(
+        "exec-outside-cgroupns-no-delegated-level",
+        "a privileged guest cannot raise its limits (no nsdelegate for a command entering it)",
+        "contextd/attach.py",
+        "    | syscalls.CLONE_NEWCGROUP\n",
+        "",
+        ("tests/test_cgroup2.py", "-k", "raise and privileged"),
+        more=_NO_DELEGATED_LEVEL,
+        cgroup2=True,
+    ),
+    Mutant(
+        "limits-owned-by-the-guest",
+        "a user-namespaced guest cannot raise its limits nor leave its subtree",
+        "contextd/supervisor.py",
+        _CGROUPNS_MADE,
+        _CGROUPNS_MADE_AT_HOST_ROOT,
+        ("tests/test_cgroup2.py", "-k", "userns and (raise or leave)"),
+        more=(
+            (
+                "contextd/cgroups.py",
+                "                    os.chown(path, uid, gid)\n",
+                "                    os.chown(path, uid, gid)\n"
+                "        for d, _s, files in os.walk(self.dirs.get('unified', '-')):\n"
+                "            for path in [Path(d), *(Path(d) / f for f in files)]:\n"
+                "                os.chown(path, uid, gid)\n",
+            ),
+        ),
+        cgroup2=True,
+    ),
 )
 
 
-def scratch_checkout() -> Path:
-    """A worktree of HEAD at SCRATCH with the built native modules copied in."""
-    if SCRATCH.exists():
+def cgroup2_host() -> bool:
+    """True if this host's memory, cpu and pids controllers are on the unified hierarchy."""
+    try:
+        controllers = Path("/sys/fs/cgroup/cgroup.controllers").read_text().split()
+    except OSError:
+        return False
+    return {"memory", "cpu", "pids"} <= set(controllers)
+
+
+def remove_scratch() -> None:
+    if (ROOT / ".git").exists():
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(SCRATCH)])
-        shutil.rmtree(SCRATCH, ignore_errors=True)
+    shutil.rmtree(SCRATCH, ignore_errors=True)
+
+
+def scratch_checkout() -> Path:
+    """A worktree of HEAD at SCRATCH with the built native modules copied in (a copy of
+    the tree where it is no git checkout: tools/vm.sh's, a git archive)."""
+    if SCRATCH.exists():
+        remove_scratch()
+    if not (ROOT / ".git").exists():
+        ignored = shutil.ignore_patterns(".venv", "__pycache__", "*.egg-info", ".*_cache")
+        shutil.copytree(ROOT, SCRATCH, symlinks=True, ignore=ignored)
+        return SCRATCH
     subprocess.run(
         ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(SCRATCH), "HEAD"],
         check=True,
@@ -519,6 +633,13 @@ def main() -> None:
         return
     if os.geteuid() != 0:
         sys.exit("mutants.py: run as root (the tests mount FUSE filesystems)")
+    vm_only = [m.name for m in chosen if m.cgroup2]
+    if vm_only and not cgroup2_host():
+        where = f"tools/vm.sh run -- .venv/bin/python tools/mutants.py --only {' '.join(vm_only)}"
+        if args.only:
+            sys.exit(f"mutants.py: cgroup v2 only (this host has v1; {where})")
+        print(f"left out, cgroup v2 only: {' '.join(vm_only)} ({where})", file=sys.stderr)
+        chosen = [m for m in chosen if not m.cgroup2]
     tree = scratch_checkout()
     results = []
     try:
@@ -532,7 +653,7 @@ def main() -> None:
             results.append((m, outcome, took))
             print(f"{m.name}: {outcome} ({took:.0f} s)", file=sys.stderr, flush=True)
     finally:
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)])
+        remove_scratch()
     killed = sum(outcome.startswith("killed") for _, outcome, _ in results)
     if args.markdown:
         print("| mutant | what it breaks | tests | outcome |")
