@@ -90,6 +90,31 @@ def _read(path: Path) -> str | None:
         return None
 
 
+# contextd's own helpers (its fork server and what it forks: guests' supervisors, the
+# shared FUSE server): not a guest's name (those start with a letter or digit).
+HELPERS = "_helpers"
+
+
+def move_to_helpers(pid: int) -> None:
+    """Move pid (the fork server) into contextd/_helpers in every hierarchy contextd uses.
+
+    Out of the cgroup contextd was started in: under a systemd unit that is the unit's,
+    whose processes `systemctl kill` signals and whose stop counts as left over; the
+    guests' supervisors and the shared FUSE server, forked from it, live longer than
+    the daemon and belong to no unit, as the guests themselves do."""
+    if {"memory", "cpu", "pids"} <= _v2_controllers():
+        directories = [CGROUP_ROOT / PARENT / HELPERS]
+    else:
+        directories = [
+            CGROUP_ROOT / c / PARENT / HELPERS
+            for c in V1_CONTROLLERS
+            if (CGROUP_ROOT / c / "cgroup.procs").exists()
+        ]
+    for directory in directories:
+        directory.mkdir(parents=True, exist_ok=True)
+        _write(directory / "cgroup.procs", str(pid))
+
+
 def join(directories: list[Path]) -> None:
     """Move the calling process into each of these cgroup directories."""
     for directory in directories:

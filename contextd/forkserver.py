@@ -242,6 +242,13 @@ class ForkServer:
             theirs.close()
         ours.set_inheritable(False)
         self._socket = ours
+        # Before it forks anything (it forks only when asked, through this socket).
+        from contextd.cgroups import move_to_helpers
+
+        try:
+            move_to_helpers(self._process.pid)
+        except OSError as e:
+            log.warning("fork server (pid %d) left in contextd's cgroup: %s", self._process.pid, e)
         log.info("fork server started (pid %d)", self._process.pid)
         return ours
 

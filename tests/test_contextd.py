@@ -16,7 +16,15 @@ from pathlib import Path
 
 import pytest
 from conftest import cowfs, run
-from contextd_harness import CONTEXTD, SLEEPER, Contextd, guest_status, left_behind, wait_for
+from contextd_harness import (
+    CONTEXTD,
+    SLEEPER,
+    Contextd,
+    cgroup_v2,
+    guest_status,
+    left_behind,
+    wait_for,
+)
 
 
 def test_boot_exec_service_stop_leaves_nothing(ctx: Contextd, guest_tree: Path) -> None:
@@ -80,6 +88,33 @@ def _fetch(url: str) -> str:
             time.sleep(0.1)
     with urllib.request.urlopen(url, timeout=2) as response:
         return str(response.read().decode())
+
+
+def cgroups_of(pid: int) -> dict[str, str]:
+    """A process's cgroup in each hierarchy: controllers (or "" on v2) -> path."""
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    return {line.split(":")[1]: line.split(":", 2)[2] for line in lines}
+
+
+def test_what_outlives_the_daemon_leaves_the_cgroup_it_was_started_in(
+    ctx: Contextd, guest_tree: Path
+) -> None:
+    """A guest's supervisor (its init's parent) is in contextd/_helpers, with the fork
+    server it came from, not in the daemon's cgroup: under systemd, the daemon's unit,
+    which `systemctl kill` signals whole and whose stop finds them left over."""
+    ctx("create", "h", "--from", str(guest_tree), "--init", SLEEPER)
+    ctx("start", "h")
+    init = int(guest_status(ctx, "h")["init_pid"])
+    supervisor = int(Path(f"/proc/{init}/stat").read_text().rpartition(")")[2].split()[1])
+    assert Path(f"/proc/{supervisor}/comm").read_text() != "contextd\n"
+    assert ctx.proc is not None
+    # The hierarchies contextd uses: v1 controllers and systemd's, or v2's one.
+    ours = {""} if cgroup_v2() else {"memory", "pids", "freezer", "devices", "cpu", "name=systemd"}
+    used = [k for k in cgroups_of(supervisor) if ours & set(k.split(","))]
+    assert used, cgroups_of(supervisor)
+    for hierarchy in used:
+        assert cgroups_of(supervisor)[hierarchy] == "/contextd/_helpers", cgroups_of(supervisor)
+        assert cgroups_of(ctx.proc.pid)[hierarchy] != "/contextd/_helpers"
 
 
 def test_two_guests_on_unified_trees(ctx: Contextd, guest_tree: Path) -> None:

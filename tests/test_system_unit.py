@@ -368,11 +368,13 @@ def test_the_system_install_under_systemd(installed: int, tmp_path: Path) -> Non
     assert all(metrics.get((name, "up")) == 1 for name in GUESTS), metrics
     assert cgroups_of_guests() == before
 
-    # systemctl kill: SIGTERM to every process of the unit, the guests' supervisors
-    # (init's parents, in the unit's cgroup) too. The daemon ends; the guests run on, and
-    # the next daemon finds them running, not ended with a dead supervisor.
+    # systemctl kill: SIGTERM to every process of the unit. The guests' supervisors
+    # (init's parents) are not among them: with the fork server they came from, they
+    # are in contextd/_helpers. The daemon ends; the guests run on, and the next daemon
+    # finds them running, not ended with a dead supervisor.
     supervisors = {name: parent_of(pid) for name, pid in inits.items()}
-    assert set(supervisors.values()) <= unit_cgroup_pids(), supervisors
+    assert not set(supervisors.values()) & unit_cgroup_pids(), supervisors
+    assert {cgroup_of(pid) for pid in supervisors.values()} == {"/contextd/_helpers"}
     sh("systemctl", "kill", "contextd")
     assert wait_for(lambda: unit_property("ActiveState") == "inactive", 60)
     time.sleep(2)
@@ -387,10 +389,10 @@ def test_the_system_install_under_systemd(installed: int, tmp_path: Path) -> Non
     assert all(status(name)["state"] == "running" for name in GUESTS)
     assert cgroups_of_guests() == before
 
-    # stop: systemd ends the daemon only (KillMode=process); the guests and their
-    # supervisors keep running where they were.
+    # stop: systemd ends the daemon (KillMode=process); the guests and their
+    # supervisors keep running where they were, and nothing is left in the unit.
     in_unit = unit_cgroup_pids()
-    assert set(supervisors.values()) <= in_unit, (supervisors, in_unit)
+    assert not set(supervisors.values()) & in_unit, (supervisors, in_unit)
     sh("systemctl", "stop", "contextd")
     assert sh("systemctl", "is-active", "contextd", check=False).strip() == "inactive"
     time.sleep(5)  # time for anything systemd would do after the stop
@@ -399,6 +401,7 @@ def test_the_system_install_under_systemd(installed: int, tmp_path: Path) -> Non
         assert procfs_alive(supervisors[name]) and parent_of(pid) == supervisors[name], name
     left = unit_cgroup_pids()
     print("in the unit's cgroup before the stop:", sorted(in_unit), "after:", sorted(left))
+    assert left == set()
     assert cgroups_of_guests_without_daemon(inits) == {
         name: f"/contextd/{name}/guest/delegated" for name in GUESTS
     }
