@@ -47,6 +47,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from contextd.cgroups import move_to_helpers
+
 if TYPE_CHECKING:
     from cowfs.serve.mount import MountOptions
 
@@ -243,8 +245,6 @@ class ForkServer:
         ours.set_inheritable(False)
         self._socket = ours
         # Before it forks anything (it forks only when asked, through this socket).
-        from contextd.cgroups import move_to_helpers
-
         try:
             move_to_helpers(self._process.pid)
         except OSError as e:

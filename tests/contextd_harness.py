@@ -166,6 +166,19 @@ def procfs_alive(pid: int) -> bool:
         return False
 
 
+def parent_of(pid: int) -> int:
+    """A process's parent's pid (the field after its command name in /proc/PID/stat)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+def cgroup_of(pid: int) -> str:
+    """A process's cgroup v2 path as the host sees it."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    raise AssertionError(f"process {pid} has no cgroup v2 path")
+
+
 def fuse_server_of(name: str) -> int:
     """The pid of the cowfs server of a running guest's root."""
     for record in Path("/run/cowfs/mounts").glob("*.json"):

@@ -19,6 +19,7 @@ from contextd_harness import (
     CONTEXTD,
     SLEEPER,
     Contextd,
+    cgroup_of,
     cgroup_v2,
     fuse_server_of,
     guest_status,
@@ -53,14 +54,6 @@ def start_guest(ctx: Contextd, tree: Path, name: str) -> int:
     )
     ctx("start", name)
     return int(guest_status(ctx, name)["init_pid"])
-
-
-def cgroup_of(pid: int) -> str:
-    """A process's cgroup v2 path as the host sees it."""
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        if line.startswith("0::"):
-            return line[3:]
-    raise AssertionError(f"process {pid} has no cgroup v2 path")
 
 
 def in_guest(ctx: Contextd, name: str, script: str) -> subprocess.CompletedProcess[str]:

@@ -23,6 +23,7 @@ from contextd_harness import (
     cgroup_v2,
     guest_status,
     left_behind,
+    parent_of,
     wait_for,
 )
 
@@ -105,7 +106,7 @@ def test_what_outlives_the_daemon_leaves_the_cgroup_it_was_started_in(
     ctx("create", "h", "--from", str(guest_tree), "--init", SLEEPER)
     ctx("start", "h")
     init = int(guest_status(ctx, "h")["init_pid"])
-    supervisor = int(Path(f"/proc/{init}/stat").read_text().rpartition(")")[2].split()[1])
+    supervisor = parent_of(init)
     assert Path(f"/proc/{supervisor}/comm").read_text() != "contextd\n"
     assert ctx.proc is not None
     # The hierarchies contextd uses: v1 controllers and systemd's, or v2's one.
@@ -351,10 +352,6 @@ def test_debian_guest_boots_and_serves(ctx: Contextd, tmp_path: Path) -> None:
     assert left_behind("deb", ctx) == []
 
 
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
-
-
 def _children(pid: int) -> list[int]:
     # Of every thread: the fork server was started from a worker thread.
     return [
@@ -398,9 +395,9 @@ def test_helpers_forked_from_a_fork_server_that_is_replaced_if_it_dies(
     assert len(servers) == 1, servers
     # The guest's FUSE server was forked there (no `cowfs mount` process of its own)
     # and passed to the daemon; its console logger is the fork server's child.
-    assert b"contextd.forkserver" in _cmdline(fuse) and _parent(fuse) == ctx.proc.pid
+    assert b"contextd.forkserver" in _cmdline(fuse) and parent_of(fuse) == ctx.proc.pid
     (logger,) = _holding_open(ctx.base / "log" / "first.console.log")
-    assert _parent(logger) == servers[0]
+    assert parent_of(logger) == servers[0]
     os.kill(servers[0], signal.SIGKILL)
     ctx("start", "second")  # a new fork server
     assert f"fork server (pid {servers[0]}) ended: starting another" in ctx.log()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import build_busybox_guest, have, run
-from contextd_harness import CONTEXTD, Contextd, procfs_alive, wait_for
+from contextd_harness import CONTEXTD, Contextd, parent_of, procfs_alive, wait_for
 
 pytestmark = pytest.mark.skipif(
     not (have("podman") and have("conmon")),
@@ -123,7 +123,7 @@ def test_a_container_runs_on_cowfs_as_the_engines_child(daemon: Contextd, podman
     try:
         pid = int(podman.inspect("child", ".State.Pid"))
         conmon = int(podman.inspect("child", ".State.ConmonPid"))
-        ppid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+        ppid = parent_of(pid)
         assert ppid == conmon
         assert Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x001000\x00"
         root_mount = next(

@@ -11,15 +11,15 @@ import socket
 import subprocess
 from pathlib import Path
 
-from contextd_harness import CONTEXTD, Contextd, wait_for
+from contextd_harness import CONTEXTD, Contextd, parent_of, wait_for
 
 
 def _children(pid: int) -> list[int]:
     found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for entry in Path("/proc").glob("[0-9]*"):
         try:
-            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid:
-                found.append(int(stat.parent.name))
+            if parent_of(int(entry.name)) == pid:
+                found.append(int(entry.name))
         except (OSError, ValueError):
             continue
     return found

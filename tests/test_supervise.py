@@ -16,6 +16,7 @@ from contextd_harness import (
     Contextd,
     guest_status,
     left_behind,
+    parent_of,
     procfs_alive,
     wait_for,
 )
@@ -90,7 +91,7 @@ def test_a_running_guests_supervisor_is_the_small_program(ctx: Contextd, guest_t
     ctx("create", "small", "--from", str(guest_tree), "--init", SLEEPER)
     ctx("start", "small")
     init = guest_status(ctx, "small")["init_pid"]
-    supervisor = int(Path(f"/proc/{init}/stat").read_text().rpartition(")")[2].split()[1])
+    supervisor = parent_of(init)
     assert os.readlink(f"/proc/{supervisor}/exe") == str(STEADY)
     rollup = Path(f"/proc/{supervisor}/smaps_rollup").read_text()
     private = sum(
@@ -110,7 +111,7 @@ def test_a_sigterm_for_the_daemon_leaves_the_guests_supervisor(
     ctx("create", "termed", "--from", str(guest_tree), "--init", SLEEPER)
     ctx("start", "termed")
     init = guest_status(ctx, "termed")["init_pid"]
-    supervisor = int(Path(f"/proc/{init}/stat").read_text().rpartition(")")[2].split()[1])
+    supervisor = parent_of(init)
     assert os.readlink(f"/proc/{supervisor}/exe") == str(STEADY)
     os.kill(supervisor, signal.SIGTERM)
     ctx.kill()  # and the daemon, as systemctl kill does

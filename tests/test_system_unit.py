@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 from conftest import build_busybox_guest
-from contextd_harness import SLEEPER, cgroup_v2, procfs_alive, wait_for
+from contextd_harness import SLEEPER, cgroup_of, cgroup_v2, parent_of, procfs_alive, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,18 +113,6 @@ def init_pid(name: str) -> int:
 
 def unit_property(name: str) -> str:
     return sh("systemctl", "show", "--value", "-p", name, "contextd").strip()
-
-
-def cgroup_of(pid: int) -> str:
-    """A process's cgroup v2 path."""
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        if line.startswith("0::"):
-            return line[3:]
-    raise AssertionError(f"process {pid} has no cgroup v2 path")
-
-
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
 
 
 def unit_cgroup_pids() -> set[int]:
